@@ -1,0 +1,31 @@
+# Two commands for users: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build by default; GPU clusters override, e.g. TORCH_SPEC='torch==2.13.0 --index-url ...'
+TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+INSTALL_STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(INSTALL_STAMP)
+
+$(INSTALL_STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install $(TORCH_SPEC)
+	# DeepSpeed ships only an sdist whose build imports torch: build it against the
+	# torch just installed, not an isolated one (which would pull a CUDA build).
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --no-build-isolation $(DEEPSPEED_SPEC)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/latentflow run configs/pipeline/mnist.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf outputs .pytest_cache
