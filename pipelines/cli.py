@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from components.common.config import ConfigError
-from components.common.storage import Storage, StorageError
+from components.common.storage import Storage, StorageError, s3_credentials_available
 from components.common.tracking import TrackingConfigError
 
 app = typer.Typer(
@@ -102,6 +102,8 @@ def plan(
     workflow = build_workflow(cfg)
     root = Storage.from_uri(cfg.storage.root)
     try:
+        if not root.is_local and not s3_credentials_available():
+            raise StorageError(f"no AWS credentials in this environment to read {root.uri()}")
         records = {r.name: r for r in plan_steps(workflow, root)}
     except StorageError as e:  # e.g. an S3 root not reachable from here: still show the DAG
         err.print(f"[yellow]cannot check the cache ({e}); showing the DAG only[/]")

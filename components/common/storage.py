@@ -183,6 +183,12 @@ def s3_client():
     return boto3.client("s3", config=Config(retries=retries, connect_timeout=10, read_timeout=120))
 
 
+def s3_credentials_available() -> bool:
+    import boto3
+
+    return boto3.session.Session().get_credentials() is not None
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not bucket:
