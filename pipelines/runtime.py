@@ -35,9 +35,9 @@ def ensure_ray(cfg: RayConfig) -> None:
                               "log_to_driver": True}
     if cfg.runtime_env:
         kwargs["runtime_env"] = cfg.runtime_env
-    local = cfg.address is None and "RAY_ADDRESS" not in os.environ
-    if local:
-        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+    if cfg.address is None and "RAY_ADDRESS" not in os.environ:
+        # A fresh Ray for this run; joining a running cluster is explicit (`ray.address: auto`).
+        kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
     ray.init(**kwargs)
 
 

@@ -24,9 +24,10 @@ class ShardConfig(StepConfig):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # chosen by a hash of the sample key
     on_bad_sample: Literal["skip", "fail"] = "skip"
     max_samples: int | None = Field(None, ge=1)  # take the first N (sorted) source items; for toy runs
-    # Source items per Ray task. Each task writes its own shards (train/shard-<task>-<part>.tar), so
-    # this fixes the output layout; it is independent of the worker count, which never changes bytes.
-    items_per_task: int = Field(2000, ge=1)
+    # Source items per Ray task. Each task writes its own shards (train/shard-<task>-<part>.tar, and
+    # val/...), so this fixes the output layout and bounds a shard's sample count; the number of
+    # workers never changes the bytes. None: samples_per_shard, or 1000 if only max_shard_bytes is set.
+    items_per_task: int | None = Field(None, ge=1)
     contact_sheet_seed: int = 0
 
     @model_validator(mode="after")
@@ -34,3 +35,6 @@ class ShardConfig(StepConfig):
         if self.samples_per_shard is None and self.max_shard_bytes is None:
             raise ValueError("set samples_per_shard or max_shard_bytes (or both)")
         return self
+
+    def task_items(self) -> int:
+        return self.items_per_task or self.samples_per_shard or 1000
