@@ -21,11 +21,13 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
 from components.common.tracking import png_bytes
@@ -175,14 +177,13 @@ def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig,
                total: int) -> list[dict[str, Any]]:
     """One Ray task per chunk, at most ``num_workers`` in flight; a progress bar of samples written."""
     import ray
-    from tqdm.auto import tqdm
 
     task = ray.remote(num_cpus=ctx.resources.cpus_per_worker, num_gpus=0)(shard_chunk)
     results: list[dict[str, Any]] = []
     pending: dict[Any, int] = {}
     next_chunk = written = skipped = 0
     try:
-        with tqdm(total=total, desc="shard: samples written", unit="sample", dynamic_ncols=True) as bar:
+        with closing(progress_bar(total, "shard: samples written", unit="sample")) as bar:
             while next_chunk < len(chunks) or pending:
                 while next_chunk < len(chunks) and len(pending) < ctx.resources.num_workers:
                     ref = task.remote(next_chunk, chunks[next_chunk], source, cfg, ctx.output)
@@ -201,7 +202,8 @@ def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig,
                     written += n
                     skipped += len(result["skipped"])
                     bar.update(n)
-                    bar.set_postfix(skipped=skipped)
+                    if skipped:
+                        bar.set_description(f"shard: samples written ({skipped} skipped)")
     finally:
         for ref in pending:
             ray.cancel(ref)
