@@ -1,0 +1,63 @@
+"""Classifier-free guidance and x̂_0 thresholding — Ho & Salimans 2022; Saharia et al. 2022 (Imagen)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance_weight: float) -> torch.Tensor:
+    """ε̃ = (1+w)·ε(x, y) − w·ε(x, ∅) — Ho & Salimans 2022, eq. 6; w = 0 is the conditional model.
+
+    Other papers write a scale s = 1 + w: ε̃ = s·ε_c + (1−s)·ε_u (see `guidance_weight_from_scale`). The weights
+    sum to one, so combining x0- or v-predictions this way equals combining the ε they imply.
+    """
+    return (1.0 + guidance_weight) * eps_cond - guidance_weight * eps_uncond
+
+
+def guidance_weight_from_scale(scale: float) -> float:
+    """w = s − 1: converts the "guidance scale" convention s·ε_c + (1−s)·ε_u to Ho & Salimans' weight w."""
+    return scale - 1.0
+
+
+def make_cfg_model_fn(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    null_label: int | torch.Tensor,
+    guidance_weight: float,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Guided fn(x_t, t, y) running cond and uncond as one batch — Ho & Salimans 2022, alg. 2.
+
+    `null_label` is the class id (or conditioning tensor for one example) that means "no condition".
+    With learned variance (2C output channels) only the first C are guided; Σ comes from the conditional
+    branch. Bind y for a sampler with `functools.partial(fn, y=labels)`.
+    """
+
+    def guided(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if guidance_weight == 0:
+            return model_fn(x_t, t, y)
+        if isinstance(null_label, torch.Tensor):
+            y_null = null_label.to(y.device, y.dtype).expand_as(y)
+        else:
+            y_null = torch.full_like(y, null_label)
+        out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_null]))
+        out_cond, out_uncond = out.chunk(2, dim=0)
+        channels = x_t.shape[1]
+        guided_part = cfg_combine(out_cond[:, :channels], out_uncond[:, :channels], guidance_weight)
+        return torch.cat([guided_part, out_cond[:, channels:]], dim=1)
+
+    return guided
+
+
+def static_threshold(x0: torch.Tensor) -> torch.Tensor:
+    """Clamp x̂_0 to [−1, 1] — Ho et al. 2020 (the data range)."""
+    return x0.clamp(-1.0, 1.0)
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """s = max(1, quantile_p |x̂_0|) per example, x̂_0 ← clamp(x̂_0, −s, s)/s — Saharia et al. 2022, sec. 2.3."""
+    flat = x0.reshape(x0.shape[0], -1)
+    quantile_dtype = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
+    s = torch.quantile(flat.abs().to(quantile_dtype), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
