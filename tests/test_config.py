@@ -107,3 +107,19 @@ def test_credentials_never_in_storage_uri(tmp_path):
 def test_redact_hides_secret_looking_keys():
     assert redact({"a": {"api_token": "x", "lr": 1}, "password": "p"}) == {"a": {"api_token": "***", "lr": 1},
                                                                            "password": "***"}
+
+
+def test_cache_exempt_fields_stay_out_of_cache_keys():
+    from components.common.config import StepConfig
+    from components.common.trainer import TrainConfig
+
+    class Stage(StepConfig):
+        lr_scale: float = 1.0
+        train: TrainConfig = TrainConfig()
+
+    a, b = Stage(), Stage()
+    b.train.log_every, b.train.checkpoint_every, b.resources.num_workers = 7, 3, 4
+    assert a.cache_relevant() == b.cache_relevant()
+    assert "resources" not in a.cache_relevant() and "log_every" not in a.cache_relevant()["train"]
+    b.train.lr = 0.5
+    assert a.cache_relevant() != b.cache_relevant()

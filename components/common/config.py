@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,6 +25,23 @@ class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # Fields that never change what a step computes (where it runs, how often it logs): left out
+    # of cache keys, so changing them does not re-run anything.
+    cache_exempt: ClassVar[frozenset[str]] = frozenset()
+
+    def cache_relevant(self) -> dict[str, Any]:
+        """The config as JSON, without cache-exempt fields at any depth."""
+        return _strip_exempt(self, self.model_dump(mode="json"))
+
+
+def _strip_exempt(model: StrictModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    for name in model.cache_exempt:
+        dumped.pop(name, None)
+    for name, value in dumped.items():
+        child = getattr(model, name)
+        if isinstance(child, StrictModel) and isinstance(value, dict):
+            _strip_exempt(child, value)
+    return dumped
 
 
 class StepResources(StrictModel):
@@ -44,11 +61,9 @@ class StepResources(StrictModel):
 class StepConfig(StrictModel):
     """Base of every step's section."""
 
-    resources: StepResources = Field(default_factory=StepResources)
+    cache_exempt: ClassVar[frozenset[str]] = frozenset({"resources"})
 
-    def cache_relevant(self) -> dict[str, Any]:
-        """The part of the config that determines the step's outputs."""
-        return self.model_dump(mode="json", exclude={"resources"})
+    resources: StepResources = Field(default_factory=StepResources)
 
 
 class StorageConfig(StrictModel):

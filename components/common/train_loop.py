@@ -1,0 +1,280 @@
+"""What runs in each training worker: ``train_loop``, and the sessions that give it a rank,
+checkpoints and data — ``RaySession`` in a Ray Train worker, ``LocalSession`` in one plain
+process (debugging, fast tests)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from components.common import checkpoint
+from components.common.checkpoint import TrainState
+from components.common.trainer import NonFiniteLossError, TrainConfig, TrainTask
+
+if TYPE_CHECKING:
+    import torch
+
+    from components.common.tracking import StepTracker
+
+logger = logging.getLogger(__name__)
+
+
+class RaySession:
+    """Rank, checkpoints and data of a Ray Train worker."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        if found is None:
+            yield None
+        else:
+            with found.as_directory() as directory:
+                yield Path(directory)
+
+    def report(self, metrics: dict, directory: Path) -> None:
+        """Every rank reports (a barrier); Ray Train merges their files into one checkpoint."""
+        import ray.train
+
+        files = any(directory.iterdir())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if files else None,
+                         delete_local_checkpoint_after_upload=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def dataset_batches(self, cfg: TrainConfig, epoch: int, skip: int) -> Iterable[dict]:
+        from components.common import data
+
+        return data.iter_batches("train", cfg.batch_size, seed=cfg.seed, epoch=epoch, skip_batches=skip,
+                                 shuffle_buffer=cfg.shuffle_buffer)
+
+
+class LocalSession(RaySession):
+    """One process, no Ray, checkpoints as numbered directories under ``checkpoint_dir``.
+    Creates a one-rank gloo process group if there is none."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        import os
+
+        import torch.distributed as dist
+
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)  # DeepSpeed insists on LOCAL_RANK
+        if not dist.is_initialized():
+            store = dist.FileStore(str(Path(tempfile.mkdtemp(prefix="latentflow-pg-")) / "store"), 1)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        self.rank, self.world_size = 0, 1
+        self.root = Path(checkpoint_dir)
+        self.reports: list[dict] = []
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        found = sorted(self.root.glob("checkpoint_*"))
+        yield found[-1] if found else None
+
+    def report(self, metrics: dict, directory: Path) -> None:
+        self.reports.append(metrics)
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(directory), self.root / f"checkpoint_{len(list(self.root.glob('checkpoint_*'))):06d}")
+
+    def dataset_batches(self, cfg, epoch, skip):
+        raise ValueError("LocalSession has no Ray Datasets: give the task a batches() method")
+
+
+def ray_worker(config: dict) -> None:
+    train_loop(config["task"], TrainConfig(**config["train"]), RaySession(), config["tracker"])
+
+
+def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker | None") -> dict:
+    """Build, resume, train to ``cfg.max_steps``, export. Returns the final checkpoint's metrics."""
+    import torch
+
+    from components.common.ema import EMA
+    from components.common.engine import build_engine, grad_norm as own_grad_norm, needs_own_grad_norm
+    from components.common.progress import progress_bar
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    rank, world = session.rank, session.world_size
+    torch.manual_seed(cfg.seed)
+    engine = build_engine(task.build_model(), cfg, world)
+    with checkpoint.gathered(engine):
+        ema = EMA(engine.module, cfg.ema_decay) if rank == 0 else None
+    state = TrainState(world_size=world)
+    with session.latest_checkpoint() as found:
+        if found is not None:
+            state = checkpoint.restore(engine, ema, found, world)
+            logger.info("rank %d resumed from %s at step %d", rank, found, state.step)
+    batches = _batch_stream(_batch_source(task, cfg, session), state)
+    window = _Window()
+    bar = progress_bar(cfg.max_steps, desc="train", unit="step") if rank == 0 else None
+    if bar is not None:
+        bar.update(state.step)
+    nonfinite_in_row, grad_norm = 0, float("nan")
+
+    while state.step < cfg.max_steps:
+        micro = 0
+        while micro < cfg.grad_accum:
+            batch = _to_device(next(batches), engine)                                  # batch
+            generator = _step_generator(cfg.seed, state.step, rank, engine.device)
+            loss, extras = task.loss(engine, batch, state.step, generator)             # forward, loss
+            mean_loss = _agreed_loss(loss, world)                                      # finite-check
+            if mean_loss is None:
+                state.nonfinite_skipped += 1
+                nonfinite_in_row += 1
+                if nonfinite_in_row >= cfg.max_nonfinite_in_row:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_row} non-finite losses in a row at step {state.step} "
+                        f"(max_nonfinite_in_row={cfg.max_nonfinite_in_row}); lower the learning "
+                        "rate, enable grad_clip, or check the data")
+                continue
+            nonfinite_in_row = 0
+            engine.backward(loss)                                                      # backward
+            if engine.is_gradient_accumulation_boundary() and needs_own_grad_norm(engine):
+                grad_norm = own_grad_norm(engine)
+            engine.step()                                                              # clip, update
+            micro += 1
+            state.samples_seen += cfg.batch_size * world
+            window.add(mean_loss, extras, cfg.batch_size * world)
+        state.step += 1
+        grad_norm = _float(engine.get_global_grad_norm(), grad_norm)
+        with checkpoint.gathered(engine):                                              # EMA
+            if ema is not None:
+                ema.update(engine.module)
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:             # log
+            state.last_metrics = window.summary(engine.get_lr()[0], grad_norm, state)
+            if rank == 0 and tracker is not None:
+                tracker.log_metrics(state.last_metrics, step=state.step)
+        if bar is not None:
+            bar.update(1)
+        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            _save(session, engine, ema, state)
+
+    if bar is not None:
+        bar.close()
+    return _save(session, engine, ema, state, export=lambda out: _export(task, engine, ema, out, rank))
+
+
+def _save(session, engine, ema, state: TrainState, export: Callable[[Path], None] | None = None) -> dict:
+    directory = Path(tempfile.mkdtemp(prefix="latentflow-ckpt-"))
+    checkpoint.save(engine, ema, state, directory, session.rank)
+    if export is not None:
+        export(directory / checkpoint.EXPORT_DIR)
+    metrics = {**state.last_metrics, "step": state.step, "samples_seen": state.samples_seen,
+               "nonfinite_skipped": state.nonfinite_skipped}
+    session.report(metrics, directory)
+    return metrics
+
+
+def _export(task: TrainTask, engine, ema, out_dir: Path, rank: int) -> None:
+    weights = checkpoint.full_state_dict(engine)  # collective under ZeRO-3
+    if rank != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = task.build_model().float()
+    model.load_state_dict(weights)
+    ema_model = ema.copy_to(task.build_model().float())
+    task.export(model.eval(), ema_model.eval(), out_dir)
+
+
+# ---------------------------------------------------------------- loop helpers
+
+
+def _batch_source(task: TrainTask, cfg: TrainConfig, session) -> Callable[[int, int], Iterable[dict]]:
+    """(epoch, batches to skip) -> this worker's remaining batches of that epoch."""
+    if callable(getattr(task, "batches", None)):
+        return lambda epoch, skip: itertools.islice(task.batches(epoch, session.rank, session.world_size), skip, None)
+    return lambda epoch, skip: session.dataset_batches(cfg, epoch, skip)
+
+
+def _batch_stream(source, state: TrainState) -> Iterator[dict]:
+    """Batches forever, epoch after epoch, keeping the data position in ``state`` current."""
+    while True:
+        produced = False
+        for batch in source(state.epoch, state.batches_in_epoch):
+            produced = True
+            state.batches_in_epoch += 1
+            yield batch
+        if not produced and state.batches_in_epoch == 0:
+            raise ValueError(f"epoch {state.epoch} gave this worker no batches: the dataset has fewer "
+                             "rows than num_workers x batch_size")
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+
+def _to_device(batch: dict, engine) -> dict:
+    from components.common.engine import compute_dtype
+
+    dtype = compute_dtype(engine)
+    return {k: v.to(engine.device, dtype=dtype if v.is_floating_point() else None) if _is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def _is_tensor(value) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _step_generator(seed: int, step: int, rank: int, device) -> "torch.Generator":
+    import torch
+
+    from components.common.data import worker_seed
+
+    return torch.Generator(device=device).manual_seed(worker_seed(seed, step, rank))
+
+
+def _agreed_loss(loss: "torch.Tensor", world_size: int) -> float | None:
+    """The loss averaged over ranks, or None when it is not finite on some rank. Every rank gets
+    the same answer, so all skip (or all take) the update together."""
+    import torch
+    import torch.distributed as dist
+
+    if loss.numel() != 1:
+        raise ValueError(f"task.loss must return a scalar, got shape {tuple(loss.shape)}")
+    value = loss.detach().float().reshape(())
+    finite = torch.isfinite(value)
+    packed = torch.stack([torch.where(finite, value, torch.zeros_like(value)), (~finite).float()])
+    dist.all_reduce(packed)
+    total, nonfinite = packed.tolist()
+    return None if nonfinite > 0 else total / world_size
+
+
+def _float(value, default: float) -> float:
+    try:
+        return float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+class _Window:
+    """Averages over one logging window: loss, the task's extra metrics, throughput."""
+
+    def __init__(self):
+        self.start, self.samples, self.losses, self.extras = time.perf_counter(), 0, [], {}
+
+    def add(self, loss: float, extras: dict, samples: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+        for key, value in extras.items():
+            self.extras.setdefault(key, []).append(_float(value, float("nan")))
+
+    def summary(self, lr: float, grad_norm: float, state: TrainState) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {key: sum(v) / len(v) for key, v in self.extras.items()}
+        out.update(loss=sum(self.losses) / max(1, len(self.losses)), lr=float(lr), grad_norm=grad_norm,
+                   images_per_s=self.samples / elapsed, epoch=float(state.epoch),
+                   nonfinite_skipped=float(state.nonfinite_skipped))
+        self.__init__()
+        return out

@@ -1,0 +1,252 @@
+"""The shared trainer (components/common/trainer.py): DeepSpeed in Ray Train workers on CPU.
+
+Each TorchTrainer.fit costs ~25 s here, so the Ray tests each check several things at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from components.common.config import StepResources
+from components.common.engine import deepspeed_config, lr_factor
+from components.common.step import StepContext
+from components.common.storage import Storage
+from components.common.tracking import StepTracker
+from components.common.trainer import TrainConfig, TrainingError, TrainTask, fit
+
+IN, ROWS = 8, 256
+TRUE_W = torch.linspace(-1, 1, IN)
+
+
+def regression_data(rows=ROWS, seed=0):
+    x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(seed))
+    return x, (x @ TRUE_W).unsqueeze(1)
+
+
+class Regression:
+    """y = x @ w with a small MLP. Knobs inject faults; ``log_dir`` records (rank, step, loss)."""
+
+    def __init__(self, batch_size=16, log_dir=None, nan_at_step=None, nan_times=1, nan_rank=None,
+                 fail_at_step=None, die_at_step=None, marker=None, in_memory=True):
+        self.batch_size, self.log_dir = batch_size, log_dir
+        self.nan_at_step, self.nan_times, self.nan_rank = nan_at_step, nan_times, nan_rank
+        self.fail_at_step, self.die_at_step, self.marker = fail_at_step, die_at_step, marker
+        self.in_memory = in_memory
+        self._nans = 0
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(IN, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def batches(self, epoch, rank, world_size):
+        x, y = regression_data()
+        order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(epoch))
+        mine = order[rank::world_size]
+        for i in range(len(mine) // self.batch_size):
+            index = mine[i * self.batch_size:(i + 1) * self.batch_size]
+            yield {"x": x[index], "y": y[index]}
+
+    def loss(self, model, batch, step, generator):
+        rank = torch.distributed.get_rank()
+        if self.die_at_step == step and rank == 1 and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            # Ray Train registers a reported checkpoint when its controller next polls the workers
+            # (every 2 s); a worker that dies sooner takes the registration with it.
+            time.sleep(3)
+            os._exit(1)  # a worker process dies without a word
+        if self.fail_at_step is not None and step >= self.fail_at_step:
+            raise RuntimeError(f"injected crash at step {step}")
+        loss = nn.functional.mse_loss(model(batch["x"]).float(), batch["y"].float())
+        if self.nan_at_step is not None and step >= self.nan_at_step and self._nans < self.nan_times \
+                and self.nan_rank in (None, rank):
+            self._nans += 1
+            loss = loss * float("nan")
+        if self.log_dir:
+            with open(Path(self.log_dir) / f"rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+        with torch.no_grad():
+            abs_err = float((model(batch["x"]).float() - batch["y"]).abs().mean())
+        return loss, {"abs_err": abs_err}
+
+    def export(self, model, ema_model, out_dir):
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(out_dir / "model.safetensors"))
+        save_file(ema_model.state_dict(), str(out_dir / "ema.safetensors"))
+
+
+class RegressionFromDataset(Regression):
+    """Reads the Ray Dataset named "train" instead of generating batches in the worker."""
+
+    batches = None
+
+
+def logged(log_dir, rank=0):
+    path = Path(log_dir) / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def make_ctx(tmp_path, tracker=None, workers=2, retries=0, root=None) -> StepContext:
+    root = root or str(tmp_path)
+    output = Storage.from_uri(f"{root}/out")
+    return StepContext(step="toy", workflow_id="wf", cache_key="k", root=Storage.from_uri(root),
+                       output=output, tracker=tracker or StepTracker("sqlite:///unused.db", None),
+                       resources=StepResources(num_workers=workers, cpus_per_worker=0.5, max_retries=retries))
+
+
+def sqlite_tracker(tmp_path) -> StepTracker:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("trainer-test"))
+    return StepTracker(uri, run.info.run_id)
+
+
+def history(tracker: StepTracker, key: str) -> list[float]:
+    return [m.value for m in sorted(tracker.client.get_metric_history(tracker.run_id, key), key=lambda m: m.step)]
+
+
+def ema_updates(path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["updates"])
+
+
+# ---------------------------------------------------------------- no Ray
+
+
+def test_config_schedule_and_protocol():
+    cfg = TrainConfig(batch_size=4, grad_accum=3, zero_stage=2, precision="bf16", grad_clip=0.5,
+                      deepspeed={"zero_optimization": {"overlap_comm": True}})
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["bf16"]["enabled"]
+    cosine = TrainConfig(lr_schedule="cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(cosine, 0) == pytest.approx(0.1) and lr_factor(cosine, 9) == 1.0
+    assert lr_factor(cosine, 60) == pytest.approx(0.55) and lr_factor(cosine, 110) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainConfig(zero_stage=4)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    assert isinstance(Regression(), TrainTask)
+
+
+def test_local_loop_bf16_zero3_accumulation_and_resume(tmp_path):
+    """One process (LocalSession): ZeRO-3 + bf16 + accumulation, a crash at step 5, a resume."""
+    from components.common.train_loop import LocalSession, train_loop
+
+    cfg = TrainConfig(max_steps=6, batch_size=8, grad_accum=2, lr=1e-2, zero_stage=3, precision="bf16",
+                      checkpoint_every=2, log_every=1, ema_decay=0.5, warmup_steps=2)
+    with pytest.raises(RuntimeError, match="injected crash at step 5"):
+        train_loop(Regression(batch_size=8, fail_at_step=5), cfg, LocalSession(tmp_path / "ckpt"), None)
+    assert [p.name for p in sorted((tmp_path / "ckpt").iterdir())] == ["checkpoint_000000", "checkpoint_000001"]
+
+    session = LocalSession(tmp_path / "ckpt")
+    final = train_loop(Regression(batch_size=8, log_dir=tmp_path), cfg, session, None)
+    steps = [r["step"] for r in logged(tmp_path)]
+    assert steps[0] == 4 and steps[-1] == 5 and len(steps) == 4  # resumed at 4, 2 micro-batches a step
+    assert final["step"] == 6 and final["samples_seen"] == 6 * 2 * 8
+    last = sorted((tmp_path / "ckpt").iterdir())[2]
+    state = json.loads((last / "train_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (6, 0, 12)
+    assert ema_updates(last / "ema.safetensors") == 6  # 4 restored + 2 new
+    assert {"loss", "lr", "grad_norm", "images_per_s", "abs_err"} <= set(final)
+    assert np.isfinite(final["grad_norm"]) and final["lr"] == pytest.approx(1e-2)
+
+    again = train_loop(Regression(batch_size=8, log_dir=tmp_path), cfg, LocalSession(tmp_path / "ckpt"), None)
+    assert len(logged(tmp_path)) == 4 and again["step"] == 6 and again["loss"] == final["loss"]  # no new steps
+
+    # The interrupted-and-resumed run ends with exactly the weights of an uninterrupted one.
+    reference = LocalSession(tmp_path / "reference")
+    train_loop(Regression(batch_size=8), cfg, reference, None)
+    ref_export = sorted((tmp_path / "reference").iterdir())[-1] / "export"
+    for name in ("model.safetensors", "ema.safetensors"):
+        resumed, uninterrupted = load_file(last / "export" / name), load_file(ref_export / name)
+        for key in uninterrupted:
+            torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=f"{name} {key}")
+
+
+# ---------------------------------------------------------------- Ray Train, 2 workers
+
+
+def test_fit_zero1_dataset_logs_to_mlflow_and_skips_a_nonfinite_loss(ray_cluster, tmp_path):
+    import ray.data
+
+    x, y = regression_data()
+    dataset = ray.data.from_items([{"x": x[i].numpy(), "y": y[i].numpy()} for i in range(ROWS)])
+    tracker = sqlite_tracker(tmp_path)
+    ctx = make_ctx(tmp_path, tracker)
+    cfg = TrainConfig(max_steps=12, batch_size=16, lr=2e-2, zero_stage=1, checkpoint_every=100,
+                      log_every=1, ema_decay=0.9)
+    # Only rank 1 sees a NaN at step 3: both ranks must agree to skip that micro-batch.
+    task = RegressionFromDataset(nan_at_step=3, nan_rank=1, log_dir=tmp_path)
+    result = fit(task, cfg, ctx, datasets={"train": dataset})
+
+    assert result.metrics["step"] == 12 and result.metrics["nonfinite_skipped"] == 1
+    assert result.metrics["samples_seen"] == 12 * 16 * 2  # the skipped batch is not counted
+    losses = history(tracker, "loss")
+    assert len(losses) == 12 and losses[-1] < 0.5 * losses[0], losses
+    for key in ("lr", "grad_norm", "images_per_s", "abs_err", "nonfinite_skipped"):
+        values = history(tracker, key)
+        assert len(values) == 12 and all(np.isfinite(values)), key
+    assert history(tracker, "nonfinite_skipped")[-1] == 1
+    # rank 0 computed 13 losses (the skipped one included) and 8 batches an epoch of 128 rows each
+    assert len(logged(tmp_path, 0)) == len(logged(tmp_path, 1)) == 13
+    files = result.upload_to(ctx.output, "weights")
+    assert files == ["weights/ema.safetensors", "weights/model.safetensors"]
+    assert ctx.output.exists("weights/model.safetensors")
+
+
+def test_fit_zero2_nonfinite_streak_fails_then_rerun_resumes(ray_cluster, tmp_path):
+    tracker = sqlite_tracker(tmp_path)
+    ctx = make_ctx(tmp_path, tracker)
+    cfg = TrainConfig(max_steps=8, batch_size=16, lr=2e-2, zero_stage=2, checkpoint_every=2,
+                      log_every=1, ema_decay=0.9, max_nonfinite_in_row=3)
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 5"):
+        fit(Regression(nan_at_step=5, nan_times=99), cfg, ctx)
+    checkpoints = sorted(p for p in (tmp_path / "out" / "_checkpoints" / "train").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2  # steps 2 and 4 (keep_checkpoints=2)
+    saved = json.loads((checkpoints[-1] / "train_state.json").read_text())
+    assert saved["step"] == 4 and saved["batches_in_epoch"] == 4
+    assert sorted(p.name for p in checkpoints[-1].iterdir()) == \
+        ["deepspeed", "ema.safetensors", "latest", "train_state.json", "zero_to_fp32.py", "zero_to_torch.py"]
+    assert {p.name for p in (checkpoints[-1] / "deepspeed").iterdir()} >= \
+        {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+    result = fit(Regression(log_dir=tmp_path), cfg, ctx)  # same storage and name: resume
+    steps = [r["step"] for r in logged(tmp_path)]
+    assert steps == [4, 5, 6, 7], steps
+    assert result.metrics["step"] == 8 and result.metrics["samples_seen"] == 8 * 16 * 2
+    assert ema_updates(Path(result.checkpoint_uri) / "ema.safetensors") == 8  # 4 restored + 4 new
+    losses = history(tracker, "loss")
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_fit_on_s3_restarts_after_a_worker_dies(ray_cluster, s3_bucket, tmp_path):
+    ctx = make_ctx(tmp_path, retries=1, root=f"s3://{s3_bucket}/pipeline")  # checkpoints in (moto) S3
+    cfg = TrainConfig(max_steps=8, batch_size=8, grad_accum=2, lr=2e-2, zero_stage=2, checkpoint_every=2,
+                      log_every=2, ema_decay=0.9)
+    task = Regression(batch_size=8, die_at_step=5, marker=str(tmp_path / "died"), log_dir=tmp_path)
+    result = fit(task, cfg, ctx)
+    assert (tmp_path / "died").exists()
+    steps = [r["step"] for r in logged(tmp_path)]
+    restart = steps.index(4, steps.index(5) if 5 in steps else 0)  # after the death: back to step 4
+    assert steps[:restart] == [s for s in range(6) for _ in range(2)][: restart]
+    assert steps[restart:] == [s for s in range(4, 8) for _ in range(2)]
+    assert result.metrics["step"] == 8
+    assert result.checkpoint_uri.startswith(f"s3://{s3_bucket}/pipeline/out/_checkpoints/train/checkpoint_")
+    assert result.upload_to(ctx.output) == ["ema.safetensors", "model.safetensors"]
+    assert ctx.output.exists("ema.safetensors")
+    state = json.loads(Storage.from_uri(result.checkpoint_uri).read_text("train_state.json"))
+    # 16 batches of 8 rows make this worker's epoch of 128: all read, the next not yet begun
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (8, 0, 16)
