@@ -12,10 +12,12 @@ import boto3
 import pytest
 
 from conftest import ARTIFACT_BUCKET, REPO
-from pipelines.config import load_pipeline_config
-from pipelines.runtime import run_pipeline
+from components.common.step import Manifest
+from components.common.storage import Storage
 
 SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
+# step -> artifacts its MLflow run must show besides its manifest and config
+EXPECTED_STEPS = {"shard": {"contact_sheet.png"}}
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -46,24 +48,6 @@ def test_bad_key_exits_nonzero_naming_the_key(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing started
 
 
-def test_smoke_runs_then_serves_everything_from_cache(tmp_path):
-    root = tmp_path / "out"
-    first = cli("run", str(SMOKE), "--set", f"storage.root={root}", "--workflow-id", "wf-one")
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.splitlines()[0] == "workflow id: wf-one"
-    summary = json.loads((root / "workflows" / "wf-one" / "summary.json").read_text())
-    assert summary["status"] == "succeeded"
-    assert [(s["name"], s["status"]) for s in summary["steps"]] == [("shard", "ran")]
-    manifest = json.loads(Path(summary["steps"][0]["manifest_uri"]).read_text())
-    assert manifest["metrics"]["num_train"] + manifest["metrics"]["num_val"] == 600
-    assert any(f["path"].endswith(".tar") for f in manifest["files"])
-
-    second = cli("run", str(SMOKE), "--set", f"storage.root={root}")
-    assert second.returncode == 0, second.stderr
-    assert "cached" in second.stdout and " ran " not in second.stdout
-    assert "Started a local Ray" not in second.stderr  # a fully cached run never waits for Ray
-
-
 def test_failing_step_exits_nonzero_naming_the_step(tmp_path):
     missing = tmp_path / "no-such-folder"
     out = cli("run", str(SMOKE), "--set", f"storage.root={tmp_path / 'out'}", "--set", f"shard.source={missing}")
@@ -72,29 +56,47 @@ def test_failing_step_exits_nonzero_naming_the_step(tmp_path):
 
 
 @pytest.mark.integration
-def test_smoke_against_mlflow_server_with_s3_storage_and_artifacts(ray_cluster, mlflow_server, s3_bucket):
+def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflow_server, s3_bucket):
+    """The whole smoke pipeline as a user runs it: `latentflow run`, storage on S3 (moto server),
+    tracking on a real mlflow server whose artifacts live in S3; then again, all from cache."""
     from mlflow.tracking import MlflowClient
 
-    cfg = load_pipeline_config(SMOKE, [f"storage.root=s3://{s3_bucket}/smoke", f"tracking.uri={mlflow_server}"])
-    result, summary_uri = run_pipeline(cfg, "wf-server")
-    assert result.ok, [r.error for r in result.steps]
-    assert summary_uri == f"s3://{s3_bucket}/smoke/workflows/wf-server/summary.json"
+    s3_env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_S3_"))}
+    root = f"s3://{s3_bucket}/smoke"
+    args = ("run", str(SMOKE), "--set", f"storage.root={root}", "--set", f"tracking.uri={mlflow_server}")
+    first = cli(*args, "--workflow-id", "wf-one", env=s3_env, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.splitlines()[0] == "workflow id: wf-one"
+    storage = Storage.from_uri(root)
+    summary = json.loads(storage.read_text("workflows/wf-one/summary.json"))
+    assert summary["status"] == "succeeded"
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert list(steps) == list(EXPECTED_STEPS) and {s["status"] for s in steps.values()} == {"ran"}
+
+    shard = Manifest.from_json(Storage.from_uri(steps["shard"]["manifest_uri"].rsplit("/", 1)[0])
+                               .read_text("manifest.json"))
+    assert shard.metrics["num_train"] + shard.metrics["num_val"] == 600
+    assert not shard.verify()
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("latentflow-smoke")
     runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
-    parent = runs[result.parent_run_id]
-    shard = runs[result.record("shard").mlflow_run_id]
-    assert parent.data.tags["latentflow.workflow_id"] == "wf-server"
-    assert shard.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert shard.data.tags["latentflow.cache_hit"] == "false"
-    assert shard.data.params["source"] == "builtin:mnist"
-    assert shard.data.metrics["num_train"] + shard.data.metrics["num_val"] == 600
-    artifacts = {a.path for a in client.list_artifacts(shard.info.run_id)}
-    assert {"contact_sheet.png", "manifest.json", "config.json"} <= artifacts
+    parent = runs[summary["mlflow_parent_run_id"]]
+    assert parent.data.tags["latentflow.workflow_id"] == "wf-one"
+    for name, record in steps.items():
+        run = runs[record["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["latentflow.cache_hit"] == "false"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"manifest.json", "config.json"} <= artifacts, name
+        assert EXPECTED_STEPS[name] <= artifacts, name
+    shard_run = runs[steps["shard"]["mlflow_run_id"]]
+    assert shard_run.data.params["source"] == "builtin:mnist"
     # the artifacts really live in the S3 bucket behind the server
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=ARTIFACT_BUCKET)["Contents"]]
-    assert any(k.endswith(f"{shard.info.run_id}/artifacts/contact_sheet.png") for k in keys)
-    # and the shards in the storage bucket
-    shard_keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
-    assert any(k.startswith("smoke/steps/shard/") and k.endswith(".tar") for k in shard_keys)
+    assert any(k.endswith(f"{shard_run.info.run_id}/artifacts/contact_sheet.png") for k in keys)
+
+    second = cli(*args, env=s3_env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("cached") >= len(EXPECTED_STEPS) and " ran " not in second.stdout
+    assert "Started a local Ray" not in second.stderr  # a fully cached run never waits for Ray
