@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from components.common.config import ConfigError
@@ -20,7 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Distributed latent diffusion training pipelines on Ray, DeepSpeed and MLflow.",
 )
-console = Console(highlight=False)
+# Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False)
 
 CONFIG_HELP = "Pipeline config YAML, e.g. configs/pipeline/mnist.yaml."
@@ -120,6 +122,46 @@ def plan(
         table.add_row(str(i), s.name, ", ".join(s.inputs) or "-", resources, would,
                       key_prefix(record.cache_key if record else None))
     console.print(table)
+
+
+@app.command()
+def sample(
+    workflow_id: str = typer.Option(..., "--workflow-id", help="The workflow whose DiT samples (see `latentflow run`)."),
+    labels: str = typer.Option(..., "--labels", help="Comma-separated class indices or class names, e.g. 0,1,2."),
+    per_label: int = typer.Option(..., "--per-label", min=1, help="Images per label."),
+    out: str = typer.Option(..., "--out", help="Output folder: OUT/<label>/<index>.png and OUT/grid.png (a row per label)."),
+    storage: Optional[str] = typer.Option(
+        None, "--storage", help="The pipeline's storage root (local path or s3://). "
+                                "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
+    step: str = typer.Option("dit", "--step", help="The workflow's DiT step to sample from."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim or ddpm. Default: the DiT step's setting."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting."),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", help="Classifier-free guidance weight w (0: none). Default: the DiT step's setting."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta in [0, 1] (0: deterministic). Default: the DiT step's setting."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed; the same seed gives the same images. Default: the DiT step's setting."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass (does not change the images)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+):
+    """Generate images with a finished workflow's DiT and autoencoder and write them as PNG files."""
+    from pipelines.sample import BadFlag, SampleError, sample as sample_images
+
+    try:
+        result = sample_images(workflow_id, labels, per_label, out, storage=storage, step=step, sampler=sampler,
+                               steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
+                               device=device)
+    except BadFlag as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2)
+    except (SampleError, StorageError) as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(1)
+    s = result.sampling
+    names = ", ".join(result.classes[i] for i in result.labels)
+    console.print(escape(f"workflow {workflow_id}: {len(result.files) - 1} images of {names} "
+                         f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed})"),
+                  soft_wrap=True)
+    console.print(escape(f"wrote {result.out}/<label>/<index>.png and {result.out / 'grid.png'}"), soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry when run as a module

@@ -1,6 +1,7 @@
 """The pipeline config: one section per step plus ``storage``, ``tracking`` and ``ray``.
 
-Later stages add their sections here; a step whose section is absent is not part of the pipeline.
+A step whose section is absent (or null) is not part of the pipeline; a step's section may only be
+present when the sections of the steps it needs are.
 """
 
 from __future__ import annotations
@@ -8,15 +9,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from components.common.config import (
-    RayConfig,
-    StorageConfig,
-    StrictModel,
-    TrackingConfig,
-    load_config,
-)
+from components.autoencoder.config import AutoencoderConfig
+from components.common.config import RayConfig, StorageConfig, StrictModel, TrackingConfig, load_config
+from components.dit.config import DitConfig
+from components.evaluate.config import EvaluateConfig
+from components.latents.config import LatentsConfig
 from components.shard.config import ShardConfig
 
 
@@ -26,6 +25,21 @@ class PipelineConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    autoencoder: AutoencoderConfig | None = None
+    latents: LatentsConfig | None = None
+    dit: DitConfig | None = None
+    evaluate: EvaluateConfig | None = None
+
+    @model_validator(mode="after")
+    def _needed_sections_present(self):
+        needs = {"latents": ["autoencoder"], "dit": ["autoencoder"], "evaluate": ["autoencoder", "dit"]}
+        if self.dit is not None and self.dit.data == "latents":
+            needs["dit"].append("latents")
+        for section, required in needs.items():
+            missing = [r for r in required if getattr(self, section) is not None and getattr(self, r) is None]
+            if missing:
+                raise ValueError(f"section '{section}' needs section(s) {missing}")
+        return self
 
     @property
     def experiment_name(self) -> str:

@@ -1,0 +1,125 @@
+"""DiT training throughput on pre-extracted latents vs encoding every batch with the autoencoder.
+
+Both modes run the DiT step's own loss (``components.dit.train``: ``LatentDitTask`` reads
+``batch["latent"]``, ``DitTask`` with ``data: pixels`` encodes ``batch["image"]`` with the frozen
+autoencoder inside the loss), the same DiT, batch, optimizer (AdamW) and threads. A step is
+forward + loss + backward + update. The modes alternate over rounds so machine noise hits both
+alike; the ratio is the median of per-round ratios (each round times both back to back).
+
+Both read from memory, as the step does at MNIST scale (``PixelDitTask`` holds the decoded uint8
+shard images, ``LatentDitTask`` the latents): what differs is the encoder forward per batch.
+The autoencoder is the ``ae-mnist`` preset with fresh weights (the cost of a trained one is the
+same) unless ``--autoencoder`` names an autoencoder step's output directory.
+
+    python benchmarks/latents_vs_pixels.py                      # CPU, 2 threads, MNIST sizes
+    python benchmarks/latents_vs_pixels.py --preset DiT-Micro/2 --batch 64 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from components.dit.config import DitConfig  # noqa: E402
+from components.dit.train import LatentDitTask, PixelDitTask, resolve_model_kwargs  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="DiT-Tiny/2", help="DiT preset (default DiT-Tiny/2)")
+    parser.add_argument("--ae-preset", default="ae-mnist", help="autoencoder preset (default ae-mnist)")
+    parser.add_argument("--autoencoder", default=None, help="an autoencoder step's output directory (optional)")
+    parser.add_argument("--image-size", type=int, default=32, help="image height = width (default 32)")
+    parser.add_argument("--channels", type=int, default=1, help="image channels (default 1)")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (default 3)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode per round (default 5)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def load_ae(args):
+    if args.autoencoder:
+        from components.autoencoder.load import load_autoencoder
+
+        return load_autoencoder(args.autoencoder)
+    from components.autoencoder.model import build_autoencoder
+
+    model = build_autoencoder(args.ae_preset, in_channels=args.channels).eval()
+    f = model.downsample_factor
+    size = args.image_size // f
+    meta = {"preset": args.ae_preset, "latent_shape": [model.latent_channels, size, size], "scale_factor": 1.0,
+            "image_size": args.image_size, "channels": args.channels, "classes": None}
+    return model, meta
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    ae, ae_meta = load_ae(args)
+    cfg = DitConfig(preset=args.preset, train={"batch_size": args.batch, "lr": 1e-4})
+    kwargs = resolve_model_kwargs(cfg, ae_meta["latent_shape"], args.num_classes)
+
+    n = 4 * args.batch  # a small pool of images, cycled
+    images = torch.randint(0, 256, (n, args.channels, args.image_size, args.image_size), dtype=torch.uint8)
+    labels = torch.randint(0, args.num_classes, (n,))
+    pixels = PixelDitTask(cfg, kwargs, {})
+    pixels.set_autoencoder(ae, ae_meta)
+    with torch.no_grad():  # the latents step, done once ahead of training (not timed)
+        latents = torch.cat([pixels.clean_latents({"image": images[i:i + 256]}) for i in range(0, n, 256)])
+    latent = LatentDitTask(cfg, kwargs, {})
+
+    modes = {}
+    for name, task, key, source in (("latents", latent, "latent", latents), ("pixels", pixels, "image", images)):
+        model = task.build_model().train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        counter = {"i": 0}
+
+        def step(task=task, key=key, source=source, model=model, optimizer=optimizer, counter=counter):
+            start = (counter["i"] * args.batch) % n
+            counter["i"] += 1
+            rows = source[start:start + args.batch]
+            if rows.dtype == torch.uint8:  # as PixelDitTask.batches gives them
+                rows = rows.float().div(127.5).sub(1.0)
+            batch = {key: rows, "label": labels[start:start + args.batch]}
+            generator = torch.Generator().manual_seed(counter["i"])
+            loss, _ = task.loss(model, batch, counter["i"], generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(args.warmup):
+            step()
+        modes[name] = step
+
+    rates = {name: [] for name in modes}
+    for round_index in range(args.rounds):
+        order = list(modes.items()) if round_index % 2 == 0 else list(reversed(modes.items()))
+        for name, step in order:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            rates[name].append(args.batch * args.steps / (time.perf_counter() - start))
+
+    print(f"dit={args.preset} ae={args.autoencoder or args.ae_preset} image={args.channels}x{args.image_size}x"
+          f"{args.image_size} latent={'x'.join(map(str, ae_meta['latent_shape']))} batch={args.batch} "
+          f"threads={args.threads} rounds={args.rounds}x{args.steps} steps")
+    print(f"{'mode':<8} {'img/s median':>13} {'min':>8} {'max':>8}")
+    for name, r in rates.items():
+        print(f"{name:<8} {statistics.median(r):>13.1f} {min(r):>8.1f} {max(r):>8.1f}")
+    ratio = statistics.median(a / b for a, b in zip(rates["latents"], rates["pixels"]))
+    print(f"ratio latents/pixels: {ratio:.2f}x (median of per-round ratios; target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

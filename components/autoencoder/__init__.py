@@ -1,0 +1,1 @@
+"""Autoencoder stage: a KL-regularised convolutional autoencoder (LDM) that maps images to latents."""

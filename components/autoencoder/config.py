@@ -1,0 +1,38 @@
+"""Config of the autoencoder step (KL-regularised, as in Latent Diffusion)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from components.common.config import StepConfig
+from components.common.trainer import TrainConfig
+
+
+class AutoencoderConfig(StepConfig):
+    preset: str = "ae-mnist"  # a key of AUTOENCODER_PRESETS
+    model: dict[str, Any] = Field(default_factory=dict)  # overrides of the preset's arguments
+    regularizer: Literal["kl"] = "kl"
+    kl_weight: float = Field(1e-6, ge=0)
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
+    # PatchGAN discriminator: switched on at this optimizer step (None: never)
+    disc_start: int | None = Field(None, ge=0)
+    disc_weight: float = Field(0.5, ge=0)
+    disc_channels: int = Field(64, ge=1)  # PatchDiscriminator base width (LDM: 64)
+    disc_layers: int = Field(3, ge=1)  # its strided layers; 3 suits 32..256 px
+    # LPIPS perceptual loss, only from weights already on disk (never downloaded); None: off
+    lpips_weights: str | None = None
+    lpips_weight: float = Field(1.0, ge=0)
+    # latents are multiplied by 1/std of the encoder's output on this many training images (LDM)
+    scale_estimate_samples: int = Field(1024, ge=16)
+    val_samples: int = Field(512, ge=8)  # PSNR/MSE on this many validation images
+    # How training images reach the workers. "memory": each worker reads all training shards once
+    # (webdataset, in the worker) and slices seeded batches out of one uint8 array: fastest for
+    # MNIST-scale sets. "ray_data": Ray Data streams and decodes them (shard_dataset): for data
+    # sets that do not fit in a worker's memory.
+    data: Literal["memory", "ray_data"] = "memory"
+    # ema_decay 0.99: the exported EMA weights keep 0.99**500 < 1% of the initial weights after
+    # 500 steps; 0.999 would keep 61%.
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, batch_size=64, lr=1e-3,
+                                                                   ema_decay=0.99))

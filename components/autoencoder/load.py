@@ -1,0 +1,86 @@
+"""The autoencoder step's contract with the steps after it: how to load its output and move
+between images and *scaled* latents.
+
+The step writes two files:
+
+- ``autoencoder.safetensors`` (``AE_WEIGHTS``): the EMA weights of the ``AutoencoderKL`` only
+  (no discriminator), fp32;
+- ``autoencoder.json`` (``AE_META``): ``preset``; ``model`` (the resolved ``AutoencoderKL``
+  keyword arguments, enough to rebuild it without the presets table); ``downsample_factor`` (f);
+  ``latent_channels``; ``latent_shape`` [c, H/f, W/f]; ``image_size``; ``channels``;
+  ``image_format``; ``scale_factor``; ``scale_from`` ("sample": 1/std of posterior samples, LDM);
+  ``classes`` (list of names or null).
+
+Diffusion models work on ``z * scale_factor`` (unit variance), never on raw ``z``; use
+``encode_scaled``/``decode_scaled`` and the factor cannot be forgotten or applied twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from components.autoencoder.model import AutoencoderKL
+
+if TYPE_CHECKING:
+    from components.common.step import Manifest
+
+AE_WEIGHTS = "autoencoder.safetensors"
+AE_META = "autoencoder.json"
+
+
+class AutoencoderLoadError(RuntimeError):
+    pass
+
+
+def load_autoencoder(manifest: "Manifest", device: str | torch.device = "cpu") -> tuple[AutoencoderKL, dict]:
+    """(model in eval mode on ``device``, meta dict) from the autoencoder step's manifest, local or
+    on S3. The weights' sha256 is checked against the manifest; nothing is unpickled."""
+    from safetensors.torch import load as load_safetensors
+
+    storage = manifest.storage()
+    meta = json.loads(storage.read_text(AE_META))
+    data = storage.read_bytes(AE_WEIGHTS)
+    try:
+        expected = manifest.file(AE_WEIGHTS).sha256
+    except KeyError as e:
+        raise AutoencoderLoadError(f"{manifest.location}: the manifest does not list {AE_WEIGHTS}") from e
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise AutoencoderLoadError(f"{storage.uri(AE_WEIGHTS)}: sha256 differs from the manifest's")
+    model = AutoencoderKL(**meta["model"])
+    model.load_state_dict(load_safetensors(data), strict=True)
+    return model.to(device).eval(), meta
+
+
+def to_model_range(images) -> torch.Tensor:
+    """uint8 images (0..255, tensor or array) -> float32 in [-1, 1]; float input is taken as
+    already in [-1, 1]. (N, C, H, W)."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.dtype == torch.uint8:
+        return images.float().div(127.5).sub(1.0)
+    return images.float()
+
+
+@torch.no_grad()
+def encode_scaled(model: AutoencoderKL, meta: dict, images, generator: torch.Generator | None = None,
+                  sample: bool = False) -> torch.Tensor:
+    """Images (N, C, H, W), uint8 or float in [-1, 1] -> scaled latents (N, c, H/f, W/f):
+    the posterior mode (or a sample with ``sample=True``) times ``meta["scale_factor"]``."""
+    param = next(model.parameters())
+    x = to_model_range(images).to(param.device, param.dtype)
+    posterior = model.encode(x)
+    z = posterior.sample(generator) if sample else posterior.mode()  # (N, c, h, w)
+    return z * meta["scale_factor"]
+
+
+@torch.no_grad()
+def decode_scaled(model: AutoencoderKL, meta: dict, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (N, c, h, w) -> images (N, C, H, W) in [-1, 1] (clamped), float32."""
+    param = next(model.parameters())
+    z = latents.to(param.device, param.dtype) / meta["scale_factor"]
+    return model.decode(z).float().clamp(-1.0, 1.0)  # (N, C, H, W)

@@ -1,0 +1,290 @@
+"""Autoencoder step: train the KL autoencoder (LDM's first stage) on the shard step's images.
+
+One ``nn.Module`` (``AutoencoderTrainModule``) holds the ``AutoencoderKL`` and, when ``disc_start``
+is set, a ``PatchDiscriminator``; ONE DeepSpeed engine and optimizer train both, from one backward
+over the sum of (see ``autoencoder_losses``)
+
+    rec + lpips_weight·LPIPS + kl_weight·KL/pixels          autoencoder (LDM's loss / pixel count)
+    + [step >= disc_start] adaptive_weight·disc_weight·g     autoencoder, through the critic
+    + [step >= disc_start] hinge(D(x), D(x̂))                 discriminator
+
+Gradient separation, which makes the single backward correct:
+- the generator term calls the discriminator with ``torch.func.functional_call`` on *detached*
+  copies of its parameters: its gradient reaches the autoencoder through x̂, never the critic;
+- the hinge term sees ``x.detach()`` and ``x̂.detach()``: its gradient reaches only the critic.
+So each network gets exactly the gradient of its own objective (LDM's two optimizers, with one).
+Shared by both: the learning rate, its schedule, and ``grad_clip`` over the joint gradient norm.
+The discriminator needs ZeRO 0-2 (stage 3 partitions the parameters functional_call would copy).
+
+KL is LDM's (summed over latent dimensions, mean over the batch) divided by the pixel count, like
+the mean reconstruction loss, so ``kl_weight`` means what it means in LDM configs (1e-6).
+
+After ``fit``, on the step's own task: load the exported EMA weights, estimate the latent scale
+factor (1/std of posterior *samples* over ``scale_estimate_samples`` training images, LDM), measure
+PSNR/MSE of posterior-*mode* reconstructions of ``val_samples`` validation images, and write
+``autoencoder.safetensors``, ``autoencoder.json`` (see ``load.py``) and ``reconstructions.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.autoencoder.config import AutoencoderConfig
+from components.autoencoder.discriminator import PatchDiscriminator, adaptive_disc_weight, hinge_d_loss
+from components.autoencoder.load import AE_META, AE_WEIGHTS, to_model_range
+from components.autoencoder.lpips import check_lpips_file, load_lpips
+from components.autoencoder.model import AUTOENCODER_PRESETS, AutoencoderKL
+from components.common.images import image_grid
+from components.common.shard_reader import rank_batch_indices, read_image_shards
+from components.common.step import Manifest, StepContext, StepOutput
+from components.common.storage import Storage
+from components.common.tracking import png_bytes
+from components.common.trainer import fit
+
+CODE_VERSION = "1"
+RECONSTRUCTIONS = "reconstructions.png"
+GRID_PAIRS, PAIRS_PER_ROW = 32, 8
+EVAL_BATCH = 256
+
+log = logging.getLogger(__name__)
+
+
+class AutoencoderTrainModule(nn.Module):
+    """What DeepSpeed trains: ``ae`` and, with a GAN loss, ``disc`` (None otherwise)."""
+
+    def __init__(self, model_kwargs: dict[str, Any], cfg: AutoencoderConfig):
+        super().__init__()
+        self.ae = AutoencoderKL(**model_kwargs)
+        self.disc = (PatchDiscriminator(model_kwargs["in_channels"], cfg.disc_channels, cfg.disc_layers)
+                     if cfg.disc_start is not None else None)
+
+
+def gan_active(cfg: AutoencoderConfig, step: int) -> bool:
+    return cfg.disc_start is not None and step >= cfg.disc_start
+
+
+def autoencoder_losses(module: AutoencoderTrainModule, images: torch.Tensor, step: int, cfg: AutoencoderConfig,
+                       generator: torch.Generator | None = None,
+                       lpips: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """(total loss, metrics) of one batch in [-1, 1]; see the module docstring for the terms."""
+    ae = module.ae
+    posterior = ae.encode(images)
+    recon = ae.decode(posterior.sample(generator))  # (N, C, H, W)
+    x, xr = images.float(), recon.float()
+    pixel = (x - xr).abs() if cfg.reconstruction_loss == "l1" else (x - xr).pow(2)
+    rec = pixel.mean()
+    nll = rec
+    metrics: dict[str, float] = {"rec_loss": rec.item()}
+    if lpips is not None and cfg.lpips_weight > 0:
+        perceptual = lpips(x, xr).mean()
+        nll = nll + cfg.lpips_weight * perceptual
+        metrics["lpips"] = perceptual.item()
+    kl = posterior.kl().float().mean()  # summed over latent dims, mean over the batch
+    loss = nll + cfg.kl_weight * kl / x[0].numel()
+    metrics["kl"] = kl.item()
+    if gan_active(cfg, step):
+        disc = module.disc
+        frozen = {name: p.detach() for name, p in disc.named_parameters()}
+        logits_fake = torch.func.functional_call(disc, frozen, (recon,))  # grads reach only the ae
+        g_loss = -logits_fake.float().mean()
+        d_weight = adaptive_disc_weight(nll, g_loss, ae.last_layer_weight(), cfg.disc_weight)
+        d_loss = hinge_d_loss(disc(images.detach()).float(), disc(recon.detach()).float())  # only the disc
+        loss = loss + d_weight * g_loss + d_loss
+        metrics.update(g_loss=g_loss.item(), d_loss=d_loss.item(), d_weight=float(d_weight))
+    return loss, metrics
+
+
+class AutoencoderTask:
+    """TrainTask of the step: holds configs and shard URIs; reads the shards inside the worker."""
+
+    def __init__(self, cfg: AutoencoderConfig, model_kwargs: dict[str, Any], shard_location: str,
+                 train_shards: list[str], image_key: str):
+        self.cfg, self.model_kwargs = cfg, model_kwargs
+        self.shard_location, self.train_shards, self.image_key = shard_location, list(train_shards), image_key
+        self._images: torch.Tensor | None = None
+        self._lpips: nn.Module | None = None
+
+    def __getstate__(self):  # ship configs, not caches
+        return {**self.__dict__, "_images": None, "_lpips": None}
+
+    def build_model(self) -> nn.Module:
+        return AutoencoderTrainModule(self.model_kwargs, self.cfg)
+
+    def images(self) -> torch.Tensor:
+        """All training images of the step, uint8 (N, C, H, W), read once per worker."""
+        if self._images is None:
+            array, _, _ = read_image_shards(Storage.from_uri(self.shard_location), self.train_shards, self.image_key)
+            self._images = torch.from_numpy(array)
+        return self._images
+
+    def batches(self, epoch: int, rank: int, world_size: int):
+        images = self.images()
+        train = self.cfg.train
+        for index in rank_batch_indices(len(images), train.batch_size, train.seed, epoch, rank, world_size):
+            yield {"image": to_model_range(images[torch.from_numpy(index)])}
+
+    def perceptual(self, device) -> nn.Module | None:
+        if self.cfg.lpips_weights is None:
+            return None
+        if self._lpips is None:
+            self._lpips = load_lpips(self.cfg.lpips_weights).to(device)
+        return self._lpips
+
+    def loss(self, model, batch, step, generator):
+        module = getattr(model, "module", model)  # the DeepSpeed engine's module
+        images = batch["image"]
+        return autoencoder_losses(module, images, step, self.cfg, generator, self.perceptual(images.device))
+
+    def export(self, model, ema_model, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().float().cpu().contiguous() for k, v in ema_model.ae.state_dict().items()}
+        save_file(state, str(out_dir / AE_WEIGHTS), metadata={"preset": self.cfg.preset})
+
+
+class AutoencoderStreamTask(AutoencoderTask):
+    """The same task fed by Ray Data (``data: ray_data``): the trainer reads the "train" dataset."""
+
+    batches = None
+
+
+# ---------------------------------------------------------------- evaluation on the step task
+
+
+def resolve_model_kwargs(cfg: AutoencoderConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """The preset with ``cfg.model`` applied, checked against the shards' channels and size."""
+    if cfg.preset not in AUTOENCODER_PRESETS:
+        raise ValueError(f"autoencoder.preset: unknown {cfg.preset!r}; valid: {', '.join(AUTOENCODER_PRESETS)}")
+    kwargs = {**AUTOENCODER_PRESETS[cfg.preset], **cfg.model}
+    unknown = set(kwargs) - set(AUTOENCODER_PRESETS[cfg.preset])
+    if unknown:
+        raise ValueError(f"autoencoder.model: unknown argument(s) {sorted(unknown)}; "
+                         f"valid: {sorted(AUTOENCODER_PRESETS[cfg.preset])}")
+    kwargs["channel_mult"] = list(kwargs["channel_mult"])
+    if kwargs["in_channels"] != info["channels"]:
+        raise ValueError(f"autoencoder preset {cfg.preset!r} takes {kwargs['in_channels']}-channel images but the "
+                         f"shards hold {info['channels']}-channel ones; set autoencoder.model.in_channels: "
+                         f"{info['channels']}")
+    f = 2 ** (len(kwargs["channel_mult"]) - 1)
+    if info["image_size"] % f:
+        raise ValueError(f"image_size {info['image_size']} is not divisible by the autoencoder's factor f={f}")
+    return kwargs
+
+
+@torch.no_grad()
+def estimate_scale_factor(model: AutoencoderKL, images: np.ndarray, seed: int = 0) -> float:
+    """1 / std of posterior samples over ``images`` (all latent elements together), as in LDM."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = [model.encode(to_model_range(images[i:i + EVAL_BATCH])).sample(generator)
+               for i in range(0, len(images), EVAL_BATCH)]
+    return 1.0 / float(torch.cat(latents).float().std())
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: AutoencoderKL, images: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
+    """({"val_psnr", "val_mse"}, reconstructions in [-1, 1]) of posterior-mode reconstructions.
+    MSE on [0, 1] pixels per image; PSNR is the mean of per-image 10·log10(1/MSE)."""
+    recons = torch.cat([model.decode(model.encode(to_model_range(images[i:i + EVAL_BATCH])).mode()).clamp(-1, 1)
+                        for i in range(0, len(images), EVAL_BATCH)])
+    mse = ((recons - to_model_range(images)) / 2).pow(2).flatten(1).mean(1)  # (N,)
+    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return {"val_psnr": float(psnr.mean()), "val_mse": float(mse.mean())}, recons
+
+
+def reconstruction_grid(originals: np.ndarray, recons: torch.Tensor):
+    """original | reconstruction pairs, ``PAIRS_PER_ROW`` pairs per row."""
+    tiles = []
+    for original, recon in zip(originals[:GRID_PAIRS], recons[:GRID_PAIRS]):
+        tiles.append(original.transpose(1, 2, 0))
+        tiles.append(((recon + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    return image_grid(tiles, nrow=2 * PAIRS_PER_ROW)
+
+
+def _training_sample(storage: Storage, shards: list[str], image_key: str, n: int, seed: int) -> np.ndarray:
+    """About ``n`` training images from shards taken in a seeded random order (shards written from
+    a class-sorted folder hold few classes each, so the first shards alone would be biased)."""
+    order = np.random.default_rng(seed).permutation(len(shards))
+    images, _, _ = read_image_shards(storage, [shards[i] for i in order], image_key, limit=n)
+    return images
+
+
+def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
+    shard = inputs["shard"]
+    info = shard.info
+    check_lpips_file(cfg.lpips_weights)
+    if cfg.lpips_weights is None:
+        log.info("autoencoder: LPIPS off (lpips_weights: null); training on %s + KL%s", cfg.reconstruction_loss,
+                 " + GAN" if cfg.disc_start is not None else "")
+    if cfg.disc_start is not None and cfg.train.zero_stage == 3:
+        raise ValueError("autoencoder: the discriminator (disc_start) needs train.zero_stage 0-2")
+    if cfg.train.ema_decay ** cfg.train.max_steps > 0.05:
+        log.warning("autoencoder: ema_decay %.4g over %d steps keeps %.0f%% of the initial weights in the "
+                    "exported EMA weights; lower train.ema_decay", cfg.train.ema_decay, cfg.train.max_steps,
+                    100 * cfg.train.ema_decay ** cfg.train.max_steps)
+    model_kwargs = resolve_model_kwargs(cfg, info)
+    image_key, train_shards, val_shards = info["image_format"], info["train_shards"], info["val_shards"]
+    if not train_shards or not val_shards:
+        raise ValueError(f"autoencoder: the shard step wrote {len(train_shards)} train and {len(val_shards)} "
+                         "val shards; both are needed (val_fraction > 0)")
+
+    if cfg.data == "memory":
+        task, datasets = AutoencoderTask(cfg, model_kwargs, shard.location, train_shards, image_key), None
+    else:
+        from components.common.data import shard_dataset
+
+        task = AutoencoderStreamTask(cfg, model_kwargs, shard.location, train_shards, image_key)
+        datasets = {"train": shard_dataset([shard.uri(r) for r in train_shards], image_key=image_key,
+                                           shuffle_seed=cfg.train.seed)}
+    started = time.perf_counter()
+    result = fit(task, cfg.train, ctx, datasets=datasets, name="autoencoder")
+    train_wall_s = time.perf_counter() - started
+
+    from safetensors.torch import load_file
+
+    model = AutoencoderKL(**model_kwargs)
+    model.load_state_dict(load_file(str(result.export_dir / AE_WEIGHTS)))
+    model.eval()
+    storage = shard.storage()
+    scale_images = _training_sample(storage, train_shards, image_key, cfg.scale_estimate_samples, cfg.train.seed)
+    scale_factor = estimate_scale_factor(model, scale_images, cfg.train.seed)
+    val_images, _, _ = read_image_shards(storage, val_shards, image_key, limit=cfg.val_samples)
+    quality, recons = reconstruction_metrics(model, val_images)
+    if not math.isfinite(scale_factor) or scale_factor <= 0:
+        raise ValueError(f"autoencoder: latent scale factor {scale_factor} is not a positive number")
+
+    f = model.downsample_factor
+    meta = {
+        "preset": cfg.preset, "model": model_kwargs, "downsample_factor": f,
+        "latent_channels": model.latent_channels,
+        "latent_shape": [model.latent_channels, info["image_size"] // f, info["image_size"] // f],
+        "image_size": info["image_size"], "channels": info["channels"], "image_format": image_key,
+        "scale_factor": scale_factor, "scale_from": "sample", "classes": info.get("classes"),
+    }
+    written = result.upload_to(ctx.output)
+    if written != [AE_WEIGHTS]:
+        raise RuntimeError(f"autoencoder export wrote {written}, expected [{AE_WEIGHTS!r}]")
+    ctx.output.write_text(AE_META, json.dumps(meta, indent=2, sort_keys=True))
+    grid = reconstruction_grid(val_images, recons)
+    ctx.output.write_bytes(RECONSTRUCTIONS, png_bytes(grid))
+    ctx.tracker.log_image(grid, RECONSTRUCTIONS)
+    ctx.tracker.log_dict(meta, AE_META)
+
+    final = result.metrics
+    metrics = {**quality, "scale_factor": scale_factor, "train_loss": final.get("loss", float("nan")),
+               "rec_loss": final.get("rec_loss", float("nan")),
+               "images_per_s": final.get("images_per_s", float("nan")),
+               "train_wall_s": train_wall_s, "steps": float(final.get("step", cfg.train.max_steps))}
+    ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("train_loss", "rec_loss", "images_per_s")},
+                            step=cfg.train.max_steps)
+    log.info("autoencoder: %d steps in %.0f s, val PSNR %.2f dB, scale factor %.4f", metrics["steps"],
+             train_wall_s, quality["val_psnr"], scale_factor)
+    return StepOutput(files=[AE_WEIGHTS, AE_META, RECONSTRUCTIONS], metrics=metrics, info=dict(meta))

@@ -1,0 +1,1 @@
+"""Diffusion Transformer (DiT) stage: a class-conditional transformer denoiser for latents."""

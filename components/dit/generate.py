@@ -1,0 +1,153 @@
+"""Class-conditional generation with a trained DiT and its autoencoder: the one sampling entry used
+by the DiT step's grid, the evaluate step and ``latentflow sample``.
+
+labels -> initial noise -> (guided) DDIM or DDPM in latent space -> decode -> uint8 images.
+
+Determinism: every sample has its own random stream, seeded by (sampling.seed, its index in
+``labels``); its initial noise and, for the stochastic samplers (DDPM, DDIM with eta > 0), its
+per-step noise come from that stream only. So a seed fixes every image whatever the batch size,
+and sample i is the same image whether 10 or 10,000 are drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image
+
+from components.diffusion import (
+    NoiseSchedule,
+    ddim_sample,
+    ddim_step,
+    ddpm_step,
+    dynamic_threshold,
+    make_cfg_model_fn,
+    spaced_timesteps,
+    static_threshold,
+)
+from components.dit.config import SamplingConfig
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of sample ``index`` under ``seed`` (CPU; its draws are moved to the device)."""
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(state)
+
+
+def _draw(generators: list[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)  # (N, c, h, w)
+
+
+def threshold_fn(sampling: SamplingConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The clip_x0 of the samplers for ``sampling.thresholding``.
+
+    Static clamps x̂_0 to [−1, 1], dynamic is Imagen's percentile rescaling: both assume data in
+    [−1, 1], true of pixels but not of scaled latents (unit variance, not unit range), so in latent
+    space thresholding is usually off ("none", the default)."""
+    if sampling.thresholding == "static":
+        return static_threshold
+    if sampling.thresholding == "dynamic":
+        return partial(dynamic_threshold, percentile=sampling.dynamic_threshold_percentile)
+    return None
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 [0, 255], rounded."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
+             sampling: SamplingConfig, meta: dict, clip_x0, generators: list[torch.Generator]) -> torch.Tensor:
+    prediction, learned = meta["prediction"], bool(meta["learn_sigma"])
+    if sampling.sampler == "ddim" and sampling.eta == 0:  # deterministic: the library sampler as is
+        return ddim_sample(model_fn, x, timesteps, schedule, prediction=prediction, learned_variance=learned,
+                           clip_x0=clip_x0)
+    # Stochastic samplers: the same steps as ddim_sample / ddpm_sample, with each sample's noise
+    # drawn from its own stream instead of one generator for the batch.
+    steps = [int(t) for t in timesteps]
+    shape, channels = x.shape[1:], x.shape[1]
+    if sampling.sampler == "ddim":
+        for t, t_prev in zip(steps, steps[1:] + [-1]):
+            out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))[:, :channels]
+            x, _ = ddim_step(schedule, out, x, t, t_prev, eta=sampling.eta, noise=_draw(generators, shape, x.device),
+                             prediction=prediction, clip_x0=clip_x0)
+        return x
+    levels = steps[::-1]  # ascending, as ddpm_sample respaces them
+    chain = schedule.respace(torch.tensor(levels))
+    for i in range(len(levels) - 1, -1, -1):
+        out = model_fn(x, torch.full((x.shape[0],), levels[i], dtype=torch.long, device=x.device))
+        noise = _draw(generators, shape, x.device) if i > 0 else None
+        x, _ = ddpm_step(chain, out, x, i, noise=noise, prediction=prediction, learned_variance=learned,
+                         clip_x0=clip_x0)
+    return x
+
+
+def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict, labels: Sequence[int],
+             sampling: SamplingConfig, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Images of the given class labels: uint8 (N, C, H, W) on the CPU, in the order of ``labels``.
+
+    Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]``
+    (0: the conditional model alone, no unconditional pass); timesteps from ``spaced_timesteps``;
+    DDIM (``eta``) or DDPM; optional thresholding of x̂_0 (see ``threshold_fn``); latents decoded
+    with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode."""
+    from components.autoencoder.load import decode_scaled
+    from components.common.progress import progress_bar
+
+    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    num_classes = int(dit_meta["num_classes"])
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}] (this DiT has {num_classes} classes), "
+                         f"got {sorted(set(labels.tolist()))[:10]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shape = tuple(int(s) for s in dit_meta["latent_shape"])
+    device = next(dit.parameters()).device
+    schedule = NoiseSchedule.from_name(dit_meta["schedule"], int(dit_meta["num_timesteps"]))
+    timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
+    guided = make_cfg_model_fn(lambda x, t, y: dit(x, t, y), int(dit_meta["null_label"]), sampling.guidance)
+    clip_x0 = threshold_fn(sampling)
+
+    modes = (dit.training, ae.training)
+    dit.eval(), ae.eval()  # train mode would drop labels (class dropout)
+    bar = progress_bar(len(labels), desc="sample", unit="img") if progress else None
+    chunks = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(labels), batch_size):
+                y = labels[start:start + batch_size].to(device)
+                generators = [sample_generator(sampling.seed, start + i) for i in range(len(y))]
+                x = _draw(generators, shape, device)  # (B, c, h, w): x_T
+                z = _denoise(partial(guided, y=y), x, timesteps, schedule, sampling, dit_meta, clip_x0, generators)
+                chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())  # (B, C, H, W)
+                if bar is not None:
+                    bar.update(len(y))
+    finally:
+        dit.train(modes[0]), ae.train(modes[1])
+        if bar is not None:
+            bar.close()
+    if not chunks:
+        return torch.empty((0, int(ae_meta["channels"]), int(ae_meta["image_size"]), int(ae_meta["image_size"])),
+                           dtype=torch.uint8)
+    return torch.cat(chunks)
+
+
+def class_grid(images: torch.Tensor, labels: Sequence[int], per_label: int) -> Image.Image:
+    """A grid with one row per distinct label (in order of first appearance) and ``per_label``
+    columns: the first ``per_label`` images of that label; missing cells stay black."""
+    from components.common.images import image_grid
+
+    labels = [int(label) for label in labels]
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if not labels:
+        raise ValueError("class_grid needs at least one image")
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+    blank = np.zeros_like(arrays[0])
+    cells = []
+    for label in dict.fromkeys(labels):
+        mine = [arrays[i] for i, other in enumerate(labels) if other == label][:per_label]
+        cells += mine + [blank] * (per_label - len(mine))
+    return image_grid(cells, nrow=per_label)

@@ -1,0 +1,50 @@
+"""Load a trained DiT from the DiT step's outputs (local or S3), safetensors only.
+
+The step writes ``dit.safetensors`` (EMA weights: what sampling uses), ``dit_raw.safetensors``
+(the online weights) and ``dit.json`` (everything needed to rebuild and sample the model: the
+resolved ``DiT`` arguments under ``model``, the noise schedule, prediction type, classes,
+latent and image shapes).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from components.common.step import Manifest
+    from components.common.storage import Storage
+    from components.dit.model import DiT
+
+DIT_WEIGHTS = "dit.safetensors"
+DIT_RAW_WEIGHTS = "dit_raw.safetensors"
+DIT_META = "dit.json"
+
+
+def _storage(source: "Manifest | Storage | str") -> "Storage":
+    from components.common.storage import Storage
+
+    if isinstance(source, str):
+        return Storage.from_uri(source)
+    if isinstance(source, Storage):
+        return source
+    return source.storage()  # a Manifest
+
+
+def load_dit_meta(source: "Manifest | Storage | str") -> dict[str, Any]:
+    return json.loads(_storage(source).read_text(DIT_META))
+
+
+def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: bool = True) -> tuple["DiT", dict]:
+    """(DiT in eval mode on ``device``, meta) from a DiT step's manifest (or its output directory
+    as a Storage or URI). ``ema=False`` loads the online weights instead of the EMA."""
+    import safetensors.torch
+
+    from components.dit.model import DiT
+
+    storage = _storage(manifest)
+    meta = load_dit_meta(storage)
+    model = DiT(**meta["model"])
+    weights = safetensors.torch.load(storage.read_bytes(DIT_WEIGHTS if ema else DIT_RAW_WEIGHTS))
+    model.load_state_dict(weights)
+    return model.to(device).eval(), meta

@@ -1,0 +1,283 @@
+"""DiT step: train a class-conditional latent DiT on the shared trainer, export it, sample a grid.
+
+Inputs: ``shard`` (classes, image shape; the images themselves when ``data: pixels``),
+``autoencoder`` (frozen; decodes the grid, and encodes every batch when ``data: pixels``) and
+``latents`` (the pre-extracted training latents, absent when ``data: pixels``).
+
+Training (``DitTask``): t uniform on [0, T), noise and t from the trainer's per-(step, rank)
+generator; L_simple on the configured prediction (eps / v / x0), L_hybrid when ``learn_sigma``;
+label dropout (``class_dropout_prob``) inside the model trains the unconditional branch that
+classifier-free guidance needs. With ``data: latents`` each worker holds the whole latent set in
+memory (MNIST scale: 5,000 x 4x8x8 floats) and reads its equal share of every epoch through
+``latent_batches``; with ``data: pixels`` each worker holds the shard images instead (uint8) and
+encodes every batch with the frozen autoencoder inside the loss: the slower mode that
+``benchmarks/latents_vs_pixels.py`` measures. Both are in-memory paths for MNIST-scale data.
+
+Outputs: ``dit.safetensors`` (EMA weights), ``dit_raw.safetensors`` (online weights), ``dit.json``
+(see ``components.dit.load``) and ``samples.png`` (rows: classes, ``grid_per_label`` columns, drawn
+with the ``sample`` settings through ``components.dit.generate``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.common.step import Manifest, StepContext, StepOutput
+from components.dit.config import DitConfig
+from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
+
+CODE_VERSION = "1"
+SAMPLES = "samples.png"
+# Tests only: a worker raises once it reaches this step (read on the driver when the task is built,
+# so it travels to the workers inside the pickled task). Never set it in a real run.
+FAIL_AT_STEP_ENV = "LATENTFLOW_TEST_DIT_FAIL_AT_STEP"
+
+log = logging.getLogger(__name__)
+
+
+class DitTask:
+    """What the trainer trains: the DiT, its loss and export. The subclasses say where batches come
+    from: ``{"latent", "label"}`` (used as x_0) or ``{"image", "label"}`` (encoded first)."""
+
+    def __init__(self, cfg: DitConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
+                 latents: Manifest | None = None, autoencoder: Manifest | None = None,
+                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None, fail_at_step: int | None = None):
+        self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
+        self.latents_manifest, self.autoencoder_manifest = latents, autoencoder
+        self.in_memory = in_memory  # (latents, labels): tests and benchmarks, instead of a manifest
+        self.fail_at_step = fail_at_step
+        self._schedule = self._data = self._ae = None
+
+    def __getstate__(self):  # what travels to workers: configs and manifests, no loaded models
+        return {**self.__dict__, "_schedule": None, "_data": None, "_ae": None}
+
+    @property
+    def schedule(self):
+        from components.diffusion import NoiseSchedule
+
+        if self._schedule is None:
+            self._schedule = NoiseSchedule.from_name(self.cfg.schedule, self.cfg.num_timesteps)
+        return self._schedule
+
+    def build_model(self) -> torch.nn.Module:
+        from components.dit.model import DiT
+
+        return DiT(**self.model_kwargs)
+
+    def set_autoencoder(self, model: torch.nn.Module, meta: dict) -> None:
+        """Use an already loaded autoencoder for ``data: pixels`` (benchmarks); else it is loaded
+        from the manifest in each worker on first use."""
+        self._ae = (model.eval().requires_grad_(False), meta)
+
+    def clean_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x_0 of the batch, float32: the stored latents, or the images encoded now."""
+        if "latent" in batch:
+            return batch["latent"].float()
+        from components.autoencoder.load import encode_scaled, load_autoencoder
+
+        if self._ae is None:
+            self.set_autoencoder(*load_autoencoder(self.autoencoder_manifest))
+        model, meta = self._ae
+        images = batch["image"]
+        model.to(images.device)
+        with torch.no_grad():
+            return encode_scaled(model, meta, images.float()).float()
+
+    def loss(self, model, batch, step, generator):
+        from components.diffusion import training_losses
+
+        if self.fail_at_step is not None and step >= self.fail_at_step:
+            raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
+        x0 = self.clean_latents(batch)                                           # (N, c, h, w)
+        y = batch["label"].long().clamp(min=0)  # unlabelled samples (-1) are class 0 of 1
+        dtype = next(v for v in batch.values() if v.is_floating_point()).dtype  # the compute dtype
+        n, device = x0.shape[0], x0.device
+        t = torch.randint(0, self.cfg.num_timesteps, (n,), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        # Label dropout for classifier-free guidance, drawn here rather than inside the model so that
+        # every random choice of a step comes from the (seed, step, rank) generator: a resumed run
+        # repeats the steps of an uninterrupted one exactly.
+        drop = (torch.rand(n, generator=generator, device=device) < self.cfg.class_dropout_prob).long()
+
+        def model_fn(x, tt, y):  # the diffusion arithmetic stays fp32; the model runs in the compute dtype
+            return model(x.to(dtype), tt, y, force_drop_ids=drop).float()
+
+        terms = training_losses(self.schedule, model_fn, x0, t, noise, prediction=self.cfg.prediction,
+                                learned_variance=self.cfg.learn_sigma, vlb_weight=self.cfg.vlb_weight,
+                                model_kwargs={"y": y})
+        extras = {"mse": float(terms["mse"].detach().mean())}
+        if self.cfg.learn_sigma:
+            extras["vlb"] = float(terms["vlb"].detach().mean())
+        return terms["loss"].mean(), extras
+
+    def export(self, model, ema_model, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        def weights(m):
+            return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+
+        save_file(weights(ema_model), str(out_dir / DIT_WEIGHTS), metadata={"weights": "ema"})
+        save_file(weights(model), str(out_dir / DIT_RAW_WEIGHTS), metadata={"weights": "online"})
+        (out_dir / DIT_META).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+
+
+class LatentDitTask(DitTask):
+    """``data: latents``: every worker holds the latent set and reads its share of each epoch."""
+
+    def train_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._data is None:
+            if self.in_memory is not None:
+                self._data = self.in_memory
+            else:
+                from components.latents.data import load_latent_shards
+
+                latents, labels = load_latent_shards(self.latents_manifest, split="train")
+                self._data = (torch.as_tensor(latents), torch.as_tensor(labels))
+        return self._data
+
+    def batches(self, epoch: int, rank: int, world_size: int):
+        from components.latents.data import latent_batches
+
+        latents, labels = self.train_latents()
+        return latent_batches(latents, labels, self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
+                              rank=rank, world_size=world_size)
+
+
+class PixelDitTask(DitTask):
+    """``data: pixels``: every worker holds the shard images (uint8) and encodes each batch."""
+
+    def __init__(self, *args, shard: Manifest | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shard_manifest = shard
+
+    def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._data is None:
+            from components.common.shard_reader import read_image_shards
+
+            info = self.shard_manifest.info
+            images, labels, _ = read_image_shards(self.shard_manifest.storage(), info["train_shards"],
+                                                  info.get("image_format", "png"))
+            self._data = (torch.from_numpy(images), torch.from_numpy(labels))
+        return self._data
+
+    def batches(self, epoch: int, rank: int, world_size: int):
+        from components.autoencoder.load import to_model_range
+        from components.common.shard_reader import rank_batch_indices
+
+        images, labels = self.train_images()
+        train = self.cfg.train
+        for index in rank_batch_indices(len(images), train.batch_size, train.seed, epoch, rank, world_size):
+            index = torch.from_numpy(index)
+            yield {"image": to_model_range(images[index]), "label": labels[index]}
+
+
+def resolve_model_kwargs(cfg: DitConfig, latent_shape, num_classes: int) -> dict[str, Any]:
+    """Every argument of ``DiT``: defaults <- preset <- data shapes and step settings <- cfg.model."""
+    from components.dit.model import DIT_PRESETS, DiT
+
+    if cfg.preset not in DIT_PRESETS:
+        raise ValueError(f"dit.preset: unknown DiT preset {cfg.preset!r}; valid presets: {', '.join(DIT_PRESETS)}")
+    channels, height, width = (int(s) for s in latent_shape)
+    if height != width:
+        raise ValueError(f"the DiT needs square latents, got {channels}x{height}x{width}")
+    fixed = {"input_size": height, "in_channels": channels, "num_classes": num_classes}
+    clash = {k: v for k, v in cfg.model.items() if k in fixed and v != fixed[k]}
+    if clash:
+        raise ValueError(f"dit.model sets {clash}, but the data fixes {fixed}")
+    kwargs = {**DIT_PRESETS[cfg.preset], **fixed, "learn_sigma": cfg.learn_sigma,
+              "class_dropout_prob": cfg.class_dropout_prob, **cfg.model}
+    try:
+        bound = inspect.signature(DiT).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"dit.model: {e}") from e
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def grid_labels(num_classes: int, rows: int, per_label: int) -> list[int]:
+    """``rows`` classes evenly spaced over all (all when fewer), each repeated ``per_label`` times."""
+    rows = min(rows, num_classes)
+    chosen = sorted({round(i * (num_classes - 1) / max(rows - 1, 1)) for i in range(rows)})
+    return [label for label in chosen for _ in range(per_label)]
+
+
+def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
+    from components.autoencoder.load import load_autoencoder
+    from components.common.tracking import png_bytes
+    from components.common.trainer import fit
+    from components.dit.generate import class_grid, generate
+    from components.dit.model import DiT, dit_flops_per_image
+
+    shard, ae_manifest = inputs["shard"], inputs["autoencoder"]
+    ae, ae_meta = load_autoencoder(ae_manifest)
+    if cfg.data == "latents":
+        if "latents" not in inputs:
+            raise ValueError("dit.data is 'latents' but the step has no 'latents' input; "
+                             "add the latents section or set dit.data: pixels")
+        latents = inputs["latents"]
+        latent_shape, classes = list(latents.info["latent_shape"]), latents.info.get("classes")
+        if list(ae_meta["latent_shape"]) != latent_shape:
+            raise ValueError(f"latents step shape {latent_shape} != autoencoder latent shape {ae_meta['latent_shape']}")
+    else:
+        latents, latent_shape, classes = None, list(ae_meta["latent_shape"]), shard.info.get("classes")
+    num_classes = len(classes) if classes else 1
+    model_kwargs = resolve_model_kwargs(cfg, latent_shape, num_classes)
+    probe = DiT(**model_kwargs)
+    meta = {
+        "preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
+        "prediction": cfg.prediction, "learn_sigma": cfg.learn_sigma, "num_classes": num_classes,
+        "null_label": probe.null_class_id, "latent_shape": latent_shape, "classes": classes,
+        "image_channels": int(ae_meta["channels"]), "image_size": int(ae_meta["image_size"]),
+        "flops_per_image": dit_flops_per_image(probe), "parameters": sum(p.numel() for p in probe.parameters()),
+        "data": cfg.data, "max_steps": cfg.train.max_steps, "ema_decay": cfg.train.ema_decay,
+        "sampling": cfg.sample.model_dump(),  # the step's sampler settings: defaults for later sampling
+    }
+    del probe
+    if cfg.train.ema_decay ** cfg.train.max_steps > 0.01:
+        # The EMA starts from the initial weights and has no warm-up: they must have decayed away.
+        log.warning("dit: ema_decay %.4g over %d steps keeps %.0f%% of the initial weights in the exported "
+                    "EMA weights (used for sampling); lower train.ema_decay", cfg.train.ema_decay,
+                    cfg.train.max_steps, 100 * cfg.train.ema_decay ** cfg.train.max_steps)
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    task_args = dict(cfg=cfg, model_kwargs=model_kwargs, meta=meta, latents=latents, autoencoder=ae_manifest,
+                     fail_at_step=int(fail_at) if fail_at else None)
+    task = LatentDitTask(**task_args) if cfg.data == "latents" else PixelDitTask(**task_args, shard=shard)
+    ctx.tracker.log_dict(meta, DIT_META)
+
+    result = fit(task, cfg.train, ctx)
+    files = result.upload_to(ctx.output)
+
+    started = time.perf_counter()
+    dit, meta = load_dit(ctx.output)
+    labels = grid_labels(num_classes, cfg.grid_classes, cfg.grid_per_label)
+    images = generate(dit, meta, ae, ae_meta, labels, cfg.sample)
+    grid = class_grid(images, labels, cfg.grid_per_label)
+    ctx.output.write_bytes(SAMPLES, png_bytes(grid))
+    ctx.tracker.log_image(grid, SAMPLES)
+    sample_seconds = time.perf_counter() - started
+
+    final = result.metrics
+    images_per_s = float(final.get("images_per_s", float("nan")))
+    metrics = {
+        "loss": float(final.get("loss", float("nan"))), "mse": float(final.get("mse", float("nan"))),
+        "images_per_s": images_per_s, "model_flops_per_image": float(meta["flops_per_image"]),
+        # training ~ 3x the forward matmuls
+        "train_gflops_per_s": images_per_s * 3 * meta["flops_per_image"] / 1e9,
+        "steps": float(final.get("step", cfg.train.max_steps)), "grid_sample_seconds": sample_seconds,
+    }
+    if cfg.learn_sigma:
+        metrics["vlb"] = float(final.get("vlb", float("nan")))
+    ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("loss", "mse", "vlb", "images_per_s")},
+                            step=int(metrics["steps"]))
+    log.info("dit: %d steps, loss %.4f, %.0f images/s, grid of %d in %.1f s", metrics["steps"], metrics["loss"],
+             images_per_s, len(labels), sample_seconds)
+    info = {**meta, "checkpoint_uri": result.checkpoint_uri}
+    return StepOutput(files=files + [SAMPLES], metrics=metrics, info=info)

@@ -1,0 +1,199 @@
+"""``latentflow sample``: images from a finished workflow's DiT, written as PNG files.
+
+The workflow is found through its summary (``<root>/workflows/<id>/summary.json``); the DiT and
+autoencoder come from the manifests that summary names, so sampling sees exactly what the
+pipeline produced. Sampler settings: the DiT step's own (its ``dit.json`` meta if that carries
+``sampling``, else the ``sample`` section of its config), each overridden by a flag given here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from components.common.images import to_pil
+from components.common.step import MANIFEST_NAME, Manifest
+from components.common.storage import Storage, StorageError
+from components.dit.config import SamplingConfig
+from pipelines.runtime import summary_path
+
+GRID = "grid.png"
+GRID_MAX_COLUMNS = 32
+FINISHED = ("ran", "cached")
+AUTOENCODER_STEP = "autoencoder"
+
+
+class SampleError(ValueError):
+    """Sampling cannot start; the message names the workflow, step or file at fault."""
+
+
+class BadFlag(SampleError):
+    """A flag's value is invalid (unknown label, out-of-range sampler setting)."""
+
+
+# ---------------------------------------------------------------- finding the workflow
+
+
+def find_summary(workflow_id: str, storage: str | None = None, search_base: str | os.PathLike = ".") -> tuple[str, dict]:
+    """(URI of the summary, its content). ``storage``: the pipeline's storage root (local or
+    s3://); None searches ``./outputs/workflows/<id>`` and ``./outputs/*/workflows/<id>``."""
+    rel = summary_path(workflow_id)
+    if storage is not None:
+        root = Storage.from_uri(storage)
+        try:
+            text = root.read_text(rel)
+        except StorageError:
+            raise SampleError(f"workflow {workflow_id!r} not found: no {root.uri(rel)}") from None
+        return root.uri(rel), parse_summary(text, root.uri(rel))
+    base = Path(search_base)
+    patterns = [f"outputs/{rel}", f"outputs/*/{rel}"]
+    found = sorted({str(Path(p).absolute()) for pattern in patterns for p in glob.glob(str(base / pattern))})
+    searched = " and ".join(str(base / p) for p in patterns)
+    if not found:
+        raise SampleError(f"workflow {workflow_id!r} not found: searched {searched}; "
+                          f"pass --storage ROOT (the pipeline's storage.root)")
+    if len(found) > 1:
+        raise SampleError(f"workflow {workflow_id!r} is ambiguous: {len(found)} summaries match {searched}: "
+                          f"{', '.join(found)}; pass --storage ROOT to pick one")
+    return found[0], parse_summary(Path(found[0]).read_text(), found[0])
+
+
+def parse_summary(text: str, uri: str) -> dict:
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SampleError(f"{uri}: not valid JSON: {e}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("steps"), list):
+        raise SampleError(f"{uri}: not a workflow summary (no 'steps' list)")
+    return summary
+
+
+def step_manifest(summary: dict, step: str, summary_uri: str) -> Manifest:
+    """The manifest of a finished step of the workflow."""
+    workflow = summary.get("workflow_id", "?")
+    records = {s.get("name"): s for s in summary["steps"]}
+    if step not in records:
+        raise SampleError(f"workflow {workflow!r} has no step {step!r} (steps: {', '.join(map(str, records))}; "
+                          f"summary {summary_uri})")
+    record = records[step]
+    if record.get("status") not in FINISHED or not record.get("manifest_uri"):
+        raise SampleError(f"step {step!r} of workflow {workflow!r} did not finish (status "
+                          f"{record.get('status')!r}{': ' + record['error'] if record.get('error') else ''})")
+    uri = record["manifest_uri"]
+    directory, _, name = uri.rpartition("/")
+    try:
+        return Manifest.from_json(Storage.from_uri(directory).read_text(name or MANIFEST_NAME))
+    except StorageError as e:
+        raise SampleError(f"manifest of step {step!r} of workflow {workflow!r}: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise SampleError(f"manifest of step {step!r} ({uri}) is not a valid manifest: {e}") from None
+
+
+# ---------------------------------------------------------------- flags
+
+
+def parse_labels(text: str, classes: list[str]) -> list[int]:
+    """``"0,3"`` or ``"cat,dog"`` -> class indices. A class name wins over an index when both
+    could match (a class named "3" that is not class 3)."""
+    index = {name: i for i, name in enumerate(classes)}
+    labels = []
+    for raw in (part.strip() for part in text.split(",") if part.strip()):
+        if raw in index:
+            labels.append(index[raw])
+        elif raw.lstrip("-").isdigit() and 0 <= int(raw) < len(classes):
+            labels.append(int(raw))
+        else:
+            valid = ", ".join(f"{i}={name}" if name != str(i) else name for i, name in enumerate(classes))
+            raise BadFlag(f"unknown label {raw!r}: valid labels are indices 0..{len(classes) - 1} or class "
+                          f"names ({valid})")
+    if not labels:
+        raise BadFlag("--labels is empty: give class indices or names, e.g. --labels 0,1,2")
+    duplicated = sorted({classes[i] for i in labels if labels.count(i) > 1})
+    if duplicated:
+        raise BadFlag(f"--labels names class(es) {', '.join(duplicated)} more than once")
+    return labels
+
+
+def sampling_config(defaults: dict[str, Any] | None, **overrides: Any) -> SamplingConfig:
+    """The DiT's sampling defaults with every non-None override applied."""
+    values = {**(defaults or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return SamplingConfig(**values)
+    except ValidationError as e:
+        problems = "; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise BadFlag(f"invalid sampler settings: {problems}") from None
+
+
+def dit_sampling_defaults(dit_manifest: Manifest, dit_meta: dict[str, Any]) -> dict[str, Any] | None:
+    return dit_meta.get("sampling") or dit_manifest.config.get("sample")
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    files: list[Path]  # every PNG, label-major, then grid.png
+    labels: list[int]
+    classes: list[str]
+    sampling: SamplingConfig
+    summary_uri: str
+
+
+def write_images(images, labels: list[int], per_label: int, out: Path) -> list[Path]:
+    """``out/<label>/<index>.png`` for uint8 (N, C, H, W) images ordered label-major, and
+    ``out/grid.png`` (one row per label, its first ``GRID_MAX_COLUMNS`` images)."""
+    from components.dit.generate import class_grid
+
+    files = []
+    for row, label in enumerate(labels):
+        folder = out / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_label):
+            path = folder / f"{index}.png"
+            to_pil(images[row * per_label + index].permute(1, 2, 0).cpu().numpy()).save(path, format="PNG")
+            files.append(path)
+    every_label = [label for label in labels for _ in range(per_label)]
+    class_grid(images, every_label, min(per_label, GRID_MAX_COLUMNS)).save(out / GRID, format="PNG")
+    return files + [out / GRID]
+
+
+def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike, storage: str | None = None,
+           step: str = "dit", sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+           eta: float | None = None, seed: int | None = None, batch_size: int = 256, device: str = "cpu",
+           progress: bool = True, search_base: str | os.PathLike = ".") -> SampleResult:
+    """Generate ``per_label`` images for each label with the workflow's DiT and write them."""
+    import torch
+
+    from components.autoencoder.load import load_autoencoder
+    from components.dit.generate import generate
+    from components.dit.load import load_dit
+
+    if per_label < 1:
+        raise BadFlag(f"--per-label must be at least 1, got {per_label}")
+    summary_uri, summary = find_summary(workflow_id, storage, search_base)
+    dit_manifest = step_manifest(summary, step, summary_uri)
+    ae_manifest = step_manifest(summary, AUTOENCODER_STEP, summary_uri)
+    trained_on = dit_manifest.upstream.get(AUTOENCODER_STEP)
+    if trained_on is not None and trained_on != ae_manifest.digest:
+        raise SampleError(f"step {step!r} of workflow {summary.get('workflow_id')!r} was trained with another "
+                          f"autoencoder than the workflow's {AUTOENCODER_STEP!r} step ({ae_manifest.location})")
+    dit, dit_meta = load_dit(dit_manifest, device=device, ema=True)
+    ae, ae_meta = load_autoencoder(ae_manifest, device=device)
+    classes = [str(c) for c in (dit_meta.get("classes") or range(int(dit_meta["num_classes"])))]
+    label_ids = parse_labels(labels, classes)
+    sampling = sampling_config(dit_sampling_defaults(dit_manifest, dit_meta), sampler=sampler, steps=steps,
+                               guidance=guidance, eta=eta, seed=seed)
+    label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
+    images = generate(dit, dit_meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size, progress=progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_images(images, label_ids, per_label, out)
+    return SampleResult(out, files, label_ids, classes, sampling, summary_uri)
