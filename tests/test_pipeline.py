@@ -17,7 +17,13 @@ from components.common.storage import Storage
 
 SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
 # step -> artifacts its MLflow run must show besides its manifest and config
-EXPECTED_STEPS = {"shard": {"contact_sheet.png"}}
+EXPECTED_STEPS = {
+    "shard": {"contact_sheet.png"},
+    "autoencoder": {"reconstructions.png", "autoencoder.json"},
+    "latents": set(),
+    "dit": {"samples.png", "dit.json"},
+    "evaluate": {"eval_samples.png", "evaluation.json"},
+}
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
