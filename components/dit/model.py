@@ -4,7 +4,9 @@ Models with Transformers"). Plain nn.Module: no parallelism, no I/O.
 Speed notes (CPU and GPU alike; the token count of a latent DiT is small, so per-op overhead matters):
 - every block's six modulations come from one Linear on SiLU(c), and SiLU(c) is computed once per
   forward and shared by all blocks and the final layer;
-- modulation is a single fused ``torch.addcmul`` (shift + x * (1 + scale));
+- modulation and the gated residuals are single fused ``torch.addcmul`` calls;
+- patch tokens are made by one matmul on flattened patches, so the residual stream is contiguous
+  and LayerNorm never copies its input (a transposed conv output would make it copy, both passes);
 - attention is one fused qkv Linear plus ``scaled_dot_product_attention`` on strided views;
 - sinusoidal frequencies and the 2-D positional embedding are precomputed buffers.
 """
@@ -54,7 +56,7 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega  # (G*G, D/4)
         return torch.cat([angles.sin(), angles.cos()], dim=1)  # (G*G, D/2)
 
-    # Width first, then height: the order facebookresearch/DiT uses, so its checkpoints line up.
+    # Column coordinate first, then row: the channel order facebookresearch/DiT uses.
     return torch.cat([embed_1d(grid_w), embed_1d(grid_h)], dim=1).float()  # (G*G, D)
 
 
