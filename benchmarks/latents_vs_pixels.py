@@ -18,6 +18,7 @@ same) unless ``--autoencoder`` names an autoencoder step's output directory.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -33,6 +34,8 @@ from components.dit.train import LatentDitTask, PixelDitTask, resolve_model_kwar
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="DiT-Tiny/2", help="DiT preset (default DiT-Tiny/2)")
+    parser.add_argument("--model", default='{"hidden_size": 128, "num_heads": 4}',
+                        help="JSON overrides of the preset, as dit.model (default: the MNIST recipe's)")
     parser.add_argument("--ae-preset", default="ae-mnist", help="autoencoder preset (default ae-mnist)")
     parser.add_argument("--autoencoder", default=None, help="an autoencoder step's output directory (optional)")
     parser.add_argument("--image-size", type=int, default=32, help="image height = width (default 32)")
@@ -67,7 +70,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     ae, ae_meta = load_ae(args)
-    cfg = DitConfig(preset=args.preset, train={"batch_size": args.batch, "lr": 1e-4})
+    cfg = DitConfig(preset=args.preset, model=json.loads(args.model), train={"batch_size": args.batch, "lr": 1e-4})
     kwargs = resolve_model_kwargs(cfg, ae_meta["latent_shape"], args.num_classes)
 
     n = 4 * args.batch  # a small pool of images, cycled
@@ -111,7 +114,7 @@ def main() -> None:
                 step()
             rates[name].append(args.batch * args.steps / (time.perf_counter() - start))
 
-    print(f"dit={args.preset} ae={args.autoencoder or args.ae_preset} image={args.channels}x{args.image_size}x"
+    print(f"dit={args.preset} {args.model} ae={args.autoencoder or args.ae_preset} image={args.channels}x{args.image_size}x"
           f"{args.image_size} latent={'x'.join(map(str, ae_meta['latent_shape']))} batch={args.batch} "
           f"threads={args.threads} rounds={args.rounds}x{args.steps} steps")
     print(f"{'mode':<8} {'img/s median':>13} {'min':>8} {'max':>8}")

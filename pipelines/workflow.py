@@ -18,7 +18,6 @@ import logging
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -121,7 +120,10 @@ def execute_step(s: Step, key: str, inputs: dict[str, Manifest], ctx: StepContex
     """Body of the Ray task: run the stage, hash its outputs, write the manifest last."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = now_iso()
-    result = s.entry(s.config, inputs, ctx)
+    try:
+        result = s.entry(s.config, inputs, ctx)
+    finally:
+        ctx.remove_scratch()
     if not isinstance(result, StepOutput):
         raise TypeError(f"step {s.name!r} returned {type(result).__name__}, expected StepOutput")
     files = [FileRecord(path, ctx.output.sha256(path), ctx.output.size(path)) for path in sorted(result.files)]
@@ -288,6 +290,3 @@ def remote_for(s: Step):
         options["memory"] = int(res.memory_gb * 2**30)
     return ray.remote(execute_step).options(**options)
 
-
-def format_exception(e: BaseException) -> str:
-    return "".join(traceback.format_exception(type(e), e, e.__traceback__))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class StepContext:
     output: Storage  # this step's output directory (root/steps/<step>/<cache key>)
     resources: StepResources
     tracker: StepTracker
+    scratch_dirs: list[Path] = field(default_factory=list)  # removed by the runner when the step ends
 
     @property
     def checkpoint_uri(self) -> str:
@@ -133,5 +135,13 @@ class StepContext:
         return self.output.uri(CHECKPOINT_DIR)
 
     def scratch_dir(self) -> Path:
-        """A fresh local directory for staging files before they are written to ``output``."""
-        return Path(tempfile.mkdtemp(prefix=f"latentflow-{self.step}-"))
+        """A fresh local directory for staging files before they are written to ``output``; on the
+        machine that calls it (a Ray task of the step makes its own), removed when the step ends."""
+        path = Path(tempfile.mkdtemp(prefix=f"latentflow-{self.step}-"))
+        self.scratch_dirs.append(path)
+        return path
+
+    def remove_scratch(self) -> None:
+        for path in self.scratch_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self.scratch_dirs.clear()
