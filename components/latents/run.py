@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from components.autoencoder.load import AE_META
+from components.common.parallel import bounded_imap
 from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
@@ -96,34 +97,18 @@ def encode_shard(split: str, index: int, shard_location: str, rel: str, ae_manif
 
 
 def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
-    import ray
-
     shard, ae = inputs["shard"], inputs["autoencoder"]
     jobs = [(split, i, rel) for split in SPLITS for i, rel in enumerate(shard.info[f"{split}_shards"])]
     if not jobs:
         raise ValueError("latents: the shard step wrote no shards")
     total = int(shard.metrics.get("num_train", 0) + shard.metrics.get("num_val", 0)) or None
-    task = ray.remote(num_cpus=ctx.resources.cpus_per_worker, num_gpus=0)(encode_shard)
     results: list[dict[str, Any]] = []
-    pending: dict[Any, int] = {}
-    next_job = 0
-    try:
-        with closing(progress_bar(total, "latents: images encoded", unit="image")) as bar:
-            while next_job < len(jobs) or pending:
-                while next_job < len(jobs) and len(pending) < ctx.resources.num_workers:
-                    split, index, rel = jobs[next_job]
-                    ref = task.remote(split, index, shard.location, rel, ae, cfg, ctx.output)
-                    pending[ref] = next_job
-                    next_job += 1
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    del pending[ref]
-                    result = ray.get(ref)
-                    results.append(result)
-                    bar.update(result["count"])
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
+    with closing(progress_bar(total, "latents: images encoded", unit="image")) as bar:
+        for result in bounded_imap(encode_shard, ((split, index, shard.location, rel, ae, cfg, ctx.output)
+                                                  for split, index, rel in jobs),
+                                   ctx.resources.num_workers, ctx.resources.cpus_per_worker):
+            results.append(result)
+            bar.update(result["count"])
     results.sort(key=lambda r: (SPLITS.index(r["split"]), r["index"]))
 
     files = {split: [r["file"] for r in results if r["split"] == split] for split in SPLITS}

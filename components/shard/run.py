@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from components.common.parallel import bounded_imap
 from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
@@ -176,37 +177,19 @@ def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardC
 def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig, ctx: StepContext,
                total: int) -> list[dict[str, Any]]:
     """One Ray task per chunk, at most ``num_workers`` in flight; a progress bar of samples written."""
-    import ray
-
-    task = ray.remote(num_cpus=ctx.resources.cpus_per_worker, num_gpus=0)(shard_chunk)
     results: list[dict[str, Any]] = []
-    pending: dict[Any, int] = {}
-    next_chunk = written = skipped = 0
-    try:
-        with closing(progress_bar(total, "shard: samples written", unit="sample")) as bar:
-            while next_chunk < len(chunks) or pending:
-                while next_chunk < len(chunks) and len(pending) < ctx.resources.num_workers:
-                    ref = task.remote(next_chunk, chunks[next_chunk], source, cfg, ctx.output)
-                    pending[ref] = next_chunk
-                    next_chunk += 1
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    del pending[ref]
-                    result = ray.get(ref)
-                    if result["error"]:
-                        bad = result["error"]
-                        raise ShardError(f"bad input file {bad['file']}: {bad['reason']} "
-                                         f"(on_bad_sample: fail)")
-                    results.append(result)
-                    n = sum(sum(c.values()) for c in result["counts"].values())
-                    written += n
-                    skipped += len(result["skipped"])
-                    bar.update(n)
-                    if skipped:
-                        bar.set_description(f"shard: samples written ({skipped} skipped)")
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
+    skipped = 0
+    jobs = ((index, chunk, source, cfg, ctx.output) for index, chunk in enumerate(chunks))
+    with closing(progress_bar(total, "shard: samples written", unit="sample")) as bar:
+        for result in bounded_imap(shard_chunk, jobs, ctx.resources.num_workers, ctx.resources.cpus_per_worker):
+            if result["error"]:
+                bad = result["error"]
+                raise ShardError(f"bad input file {bad['file']}: {bad['reason']} (on_bad_sample: fail)")
+            results.append(result)
+            skipped += len(result["skipped"])
+            bar.update(sum(sum(c.values()) for c in result["counts"].values()))
+            if skipped:
+                bar.set_description(f"shard: samples written ({skipped} skipped)")
     return sorted(results, key=lambda r: r["chunk"])
 
 
