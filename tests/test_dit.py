@@ -130,7 +130,7 @@ def test_generate_is_deterministic_whatever_the_batch_size(sampling):
     images = generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=7)
     assert images.shape == (7, 1, 8, 8) and images.dtype == torch.uint8
     assert torch.equal(images, generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=7))
-    assert torch.equal(images, generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=3))
+    assert torch.equal(images, generate(dit, meta, ae, ae_meta, torch.tensor(labels), sampling, batch_size=3))
     # sample i does not depend on how many come after it
     assert torch.equal(images[:2], generate(dit, meta, ae, ae_meta, labels[:2], sampling))
     other_seed = generate(dit, meta, ae, ae_meta, labels, sampling.model_copy(update={"seed": 1}))

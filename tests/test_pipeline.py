@@ -9,6 +9,7 @@ import sys
 
 import boto3
 import pytest
+from PIL import Image
 
 from conftest import ARTIFACT_BUCKET, REPO
 from components.common.step import Manifest
@@ -61,7 +62,7 @@ def test_failing_step_exits_nonzero_naming_the_step(tmp_path):
 
 
 @pytest.mark.integration
-def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflow_server, s3_bucket):
+def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflow_server, s3_bucket, tmp_path):
     """The whole smoke pipeline as a user runs it: `latentflow run`, storage on S3 (moto server),
     tracking on a real mlflow server whose artifacts live in S3; then again, all from cache."""
     from mlflow.tracking import MlflowClient
@@ -100,6 +101,18 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     # the artifacts really live in the S3 bucket behind the server
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=ARTIFACT_BUCKET)["Contents"]]
     assert any(k.endswith(f"{shard_run.info.run_id}/artifacts/contact_sheet.png") for k in keys)
+
+    # `latentflow sample` reproduces images from the workflow id alone
+    out = tmp_path / "samples"
+    sample_args = ("sample", "--workflow-id", "wf-one", "--storage", root, "--labels", "3,7",
+                   "--per-label", "2", "--steps", "3", "--out")
+    sampled = cli(*sample_args, str(out), env=s3_env)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert pngs == ["3/0.png", "3/1.png", "7/0.png", "7/1.png", "grid.png"]
+    assert Image.open(out / "3" / "0.png").size == (32, 32) and Image.open(out / "3" / "0.png").mode == "L"
+    again = cli(*sample_args, str(tmp_path / "again"), env=s3_env)
+    assert again.returncode == 0 and (tmp_path / "again" / "7" / "1.png").read_bytes() == (out / "7" / "1.png").read_bytes()
 
     second = cli(*args, env=s3_env)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -85,7 +85,8 @@ def _denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: Noise
     return x
 
 
-def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict, labels: Sequence[int],
+def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict,
+             labels: Sequence[int] | torch.Tensor,
              sampling: SamplingConfig, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """Images of the given class labels: uint8 (N, C, H, W) on the CPU, in the order of ``labels``.
 
@@ -96,7 +97,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     from components.autoencoder.load import decode_scaled
     from components.common.progress import progress_bar
 
-    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    labels = (labels.detach().cpu().long().flatten() if isinstance(labels, torch.Tensor)
+              else torch.as_tensor(list(labels), dtype=torch.long))
     num_classes = int(dit_meta["num_classes"])
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}] (this DiT has {num_classes} classes), "
@@ -111,7 +113,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     clip_x0 = threshold_fn(sampling)
 
     modes = (dit.training, ae.training)
-    dit.eval(), ae.eval()  # train mode would drop labels (class dropout)
+    dit.eval()  # train mode would drop labels (class dropout)
+    ae.eval()
     bar = progress_bar(len(labels), desc="sample", unit="img") if progress else None
     chunks = []
     try:
@@ -125,7 +128,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
                 if bar is not None:
                     bar.update(len(y))
     finally:
-        dit.train(modes[0]), ae.train(modes[1])
+        dit.train(modes[0])
+        ae.train(modes[1])
         if bar is not None:
             bar.close()
     if not chunks:
