@@ -1,7 +1,8 @@
 """A DeepSpeed engine from a ``TrainConfig``: ZeRO stage, precision, clipping, accumulation, AdamW
 and the LR schedule. Model code stays free of all of it.
 
-DeepSpeed is given a torch ``AdamW`` (its fused CPU Adam is a JIT C++ build) and reuses the
+DeepSpeed is given a torch ``AdamW`` (its fused CPU Adam is a JIT C++ build; on GPUs torch's own
+fused CUDA kernel does the update, with nothing to compile) and reuses the
 process group Ray Train created (gloo on CPU, NCCL on GPUs). Its LR scheduler is a ``LambdaLR``
 that DeepSpeed steps at every accumulation boundary and saves in its checkpoints.
 """
@@ -61,8 +62,12 @@ def build_engine(model: "nn.Module", cfg: "TrainConfig", world_size: int):
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (~150 s on
         # a fresh machine) that only speeds up CPU inference collectives; gloo does ours.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        # DeepSpeed places the module on the engine's device; the fused optimizer needs it there first.
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=on_gpu)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, world_size), dist_init_required=False)

@@ -64,18 +64,22 @@ class RaySession:
 
 class LocalSession(RaySession):
     """One process, no Ray, checkpoints as numbered directories under ``checkpoint_dir``.
-    Creates a one-rank gloo process group if there is none."""
+    Creates a one-rank process group if there is none (NCCL with a GPU, gloo without)."""
 
     def __init__(self, checkpoint_dir: str | Path):
         import os
 
+        import torch
         import torch.distributed as dist
 
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)  # DeepSpeed insists on LOCAL_RANK
         if not dist.is_initialized():
             store = dist.FileStore(str(Path(tempfile.mkdtemp(prefix="latentflow-pg-")) / "store"), 1)
-            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+            if torch.cuda.is_available():
+                dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+            else:
+                dist.init_process_group("gloo", store=store, rank=0, world_size=1)
         self.rank, self.world_size = 0, 1
         self.root = Path(checkpoint_dir)
         self.reports: list[dict] = []

@@ -240,7 +240,8 @@ class DiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = self.patchify(x) + self.pos_embed  # (N, T, D)
+        # DeepSpeed casts parameters to bf16/fp16 but leaves buffers fp32: match the activations.
+        x = self.patchify(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, D)
         c = F.silu(c)  # (N, D), shared by every adaLN modulation
         for block in self.blocks:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks, in one short run on one CUDA device (needs torch with CUDA, DeepSpeed, pydantic,
+# and diffusers for the comparison; no Ray):
+#   1. the DiT step's real training loop (DeepSpeed engine, bf16, ZeRO-2, NCCL process group, fused
+#      AdamW, EMA, final checkpoint and export) on DiT-XL/2 at ImageNet-256 latent size: images/s, MFU;
+#   2. latentflow's DiT against diffusers' DiTTransformer2DModel at the same size under bf16 autocast.
+# Usage: bash benchmarks/gpu.sh [OUT_DIR]      (the log goes to OUT_DIR/gpu.log as well)
+set -uo pipefail
+out=${1:-.}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+{
+  nvidia-smi -L
+  $python -c 'import torch, deepspeed; print("torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__)'
+  for batch in 64 128; do
+    echo "== train loop: DiT-XL/2, 32x32x4 latents, batch $batch, bf16, ZeRO-2"
+    timeout 240 $python benchmarks/dit_train_loop.py --preset DiT-XL/2 --latent-size 32 --batch "$batch" \
+      --precision bf16 --zero-stage 2 --steps 60 --window 20 2>&1 | grep -v -E "^\s*train:|Warning|warn\("
+  done
+  echo "== latentflow vs diffusers: DiT-XL/2 size, batch 64, bf16 autocast"
+  timeout 180 $python benchmarks/dit_throughput.py --device cuda --dtype bf16 --batch 64 --depth 28 --hidden 1152 \
+    --heads 16 --latent-size 32 --learn-sigma --warmup 3 --steps 5 --rounds 4
+} 2>&1 | tee "$out/gpu.log"
