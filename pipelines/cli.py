@@ -133,7 +133,9 @@ def sample(
     storage: Optional[str] = typer.Option(
         None, "--storage", help="The pipeline's storage root (local path or s3://). "
                                 "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
-    step: str = typer.Option("dit", "--step", help="The workflow's DiT step to sample from."),
+    step: str = typer.Option(
+        "dit", "--step", help="dit: the DiT's images; cascade: the DiT's images through every super-resolution "
+                              "stage of the workflow (written at the final resolution)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim or ddpm. Default: the DiT step's setting."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting."),
     guidance: Optional[float] = typer.Option(
@@ -142,14 +144,28 @@ def sample(
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed; the same seed gives the same images. Default: the DiT step's setting."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass (does not change the images)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    sr_sampler: Optional[str] = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
+                                                                      "Default: each stage's setting."),
+    sr_steps: Optional[int] = typer.Option(None, "--sr-steps", help="cascade: denoising steps of every SR stage."),
+    sr_guidance: Optional[float] = typer.Option(None, "--sr-guidance",
+                                                help="cascade: guidance of class-conditional SR stages."),
+    sr_aug_level: Optional[float] = typer.Option(
+        None, "--sr-aug-level", help="cascade: conditioning augmentation level in [0, 1] (fraction of the stage's "
+                                     "schedule) at every hand-off."),
+    sr_handoff: Optional[str] = typer.Option(
+        None, "--sr-handoff", help="cascade: non_truncated (finish the stage below, then noise its output) or "
+                                   "truncated (stop the stage below at the level; SR-to-SR hand-offs only)."),
 ):
-    """Generate images with a finished workflow's DiT and autoencoder and write them as PNG files."""
+    """Generate images with a finished workflow's DiT and autoencoder (and, with --step cascade, its
+    super-resolution stages) and write them as PNG files."""
     from pipelines.sample import BadFlag, SampleError, sample as sample_images
 
     try:
         result = sample_images(workflow_id, labels, per_label, out, storage=storage, step=step, sampler=sampler,
                                steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
-                               device=device)
+                               device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
+                                                            "guidance": sr_guidance, "aug_level": sr_aug_level,
+                                                            "handoff": sr_handoff})
     except BadFlag as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2)

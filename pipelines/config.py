@@ -17,6 +17,9 @@ from components.dit.config import DitConfig
 from components.evaluate.config import EvaluateConfig
 from components.latents.config import LatentsConfig
 from components.shard.config import ShardConfig
+from components.superres.config import SuperResConfig
+
+SUPERRES_STEP = "superres_{}"  # the k-th stage's step name, k from 1
 
 
 class PipelineConfig(StrictModel):
@@ -29,6 +32,8 @@ class PipelineConfig(StrictModel):
     latents: LatentsConfig | None = None
     dit: DitConfig | None = None
     evaluate: EvaluateConfig | None = None
+    # the cascade's super-resolution stages, lowest first: steps superres_1, superres_2, ...
+    superres: list[SuperResConfig] | None = None
 
     @model_validator(mode="after")
     def _needed_sections_present(self):
@@ -39,7 +44,31 @@ class PipelineConfig(StrictModel):
             missing = [r for r in required if getattr(self, section) is not None and getattr(self, r) is None]
             if missing:
                 raise ValueError(f"section '{section}' needs section(s) {missing}")
+        self._check_cascade()
         return self
+
+    def _check_cascade(self) -> None:
+        """Stage k's input size is the size below it (for stage 1 the base resolution the autoencoder
+        and DiT work at: ``autoencoder.image_size``, else the shard images'); the first stage's
+        hand-off from the latent base is non-truncated."""
+        size = (self.autoencoder.image_size if self.autoencoder else None) or self.shard.image_size
+        for k, stage in enumerate(self.superres or [], start=1):
+            if stage.input_size != size:
+                raise ValueError(f"superres.{k - 1}.input_size is {stage.input_size}, but the stage below gives "
+                                 f"{size} px (for the first stage: autoencoder.image_size, else shard.image_size)")
+            if k == 1 and stage.sample.handoff == "truncated":
+                raise ValueError("superres.0.sample.handoff: truncated needs a pixel-space stage below; the base "
+                                 "DiT samples in latent space, so the first stage takes non_truncated")
+            if k > 1 and stage.sample.handoff == "truncated":
+                below = self.superres[k - 2]
+                if (below.schedule, below.num_timesteps) != (stage.schedule, stage.num_timesteps):
+                    raise ValueError(f"superres.{k - 1}.sample.handoff: truncated needs the stage below on the "
+                                     "same schedule and num_timesteps")
+            size = stage.output_size
+
+    @property
+    def superres_steps(self) -> list[str]:
+        return [SUPERRES_STEP.format(k) for k in range(1, len(self.superres or []) + 1)]
 
     @property
     def experiment_name(self) -> str:

@@ -1,8 +1,11 @@
 """The latent diffusion pipeline, read as a recipe: one line per step, naming its component and inputs.
 
-    shard ──► autoencoder ──► latents ──► dit ──► evaluate
-      └──► superres_1 ──► superres_2 …   (with the cascade issue)
+    shard ──► autoencoder ──► latents ──► dit ──────────► evaluate
+      ├──► superres_1 ───────────────────────────────────┤
+      └──► superres_2 …  (one step per ``superres`` entry) ┘
 
+Each super-resolution stage needs only the shards, so on a cluster the stages train in parallel
+with the autoencoder/DiT branch; they meet in evaluate, which scores the composed cascade.
 A preset includes the steps whose sections it has; inputs absent from a preset are dropped
 (e.g. ``dit.data: pixels`` trains without the latents step).
 """
@@ -14,6 +17,7 @@ from components.dit.train import run as train_dit
 from components.evaluate.run import run as evaluate
 from components.latents.run import run as encode_latents
 from components.shard.run import run as shard
+from components.superres.train import run as train_superres
 from pipelines.config import PipelineConfig
 from pipelines.workflow import Workflow, step
 
@@ -29,6 +33,16 @@ RECIPE = [
 
 def build_workflow(cfg: PipelineConfig) -> Workflow:
     present = {name for name, _, _ in RECIPE if getattr(cfg, name) is not None}
-    steps = [step(name, entry, getattr(cfg, name), tuple(i for i in inputs if i in present))
-             for name, entry, inputs in RECIPE if name in present]
+    stages = [step(name, train_superres, stage, ("shard",))
+              for name, stage in zip(cfg.superres_steps, cfg.superres or [])]
+    steps = []
+    for name, entry, inputs in RECIPE:
+        if name not in present:
+            continue
+        inputs = tuple(i for i in inputs if i in present)
+        if name == "evaluate":  # scores the composed cascade too
+            inputs += tuple(cfg.superres_steps)
+        steps.append(step(name, entry, getattr(cfg, name), inputs))
+        if name == "shard":
+            steps += stages
     return Workflow(cfg.name, steps)

@@ -1,4 +1,5 @@
-"""``latentflow sample``: images from a finished workflow's DiT, written as PNG files.
+"""``latentflow sample``: images from a finished workflow's DiT (or its whole cascade: DiT, then
+every super-resolution stage), written as PNG files.
 
 The workflow is found through its summary (``<root>/workflows/<id>/summary.json``); the DiT and
 autoencoder come from the manifests that summary names, so sampling sees exactly what the
@@ -165,11 +166,31 @@ def write_images(images, labels: list[int], per_label: int, out: Path) -> list[P
     return files + [out / GRID]
 
 
+def superres_stages(summary: dict, summary_uri: str, device: str, **overrides: Any) -> list:
+    """The workflow's super-resolution stages (``superres_1``, ``superres_2``, ...), lowest first,
+    each with its own sampler settings and every non-None override applied."""
+    from components.superres.load import load_superres
+
+    names = sorted((s.get("name") for s in summary["steps"] if str(s.get("name", "")).startswith("superres_")),
+                   key=lambda n: int(n.rsplit("_", 1)[1]))
+    if not names:
+        raise SampleError(f"workflow {summary.get('workflow_id')!r} has no super-resolution steps (superres_1, ...): "
+                          f"--step cascade needs a pipeline with a superres section ({summary_uri})")
+    try:
+        return [load_superres(step_manifest(summary, name, summary_uri), device=device, **overrides) for name in names]
+    except ValidationError as e:
+        problems = "; ".join(f"--sr-{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise BadFlag(f"invalid super-resolution sampler settings: {problems}") from None
+
+
 def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike, storage: str | None = None,
            step: str = "dit", sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
            eta: float | None = None, seed: int | None = None, batch_size: int = 256, device: str = "cpu",
-           progress: bool = True, search_base: str | os.PathLike = ".") -> SampleResult:
-    """Generate ``per_label`` images for each label with the workflow's DiT and write them."""
+           progress: bool = True, search_base: str | os.PathLike = ".",
+           sr_overrides: dict[str, Any] | None = None) -> SampleResult:
+    """Generate ``per_label`` images for each label with the workflow's DiT and write them.
+    ``step="cascade"``: the DiT's images go on through the workflow's super-resolution stages
+    (``sr_overrides``: sampler, steps, guidance, aug_level, handoff for every stage)."""
     import torch
 
     from components.autoencoder.load import load_autoencoder
@@ -179,6 +200,10 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     if per_label < 1:
         raise BadFlag(f"--per-label must be at least 1, got {per_label}")
     summary_uri, summary = find_summary(workflow_id, storage, search_base)
+    stages = None
+    if step == "cascade":
+        stages = superres_stages(summary, summary_uri, device, **(sr_overrides or {}))
+        step = "dit"
     dit_manifest = step_manifest(summary, step, summary_uri)
     ae_manifest = step_manifest(summary, AUTOENCODER_STEP, summary_uri)
     trained_on = dit_manifest.upstream.get(AUTOENCODER_STEP)
@@ -193,6 +218,13 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
                                guidance=guidance, eta=eta, seed=seed)
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
     images = generate(dit, dit_meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size, progress=progress)
+    if stages is not None:
+        from components.superres.sample import cascade
+
+        try:
+            images = cascade(images, stages, label_tensor, seed=sampling.seed, batch_size=batch_size)
+        except ValueError as e:  # a chain that does not fit (sizes, hand-offs)
+            raise BadFlag(f"cascade: {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = write_images(images, label_ids, per_label, out)

@@ -86,6 +86,11 @@ def test_malformed_override():
         parse_override("shard.image_size")
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"name": "x"}, ["name.sub=1"])
+    # list entries by index (the cascade's superres stages)
+    stages = {"superres": [{"train": {"max_steps": 1}}]}
+    assert apply_overrides(stages, ["superres.0.train.max_steps=7"])["superres"][0]["train"]["max_steps"] == 7
+    with pytest.raises(ConfigError, match="superres.1: the list has entries 0..0"):
+        apply_overrides(stages, ["superres.1.train.max_steps=7"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -170,7 +170,10 @@ def test_autoencoder_presets_downsample_factors():
     assert sum(p.numel() for p in f8.parameters()) == 83_653_863  # CompVis kl-f8, parameter for parameter
     with pytest.raises(ValueError, match="ae-tiny"):
         build_autoencoder("ae-huge")
-    assert set(AUTOENCODER_PRESETS) == {"ae-tiny", "ae-mnist", "ae-f8c4"}
+    with torch.device("meta"):
+        f2 = build_autoencoder("ae-f2c4")  # the 64 px cascade base: keeps a 32x32x4 latent grid
+    assert f2.downsample_factor == 2 and f2.latent_channels == 4
+    assert set(AUTOENCODER_PRESETS) == {"ae-tiny", "ae-mnist", "ae-f2c4", "ae-f8c4"}
 
 
 def test_autoencoder_attention_mid_block_runs():

@@ -19,10 +19,11 @@ SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
 # step -> artifacts its MLflow run must show besides its manifest and config
 EXPECTED_STEPS = {
     "shard": {"contact_sheet.png"},
+    "superres_1": {"superres_samples.png", "superres.json"},
     "autoencoder": {"reconstructions.png", "autoencoder.json"},
     "latents": set(),
     "dit": {"samples.png", "dit.json"},
-    "evaluate": {"eval_samples.png", "evaluation.json"},
+    "evaluate": {"eval_samples.png", "evaluation.json", "cascade_samples.png"},
 }
 
 
@@ -110,9 +111,22 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert pngs == ["3/0.png", "3/1.png", "7/0.png", "7/1.png", "grid.png"]
-    assert Image.open(out / "3" / "0.png").size == (32, 32) and Image.open(out / "3" / "0.png").mode == "L"
+    # the DiT samples at the base resolution, autoencoder.image_size: 16 px below the shards' 32
+    assert Image.open(out / "3" / "0.png").size == (16, 16) and Image.open(out / "3" / "0.png").mode == "L"
     again = cli(*sample_args, str(tmp_path / "again"), env=s3_env)
     assert again.returncode == 0 and (tmp_path / "again" / "7" / "1.png").read_bytes() == (out / "7" / "1.png").read_bytes()
+    # ... and through the cascade, at the super-resolution stage's 32 px
+    evaluation = runs[steps["evaluate"]["mlflow_run_id"]].data.metrics
+    assert 0 <= evaluation["cascade_sample_accuracy"] <= 1 and evaluation["cascade_frechet_distance"] >= 0
+    assert runs[steps["superres_1"]["mlflow_run_id"]].data.metrics["psnr"] > 5
+    cascade_out = tmp_path / "cascade"
+    stacked = cli(*sample_args[:-1], "--step", "cascade", "--sr-steps", "2", "--out", str(cascade_out), env=s3_env)
+    assert stacked.returncode == 0, stacked.stderr[-3000:]
+    assert Image.open(cascade_out / "7" / "1.png").size == (32, 32)
+    assert Image.open(cascade_out / "grid.png").size[1] > 2 * 32
+    bad = cli(*sample_args[:-1], "--step", "cascade", "--sr-handoff", "truncated", "--out", str(tmp_path / "x"),
+              env=s3_env)
+    assert bad.returncode == 2 and "latent space" in bad.stderr
 
     second = cli(*args, env=s3_env)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -12,6 +12,10 @@ from components.common.trainer import TrainConfig
 
 class AutoencoderConfig(StepConfig):
     preset: str = "ae-mnist"  # a key of AUTOENCODER_PRESETS
+    # The base resolution: the autoencoder, latents, DiT and evaluate work at this size (the shard
+    # images resized, bicubic, antialiased). None: the shard images' size. Below it, a cascade's
+    # super-resolution stages take the samples up to the shard size.
+    image_size: int | None = Field(None, ge=8)
     model: dict[str, Any] = Field(default_factory=dict)  # overrides of the preset's arguments
     regularizer: Literal["kl"] = "kl"
     kl_weight: float = Field(1e-6, ge=0)

@@ -107,8 +107,8 @@ class AutoencoderTask:
     """TrainTask of the step: holds configs and shard URIs; reads the shards inside the worker."""
 
     def __init__(self, cfg: AutoencoderConfig, model_kwargs: dict[str, Any], shard_location: str,
-                 train_shards: list[str], image_key: str):
-        self.cfg, self.model_kwargs = cfg, model_kwargs
+                 train_shards: list[str], image_key: str, image_size: int | None = None):
+        self.cfg, self.model_kwargs, self.image_size = cfg, model_kwargs, image_size
         self.shard_location, self.train_shards, self.image_key = shard_location, list(train_shards), image_key
         self._images: torch.Tensor | None = None
         self._lpips: nn.Module | None = None
@@ -122,7 +122,8 @@ class AutoencoderTask:
     def images(self) -> torch.Tensor:
         """All training images of the step, uint8 (N, C, H, W), read once per worker."""
         if self._images is None:
-            array, _, _ = read_image_shards(Storage.from_uri(self.shard_location), self.train_shards, self.image_key)
+            array, _, _ = read_image_shards(Storage.from_uri(self.shard_location), self.train_shards, self.image_key,
+                                            size=self.image_size)
             self._images = torch.from_numpy(array)
         return self._images
 
@@ -142,6 +143,10 @@ class AutoencoderTask:
     def loss(self, model, batch, step, generator):
         module = getattr(model, "module", model)  # the DeepSpeed engine's module
         images = batch["image"]
+        if self.image_size and images.shape[-1] != self.image_size:  # Ray Data streams shard-sized images
+            from components.common.resample import resize
+
+            images = resize(images, self.image_size).to(images.dtype)
         return autoencoder_losses(module, images, step, self.cfg, generator, self.perceptual(images.device))
 
     def export(self, model, ema_model, out_dir: Path) -> None:
@@ -175,9 +180,15 @@ def resolve_model_kwargs(cfg: AutoencoderConfig, info: dict[str, Any]) -> dict[s
                          f"shards hold {info['channels']}-channel ones; set autoencoder.model.in_channels: "
                          f"{info['channels']}")
     f = 2 ** (len(kwargs["channel_mult"]) - 1)
-    if info["image_size"] % f:
-        raise ValueError(f"image_size {info['image_size']} is not divisible by the autoencoder's factor f={f}")
+    size = base_size(cfg, info)
+    if size % f:
+        raise ValueError(f"image_size {size} is not divisible by the autoencoder's factor f={f}")
     return kwargs
+
+
+def base_size(cfg: AutoencoderConfig, info: dict[str, Any]) -> int:
+    """The size the autoencoder (and every step after it) works at."""
+    return int(cfg.image_size or info["image_size"])
 
 
 @torch.no_grad()
@@ -209,11 +220,12 @@ def reconstruction_grid(originals: np.ndarray, recons: torch.Tensor):
     return image_grid(tiles, nrow=2 * PAIRS_PER_ROW)
 
 
-def _training_sample(storage: Storage, shards: list[str], image_key: str, n: int, seed: int) -> np.ndarray:
+def _training_sample(storage: Storage, shards: list[str], image_key: str, n: int, seed: int,
+                     size: int) -> np.ndarray:
     """About ``n`` training images from shards taken in a seeded random order (shards written from
     a class-sorted folder hold few classes each, so the first shards alone would be biased)."""
     order = np.random.default_rng(seed).permutation(len(shards))
-    images, _, _ = read_image_shards(storage, [shards[i] for i in order], image_key, limit=n)
+    images, _, _ = read_image_shards(storage, [shards[i] for i in order], image_key, limit=n, size=size)
     return images
 
 
@@ -231,17 +243,18 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
                     "exported EMA weights; lower train.ema_decay", cfg.train.ema_decay, cfg.train.max_steps,
                     100 * cfg.train.ema_decay ** cfg.train.max_steps)
     model_kwargs = resolve_model_kwargs(cfg, info)
+    size = base_size(cfg, info)
     image_key, train_shards, val_shards = info["image_format"], info["train_shards"], info["val_shards"]
     if not train_shards or not val_shards:
         raise ValueError(f"autoencoder: the shard step wrote {len(train_shards)} train and {len(val_shards)} "
                          "val shards; both are needed (val_fraction > 0)")
 
     if cfg.data == "memory":
-        task, datasets = AutoencoderTask(cfg, model_kwargs, shard.location, train_shards, image_key), None
+        task, datasets = AutoencoderTask(cfg, model_kwargs, shard.location, train_shards, image_key, size), None
     else:
         from components.common.data import shard_dataset
 
-        task = AutoencoderStreamTask(cfg, model_kwargs, shard.location, train_shards, image_key)
+        task = AutoencoderStreamTask(cfg, model_kwargs, shard.location, train_shards, image_key, size)
         datasets = {"train": shard_dataset([shard.uri(r) for r in train_shards], image_key=image_key,
                                            shuffle_seed=cfg.train.seed)}
     started = time.perf_counter()
@@ -254,9 +267,10 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
     model.load_state_dict(load_file(str(result.export_dir / AE_WEIGHTS)))
     model.eval()
     storage = shard.storage()
-    scale_images = _training_sample(storage, train_shards, image_key, cfg.scale_estimate_samples, cfg.train.seed)
+    scale_images = _training_sample(storage, train_shards, image_key, cfg.scale_estimate_samples, cfg.train.seed,
+                                    size)
     scale_factor = estimate_scale_factor(model, scale_images, cfg.train.seed)
-    val_images, _, _ = read_image_shards(storage, val_shards, image_key, limit=cfg.val_samples)
+    val_images, _, _ = read_image_shards(storage, val_shards, image_key, limit=cfg.val_samples, size=size)
     quality, recons = reconstruction_metrics(model, val_images)
     if not math.isfinite(scale_factor) or scale_factor <= 0:
         raise ValueError(f"autoencoder: latent scale factor {scale_factor} is not a positive number")
@@ -265,8 +279,8 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
     meta = {
         "preset": cfg.preset, "model": model_kwargs, "downsample_factor": f,
         "latent_channels": model.latent_channels,
-        "latent_shape": [model.latent_channels, info["image_size"] // f, info["image_size"] // f],
-        "image_size": info["image_size"], "channels": info["channels"], "image_format": image_key,
+        "latent_shape": [model.latent_channels, size // f, size // f],
+        "image_size": size, "shard_image_size": int(info["image_size"]), "channels": info["channels"], "image_format": image_key,
         "scale_factor": scale_factor, "scale_from": "sample", "classes": info.get("classes"),
     }
     written = result.upload_to(ctx.output)

@@ -127,14 +127,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         keys, value = parse_override(text)
         node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(keys[: depth + 1])} is not a section")
-            node = child
-        node[keys[-1]] = value
+        for depth, key in enumerate(keys):
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):  # a list entry by index: superres.0.train.max_steps=100
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"--set {text!r}: {where}: the list has entries 0..{len(node) - 1}")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth])} is not a section")
+            if depth == len(keys) - 1:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
     return data
 
 

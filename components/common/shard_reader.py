@@ -84,10 +84,12 @@ def parse_label(value: bytes | None, key: str) -> int:
 
 
 def read_image_shards(storage: Storage, rels: Sequence[str], image_key: str = "png",
-                      label_key: str = "cls", limit: int | None = None
+                      label_key: str = "cls", limit: int | None = None, size: int | None = None
                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images uint8 (N, C, H, W), labels int64 (N,) with -1 for none, keys) of the shards, in
-    order; ``limit`` stops after that many samples (later shards are then not read)."""
+    order; ``limit`` stops after that many samples (later shards are then not read); ``size``
+    resizes the images to size x size (``components.common.resample``: a base resolution below the
+    shard images')."""
     images, labels, keys = [], [], []
     for sample in iter_shard_samples(storage, rels, (image_key, label_key)):
         key = sample["__key__"]
@@ -103,7 +105,12 @@ def read_image_shards(storage: Storage, rels: Sequence[str], image_key: str = "p
     shapes = {image.shape for image in images}
     if len(shapes) > 1:
         raise ShardDataError(f"images of different shapes: {sorted(shapes)}")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), keys
+    stacked = np.stack(images)
+    if size is not None:
+        from components.common.resample import resize_uint8
+
+        stacked = resize_uint8(stacked, size)
+    return stacked, np.asarray(labels, dtype=np.int64), keys
 
 
 def rank_batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int,

@@ -31,9 +31,11 @@ from components.diffusion import (
 from components.dit.config import SamplingConfig
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The random stream of sample ``index`` under ``seed`` (CPU; its draws are moved to the device)."""
-    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
+def sample_generator(seed: int, index: int, *stream: int) -> torch.Generator:
+    """The random stream of sample ``index`` under ``seed`` (CPU; its draws are moved to the device).
+    ``stream`` separates further streams of the same sample (a cascade's stages)."""
+    entropy = [seed, index, *stream]
+    state = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
     return torch.Generator().manual_seed(state)
 
 
@@ -59,25 +61,29 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def _denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
-             sampling: SamplingConfig, meta: dict, clip_x0, generators: list[torch.Generator]) -> torch.Tensor:
-    prediction, learned = meta["prediction"], bool(meta["learn_sigma"])
+def denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule, sampling,
+            meta: dict, clip_x0, generators: list[torch.Generator], stop_at: int | None = None) -> torch.Tensor:
+    """The reverse process from x at ``timesteps[0]`` to clean data, or to level ``stop_at`` (the
+    truncated hand-off of a cascade). ``sampling``: sampler and eta; ``meta``: prediction and
+    learn_sigma of the model."""
+    prediction, learned = meta["prediction"], bool(meta.get("learn_sigma", False))
     if sampling.sampler == "ddim" and sampling.eta == 0:  # deterministic: the library sampler as is
         return ddim_sample(model_fn, x, timesteps, schedule, prediction=prediction, learned_variance=learned,
-                           clip_x0=clip_x0)
+                           clip_x0=clip_x0, stop_at=stop_at)
     # Stochastic samplers: the same steps as ddim_sample / ddpm_sample, with each sample's noise
     # drawn from its own stream instead of one generator for the batch.
     steps = [int(t) for t in timesteps]
     shape, channels = x.shape[1:], x.shape[1]
     if sampling.sampler == "ddim":
-        for t, t_prev in zip(steps, steps[1:] + [-1]):
+        for t, t_prev in zip(steps, steps[1:] + [-1 if stop_at is None else stop_at]):
             out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))[:, :channels]
             x, _ = ddim_step(schedule, out, x, t, t_prev, eta=sampling.eta, noise=_draw(generators, shape, x.device),
                              prediction=prediction, clip_x0=clip_x0)
         return x
-    levels = steps[::-1]  # ascending, as ddpm_sample respaces them
+    levels = ([] if stop_at is None else [stop_at]) + steps[::-1]  # ascending, as ddpm_sample respaces them
     chain = schedule.respace(torch.tensor(levels))
-    for i in range(len(levels) - 1, -1, -1):
+    last = 0 if stop_at is None else 1
+    for i in range(len(levels) - 1, last - 1, -1):
         out = model_fn(x, torch.full((x.shape[0],), levels[i], dtype=torch.long, device=x.device))
         noise = _draw(generators, shape, x.device) if i > 0 else None
         x, _ = ddpm_step(chain, out, x, i, noise=noise, prediction=prediction, learned_variance=learned,
@@ -123,7 +129,7 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
                 y = labels[start:start + batch_size].to(device)
                 generators = [sample_generator(sampling.seed, start + i) for i in range(len(y))]
                 x = _draw(generators, shape, device)  # (B, c, h, w): x_T
-                z = _denoise(partial(guided, y=y), x, timesteps, schedule, sampling, dit_meta, clip_x0, generators)
+                z = denoise(partial(guided, y=y), x, timesteps, schedule, sampling, dit_meta, clip_x0, generators)
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())  # (B, C, H, W)
                 if bar is not None:
                     bar.update(len(y))

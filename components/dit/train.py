@@ -21,7 +21,6 @@ with the ``sample`` settings through ``components.dit.generate``).
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import time
@@ -119,14 +118,9 @@ class DitTask:
         return terms["loss"].mean(), extras
 
     def export(self, model, ema_model, out_dir: Path) -> None:
-        from safetensors.torch import save_file
+        from components.common.task_parts import export_weights
 
-        def weights(m):
-            return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
-
-        save_file(weights(ema_model), str(out_dir / DIT_WEIGHTS), metadata={"weights": "ema"})
-        save_file(weights(model), str(out_dir / DIT_RAW_WEIGHTS), metadata={"weights": "online"})
-        (out_dir / DIT_META).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        export_weights(model, ema_model, out_dir, DIT_WEIGHTS, DIT_RAW_WEIGHTS, DIT_META, self.meta)
 
 
 class LatentDitTask(DitTask):
@@ -160,23 +154,16 @@ class PixelDitTask(DitTask):
 
     def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._data is None:
-            from components.common.shard_reader import read_image_shards
+            from components.common.task_parts import train_split_in_memory
 
-            info = self.shard_manifest.info
-            images, labels, _ = read_image_shards(self.shard_manifest.storage(), info["train_shards"],
-                                                  info.get("image_format", "png"))
-            self._data = (torch.from_numpy(images), torch.from_numpy(labels))
+            self._data = train_split_in_memory(self.shard_manifest, size=int(self.meta["image_size"]))
         return self._data
 
     def batches(self, epoch: int, rank: int, world_size: int):
         from components.autoencoder.load import to_model_range
-        from components.common.shard_reader import rank_batch_indices
+        from components.common.task_parts import image_batches
 
-        images, labels = self.train_images()
-        train = self.cfg.train
-        for index in rank_batch_indices(len(images), train.batch_size, train.seed, epoch, rank, world_size):
-            index = torch.from_numpy(index)
-            yield {"image": to_model_range(images[index]), "label": labels[index]}
+        return image_batches(*self.train_images(), self.cfg.train, epoch, rank, world_size, to_model_range)
 
 
 def resolve_model_kwargs(cfg: DitConfig, latent_shape, num_classes: int) -> dict[str, Any]:

@@ -25,3 +25,7 @@ class EvaluateConfig(StepConfig):
     sample: SamplingConfig = Field(default_factory=SamplingConfig)
     batch_size: int = Field(250, ge=1)  # generation batch
     grid_per_class: int = Field(10, ge=1)  # columns of eval_samples.png (at most samples_per_class)
+    # With super-resolution stages: this many of each class's samples go through the cascade and are
+    # judged at the final size by a classifier trained like ``classifier`` (or ``cascade_classifier``).
+    cascade_samples_per_class: int = Field(20, ge=2)
+    cascade_classifier: ClassifierTrainConfig | None = None

@@ -10,6 +10,10 @@
    them when there are fewer), and the same validation images (``frechet_distance_real_baseline``).
    Both therefore compare equal counts against the same reference; the baseline is the floor a
    perfect generator would reach (slightly optimistic: the classifier has seen the training images).
+4. With super-resolution stages among the inputs: the first ``cascade_samples_per_class`` samples
+   of each class go on through the cascade and are scored the same way at the final size, by a
+   classifier trained on the real images resized as the last stage made its targets
+   (``cascade_*`` metrics, ``cascade_samples.png``; see ``components.evaluate.cascade``).
 
 Outputs: ``classifier.safetensors`` + ``classifier.json`` (reused later: see ``load_classifier``),
 ``eval_samples.png`` (``grid_per_class`` samples per class, one row per class) and
@@ -37,11 +41,12 @@ from components.common.storage import Storage
 from components.common.tracking import png_bytes
 from components.dit.config import SamplingConfig
 from components.dit.generate import class_grid
+from components.evaluate.cascade import CASCADE_GRID, score_cascade, stage_names
 from components.evaluate.classifier import EvalClassifier, build_classifier
 from components.evaluate.config import ClassifierTrainConfig, EvaluateConfig
 from components.evaluate.metrics import frechet_distance_of
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_META = "classifier.json"
 SAMPLES_GRID = "eval_samples.png"
@@ -61,17 +66,17 @@ class EvaluateError(ValueError):
 # ---------------------------------------------------------------- real images
 
 
-def read_split(shard: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_split(shard: Manifest, split: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every sample of one split (``train`` or ``val``) of a shard step, in shard order: uint8
-    images (N, C, H, W) and int64 labels (N,), -1 where a sample has none. Empty arrays when the
-    split has no shards."""
+    images (N, C, H, W) and int64 labels (N,), -1 where a sample has none, resized to ``size``
+    when given. Empty arrays when the split has no shards."""
     from components.common.shard_reader import read_image_shards
 
     rels = shard.info.get(f"{split}_shards") or []
     if not rels:
-        c, size = int(shard.info.get("channels", 1)), int(shard.info.get("image_size", 0))
+        c, size = int(shard.info.get("channels", 1)), int(size or shard.info.get("image_size", 0))
         return np.zeros((0, c, size, size), np.uint8), np.zeros((0,), np.int64)
-    images, labels, _ = read_image_shards(shard.storage(), rels, shard.info.get("image_format", "png"))
+    images, labels, _ = read_image_shards(shard.storage(), rels, shard.info.get("image_format", "png"), size=size)
     return images, labels
 
 
@@ -228,8 +233,10 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         raise EvaluateError(f"evaluate needs a labelled dataset, but the shard step's source "
                             f"{shard.info.get('source')!r} has no classes")
     num_classes = len(classes)
-    train_x, train_y = read_split(shard, "train")
-    val_x, val_y = read_split(shard, "val")
+    autoencoder = inputs.get("autoencoder")  # its image_size is the base resolution the DiT samples at
+    size = int((autoencoder.info.get("image_size") if autoencoder else None) or shard.info["image_size"])
+    train_x, train_y = read_split(shard, "train", size)
+    val_x, val_y = read_split(shard, "val", size)
     if len(val_x) < 2:
         raise EvaluateError(f"evaluate needs at least 2 validation images; the shard step wrote {len(val_x)} "
                             f"(raise shard.val_fraction)")
@@ -275,6 +282,16 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                   "counts": counts, "reference_split": "val", "baseline_split": "train",
                   "classifier": {k: v for k, v in meta.items() if k != "classes"}}
 
+    files += [SAMPLES_GRID, EVALUATION]
+    if stage_names(inputs):  # 4. the composed cascade, at the final resolution
+        real = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+        cascade_metrics, cascade_grid, evaluation["cascade"] = score_cascade(
+            cfg, inputs, images, labels, real, list(classes), device, log_metrics=ctx.tracker.log_metrics)
+        metrics.update(cascade_metrics)
+        ctx.output.write_bytes(CASCADE_GRID, png_bytes(cascade_grid))
+        ctx.tracker.log_image(cascade_grid, CASCADE_GRID)
+        files.append(CASCADE_GRID)
+
     grid = class_grid(images, labels.tolist(), min(cfg.grid_per_class, cfg.samples_per_class))
     ctx.output.write_bytes(SAMPLES_GRID, png_bytes(grid))
     ctx.output.write_text(EVALUATION, json.dumps(evaluation, indent=2, sort_keys=True))
@@ -283,6 +300,6 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     ctx.tracker.log_dict(evaluation, EVALUATION)
     log.info("evaluate: sample accuracy %.4f, FD %.3f (real baseline %.3f)", metrics["sample_accuracy"],
              metrics["frechet_distance"], metrics["frechet_distance_real_baseline"])
-    return StepOutput(files=files + [SAMPLES_GRID, EVALUATION], metrics=metrics,
+    return StepOutput(files=files, metrics=metrics,
                       info={"classes": list(classes), "counts": counts, "reference_split": "val",
                             "classifier": CLASSIFIER_WEIGHTS, "classifier_meta": CLASSIFIER_META})

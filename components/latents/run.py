@@ -61,7 +61,8 @@ def encode_shard(split: str, index: int, shard_location: str, rel: str, ae_manif
     from components.common.shard_reader import read_image_shards
 
     model, meta = load_autoencoder(ae_manifest)
-    images, labels, keys = read_image_shards(Storage.from_uri(shard_location), [rel], meta["image_format"])
+    images, labels, keys = read_image_shards(Storage.from_uri(shard_location), [rel], meta["image_format"],
+                                             size=int(meta["image_size"]))
     scale, dtype = meta["scale_factor"], np.dtype(cfg.dtype)
     chunks = []
     with torch.no_grad():

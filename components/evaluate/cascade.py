@@ -1,0 +1,84 @@
+"""The evaluate step's cascade scores: the composed sampler's images at the final resolution, judged
+like the DiT's own samples, by a classifier trained here on the real images brought to that size.
+
+The real images are resized with the last stage's ``filter``, exactly as that stage's training
+targets were made, so the classifier sees real and generated images of the same kind. The base
+images come from the DiT samples the step already drew: the first ``cascade_samples_per_class``
+of each class go through the super-resolution stages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from components.common.step import Manifest
+from components.dit.generate import class_grid
+from components.evaluate.config import EvaluateConfig
+from components.evaluate.metrics import frechet_distance_of
+
+CASCADE_GRID = "cascade_samples.png"
+
+log = logging.getLogger(__name__)
+
+
+def stage_names(inputs: dict[str, Manifest]) -> list[str]:
+    """The super-resolution steps among the inputs, lowest stage first."""
+    return sorted((k for k in inputs if k.startswith("superres_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
+def to_size(images: np.ndarray | torch.Tensor, size: int, filter: str) -> torch.Tensor:
+    """uint8 images resized the way the SR stages made their targets."""
+    from components.common.resample import resize_uint8
+
+    return resize_uint8(torch.as_tensor(images), size, filter)
+
+
+def first_per_class(labels: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
+    return torch.cat([torch.nonzero(labels == k).flatten()[:per_class] for k in range(num_classes)])
+
+
+def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images: torch.Tensor, labels: torch.Tensor,
+                  real: dict[str, np.ndarray], classes: list[str], device: str, log_metrics=None
+                  ) -> tuple[dict[str, float], object, dict]:
+    """(metrics prefixed ``cascade_``, grid image, details) for the cascade of the inputs' SR stages.
+    ``real``: train_x, train_y, val_x, val_y of the shard step (uint8 at the base size)."""
+    from components.evaluate.run import classify, train_classifier
+    from components.superres.load import load_superres
+    from components.superres.sample import cascade
+
+    names = stage_names(inputs)
+    stages = [load_superres(inputs[name], device=device) for name in names]
+    size, filter = int(stages[-1].meta["output_size"]), stages[-1].meta["filter"]
+    train_x, val_x = to_size(real["train_x"], size, filter), to_size(real["val_x"], size, filter)
+    classifier_cfg = cfg.cascade_classifier or cfg.classifier
+    classifier, stats = train_classifier(train_x, real["train_y"], len(classes), classifier_cfg, device,
+                                         log_metrics=log_metrics and (lambda m, s: log_metrics(
+                                             {f"cascade_{k}": v for k, v in m.items()}, s)))
+    val_logits, val_features = classify(classifier, val_x)
+    val_accuracy = float((val_logits.argmax(1) == real["val_y"]).mean())
+
+    chosen = first_per_class(labels, len(classes), cfg.cascade_samples_per_class)
+    chosen_labels = labels[chosen]
+    images = cascade(base_images[chosen], stages, chosen_labels, seed=cfg.sample.seed, batch_size=cfg.batch_size)
+    logits, features = classify(classifier, images)
+    correct = logits.argmax(1) == chosen_labels.numpy()
+    rng = np.random.default_rng(classifier_cfg.seed)
+    baseline = np.sort(rng.choice(len(train_x), size=min(len(images), len(train_x)), replace=False))
+    _, baseline_features = classify(classifier, train_x[torch.from_numpy(baseline)])
+    metrics = {
+        "cascade_classifier_val_accuracy": val_accuracy,
+        "cascade_sample_accuracy": float(correct.mean()),
+        "cascade_frechet_distance": frechet_distance_of(val_features, features),
+        "cascade_frechet_distance_real_baseline": frechet_distance_of(val_features, baseline_features),
+        "cascade_classifier_train_seconds": stats["classifier_train_seconds"],
+    }
+    grid = class_grid(images, chosen_labels.tolist(), min(cfg.grid_per_class, cfg.cascade_samples_per_class))
+    details = {"stages": names, "final_size": size, "generated": len(images),
+               "stage_sampling": {n: s.sampling.model_dump(mode="json") for n, s in zip(names, stages)}}
+    log.info("evaluate: cascade %s -> %d px, sample accuracy %.4f, FD %.3f (real baseline %.3f)", "+".join(names),
+             size, metrics["cascade_sample_accuracy"], metrics["cascade_frechet_distance"],
+             metrics["cascade_frechet_distance_real_baseline"])
+    return metrics, grid, details

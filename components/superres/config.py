@@ -1,0 +1,87 @@
+"""Config of one super-resolution stage (a ``superres`` list entry of the pipeline config)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from components.common.config import StepConfig, StrictModel
+from components.common.trainer import TrainConfig
+
+
+class NoiseAugmentationConfig(StrictModel):
+    enabled: bool = True
+    # training levels s ~ U{0 .. max_level * (T-1)} of the stage's schedule, one per example
+    max_level: float = Field(0.5, ge=0, le=1)
+
+
+class BlurAugmentationConfig(StrictModel):
+    enabled: bool = False
+    probability: float = Field(0.5, ge=0, le=1)  # of blurring an example
+    kernel_size: int = Field(3, ge=1)  # odd
+    sigma_min: float = Field(0.4, ge=0)
+    sigma_max: float = Field(0.6, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.sigma_max < self.sigma_min:
+            raise ValueError(f"sigma_max {self.sigma_max} < sigma_min {self.sigma_min}")
+        return self
+
+
+class AugmentationConfig(StrictModel):
+    noise: NoiseAugmentationConfig = Field(default_factory=NoiseAugmentationConfig)
+    blur: BlurAugmentationConfig = Field(default_factory=BlurAugmentationConfig)
+
+
+class SuperResSamplingConfig(StrictModel):
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(25, ge=1)
+    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    eta: float = Field(0.0, ge=0, le=1)
+    guidance: float = Field(0.0, ge=0)  # classifier-free, class-conditional stages only
+    thresholding: Literal["none", "static", "dynamic"] = "static"  # pixels live in [-1, 1]
+    dynamic_threshold_percentile: float = Field(0.995, gt=0, le=1)
+    # fixed augmentation level of the conditioning at sampling time, as a fraction of the schedule
+    # (never random); the non-truncated hand-off corrupts the lower stage's output to this level,
+    # the truncated one stops the lower stage there
+    aug_level: float = Field(0.1, ge=0, le=1)
+    handoff: Literal["non_truncated", "truncated"] = "non_truncated"
+    seed: int = 0
+
+
+class SuperResConfig(StepConfig):
+    input_size: int = Field(..., ge=4)  # low-resolution side, pixels
+    output_size: int = Field(..., ge=8)
+    preset: str = "sr-mnist"  # a key of SUPERRES_PRESETS
+    model: dict[str, Any] = Field(default_factory=dict)  # overrides of the preset's arguments
+    # how training pairs (downsample(x), x) are made from the shard images, both ways
+    filter: Literal["bicubic", "bilinear", "area"] = "bicubic"
+    schedule: Literal["linear", "cosine"] = "cosine"
+    num_timesteps: int = Field(1000, ge=2)
+    # v (Salimans & Ho 2022; Imagen's SR models): at low SNR an eps-model barely needs the
+    # conditioning to get its loss down, and its x0 estimate is ill-conditioned; a v-model must
+    # say what the image is, which the low-resolution input tells it
+    prediction: Literal["eps", "v"] = "v"
+    class_conditional: bool = False
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=32, lr=2e-4,
+                                                                   ema_decay=0.999))
+    sample: SuperResSamplingConfig = Field(default_factory=SuperResSamplingConfig)
+    # evaluation on validation images: PSNR/SSIM from the true low-res input and from a degraded one
+    eval_samples: int = Field(64, ge=1)
+    degrade_blur_sigma: float = Field(1.0, ge=0)
+    degrade_noise_std: float = Field(0.1, ge=0)  # in the [-1, 1] range
+    grid_samples: int = Field(8, ge=1)  # columns of the low | super-resolved | truth grid
+
+    @field_validator("output_size")
+    @classmethod
+    def _larger(cls, value, info):
+        low = info.data.get("input_size")
+        if low is not None and value <= low:
+            raise ValueError(f"output_size {value} must be larger than input_size {low}")
+        return value

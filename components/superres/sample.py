@@ -1,0 +1,138 @@
+"""Sampling a super-resolution stage, and the composed cascade: base -> SR 1 -> SR 2 ...
+
+The hand-off between two stages (Ho et al. 2021, sec. 3.2), chosen by the *receiving* stage's
+``sampling.handoff``:
+- ``non_truncated``: the lower stage runs to t = 0; its output z is corrupted with q(z_s | z) at the
+  receiving stage's fixed level s (``sampling.aug_level``) and s is given to the model;
+- ``truncated``: the lower stage's reverse process stops at step s and its x_s is passed on as is,
+  with s given to the model. The two stages must share their noise schedule (s is a level of both).
+  The base DiT works in latent space, where a partially denoised x_s is no image, so the first SR
+  stage always takes the non-truncated hand-off from it.
+
+Determinism: stage k draws sample i's noise from ``sample_generator(seed, i, k)``, so a seed fixes
+every image whatever the batch size, as for the DiT alone. The cascade starts from the base's
+finished images (``components.dit.generate.generate``), so it composes with any base sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from components.diffusion import NoiseSchedule, make_cfg_model_fn, spaced_timesteps
+from components.dit.generate import _draw, denoise, sample_generator, threshold_fn, to_uint8
+from components.superres.augment import max_level, sampling_conditioning
+from components.superres.config import SuperResSamplingConfig
+
+
+@dataclass
+class SrStage:
+    """A loaded stage: the model (EMA weights, eval mode), its meta and the sampler settings."""
+
+    model: torch.nn.Module
+    meta: dict
+    sampling: SuperResSamplingConfig
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_name(self.meta["schedule"], int(self.meta["num_timesteps"]))
+
+    def handoff_level(self) -> int:
+        return max_level(self.schedule, self.sampling.aug_level)
+
+
+def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.Generator],
+                  labels: torch.Tensor | None = None, cond_levels: torch.Tensor | None = None,
+                  stop_at: int | None = None) -> torch.Tensor:
+    """One stage's reverse process for a batch: float (N, C, out, out) in [-1, 1] (or x at level
+    ``stop_at``, unclamped, for a truncated hand-off to the next stage).
+
+    ``low_res``: the lower stage's output in [-1, 1]; corrupted here to the fixed level of
+    ``stage.sampling.aug_level`` with noise from ``generators``. With ``cond_levels`` it is already
+    the conditioning (a truncated hand-off's x_s at those levels) and is used as is."""
+    model, meta, sampling = stage.model, stage.meta, stage.sampling
+    schedule = stage.schedule
+    device = next(model.parameters()).device
+    low_res = low_res.to(device, torch.float32)
+    if cond_levels is None:
+        noise = _draw(generators, low_res.shape[1:], device)
+        cond, levels = sampling_conditioning(low_res, stage.handoff_level(), schedule, noise)
+    else:
+        cond, levels = low_res, cond_levels.to(device)
+    size, channels = int(meta["output_size"]), int(meta["channels"])
+    x = _draw(generators, (channels, size, size), device)
+    timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
+    if stop_at is not None:
+        timesteps = timesteps[timesteps > stop_at]
+
+    def conditional(x_t, t, y):
+        return model(x_t, t, cond, levels, y)
+
+    if int(meta.get("num_classes", 0)) and labels is not None:
+        guided = make_cfg_model_fn(conditional, int(meta["num_classes"]), sampling.guidance)
+        y = labels.to(device)
+        model_fn = lambda x_t, t: guided(x_t, t, y=y)  # noqa: E731
+    else:
+        model_fn = lambda x_t, t: conditional(x_t, t, None)  # noqa: E731
+    out = denoise(model_fn, x, timesteps, schedule, sampling, {"prediction": meta.get("prediction", "eps")},
+                  threshold_fn(sampling),
+                  generators, stop_at=stop_at)
+    return out if stop_at is not None else out.clamp(-1, 1)
+
+
+def check_chain(base_size: int, stages: Sequence[SrStage]) -> None:
+    """Each stage's input size is the output size of the one below; truncated hand-offs only
+    between SR stages that share a schedule."""
+    size = base_size
+    for k, stage in enumerate(stages, start=1):
+        if int(stage.meta["input_size"]) != size:
+            raise ValueError(f"super-resolution stage {k} takes {stage.meta['input_size']} px, but the stage below "
+                             f"gives {size} px")
+        if stage.sampling.handoff == "truncated":
+            if k == 1:
+                raise ValueError("stage 1: a truncated hand-off needs a pixel-space stage below; the base DiT "
+                                 "samples in latent space (use handoff: non_truncated for the first stage)")
+            below = stages[k - 2].meta
+            if (below["schedule"], below["num_timesteps"]) != (stage.meta["schedule"], stage.meta["num_timesteps"]):
+                raise ValueError(f"stage {k}: a truncated hand-off needs the stage below on the same noise schedule "
+                                 f"({below['schedule']}/{below['num_timesteps']} vs "
+                                 f"{stage.meta['schedule']}/{stage.meta['num_timesteps']})")
+        size = int(stage.meta["output_size"])
+
+
+def cascade(base_images: torch.Tensor, stages: Sequence[SrStage], labels: Sequence[int] | torch.Tensor,
+            seed: int, batch_size: int = 64, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) at the last stage's size from the base's finished uint8 images (the DiT's
+    samples of ``labels``), through each SR stage in turn, batch by batch. ``progress(n)`` is called
+    after each finished batch."""
+    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
+    if len(base_images) != len(labels) or len(labels) == 0:
+        raise ValueError(f"cascade needs one base image per label and at least one: {len(base_images)} images, "
+                         f"{len(labels)} labels")
+    check_chain(int(base_images.shape[-1]), stages)
+    chunks = []
+    modes = [stage.model.training for stage in stages]
+    for stage in stages:
+        stage.model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(labels), batch_size):
+                y = labels[start:start + batch_size]
+                x = base_images[start:start + batch_size].float().div(127.5).sub(1.0)  # in [-1, 1]
+                levels = None
+                for k, stage in enumerate(stages, start=1):
+                    generators = [sample_generator(seed, start + i, k) for i in range(len(y))]
+                    following = stages[k] if k < len(stages) else None
+                    truncated = following is not None and following.sampling.handoff == "truncated"
+                    stop_at = following.handoff_level() if truncated else None
+                    x = super_resolve(stage, x, generators, labels=y, cond_levels=levels, stop_at=stop_at)
+                    levels = None if stop_at is None else torch.full((len(y),), stop_at, dtype=torch.long)
+                chunks.append(to_uint8(x).cpu())
+                if progress is not None:
+                    progress(len(y))
+    finally:
+        for stage, mode in zip(stages, modes):
+            stage.model.train(mode)
+    return torch.cat(chunks)

@@ -1,0 +1,233 @@
+"""Super-resolution step: one stage of the cascade, trained on pairs made from the shard images.
+
+For every batch, x = resize(image, output_size) and z = resize(x, input_size) (``filter``), z is
+blurred and/or noise-augmented (``augmentation``, per example, levels given to the model), and the
+U-Net learns v (or eps: ``prediction``) for x_t given z, with the mean squared error on the
+stage's own noise schedule. Through the shared
+trainer (Ray Train + DeepSpeed, checkpoints, resume, EMA, MLflow).
+
+Afterwards, on ``eval_samples`` validation images: PSNR and SSIM of the super-resolved image against
+the ground truth, from the true low-resolution input and from a degraded one (blur + noise:
+``degrade_*``), with the plain upsampling (``filter``) as a reference; a low | SR | truth grid.
+
+When the shard images are smaller than ``output_size`` the targets are upsampled shard images, as
+for MNIST's 28 px digits at 64 px: the stage then learns the ``filter``'s upsampling, no more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from components.common.step import Manifest, StepContext, StepOutput
+from components.superres.config import SuperResConfig
+from components.superres.load import SR_META, SR_RAW_WEIGHTS, SR_WEIGHTS
+
+CODE_VERSION = "1"
+GRID = "superres_samples.png"
+
+log = logging.getLogger(__name__)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def training_pair(images: torch.Tensor, cfg: SuperResConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high-res target, low-res input), float in [-1, 1], from uint8 or float images."""
+    from components.common.resample import resize
+
+    x = to_float(images) if images.dtype == torch.uint8 else images.float()
+    high = resize(x, cfg.output_size, cfg.filter)
+    return high, resize(high, cfg.input_size, cfg.filter)
+
+
+class SuperResTask:
+    """What the trainer trains: model, loss, export; batches from the shard images in memory."""
+
+    def __init__(self, cfg: SuperResConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
+                 shard: Manifest | None = None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
+        self.shard_manifest, self.in_memory = shard, in_memory
+        self._schedule = self._data = None
+
+    def __getstate__(self):  # configs and manifests travel to the workers, not the images
+        return {**self.__dict__, "_schedule": None, "_data": None}
+
+    @property
+    def schedule(self):  # built in each worker, not pickled
+        from components.diffusion import NoiseSchedule
+
+        self._schedule = self._schedule or NoiseSchedule.from_name(self.cfg.schedule, self.cfg.num_timesteps)
+        return self._schedule
+
+    def build_model(self) -> torch.nn.Module:
+        from components.superres.model import EfficientUNet
+
+        return EfficientUNet(**self.model_kwargs)
+
+    def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._data is None:
+            from components.common.task_parts import train_split_in_memory
+
+            self._data = self.in_memory if self.in_memory is not None else train_split_in_memory(self.shard_manifest)
+        return self._data
+
+    def batches(self, epoch: int, rank: int, world_size: int):
+        from components.common.task_parts import image_batches
+
+        # uint8 images: the trainer casts only float tensors to the compute dtype
+        return image_batches(*self.train_images(), self.cfg.train, epoch, rank, world_size)
+
+    def loss(self, model, batch, step, generator):
+        from components.diffusion import training_losses
+        from components.superres.augment import training_conditioning
+
+        high, low = training_pair(batch["image"], self.cfg)
+        cond, levels = training_conditioning(low, self.schedule, self.cfg.augmentation, generator)
+        n, device = high.shape[0], high.device
+        t = torch.randint(0, self.cfg.num_timesteps, (n,), generator=generator, device=device)
+        noise = torch.randn(high.shape, generator=generator, device=device)
+        y = None
+        if self.cfg.class_conditional:
+            y = batch["label"].long().clamp(min=0)
+            drop = torch.rand(n, generator=generator, device=device) < self.cfg.class_dropout_prob
+            y = torch.where(drop, torch.full_like(y, int(self.meta["num_classes"])), y)
+        dtype = next(model.parameters()).dtype  # the compute dtype; the diffusion arithmetic stays fp32
+
+        def model_fn(x_t, tt):
+            return model(x_t.to(dtype), tt, cond.to(dtype), levels, y).float()
+
+        terms = training_losses(self.schedule, model_fn, high, t, noise, prediction=self.cfg.prediction)
+        return terms["loss"].mean(), {"mse": float(terms["mse"].detach().mean()),
+                                      "aug_level_mean": float(levels.float().mean())}
+
+    def export(self, model, ema_model, out_dir) -> None:
+        from components.common.task_parts import export_weights
+
+        export_weights(model, ema_model, out_dir, SR_WEIGHTS, SR_RAW_WEIGHTS, SR_META, self.meta)
+
+
+def resolve_model_kwargs(cfg: SuperResConfig, channels: int, num_classes: int) -> dict[str, Any]:
+    import inspect
+
+    from components.superres.model import SUPERRES_PRESETS, EfficientUNet
+
+    if cfg.preset not in SUPERRES_PRESETS:
+        raise ValueError(f"superres.preset: unknown preset {cfg.preset!r}; valid: {', '.join(SUPERRES_PRESETS)}")
+    fixed = {"in_channels": channels, "out_size": cfg.output_size, "num_classes": num_classes}
+    clash = {k: v for k, v in cfg.model.items() if k in fixed and v != fixed[k]}
+    if clash:
+        raise ValueError(f"superres.model sets {clash}, but the data and stage fix {fixed}")
+    kwargs = {**SUPERRES_PRESETS[cfg.preset], **cfg.model, **fixed}
+    try:
+        bound = inspect.signature(EfficientUNet).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"superres.model: {e}") from e
+    bound.apply_defaults()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
+
+
+def degrade(low: torch.Tensor, cfg: SuperResConfig, seed: int) -> torch.Tensor:
+    """The evaluation's degraded input: blurred, then Gaussian noise, fixed by ``seed``."""
+    from components.superres.augment import gaussian_blur
+
+    x = low
+    if cfg.degrade_blur_sigma > 0:
+        x = gaussian_blur(x, torch.full((len(x),), cfg.degrade_blur_sigma), 5)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    return (x + cfg.degrade_noise_std * noise).clamp(-1, 1)
+
+
+def evaluate_stage(stage, images: torch.Tensor, labels: torch.Tensor, cfg: SuperResConfig, seed: int = 0
+                   ) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR/SSIM on uint8 validation images; returns (metrics, uint8 grid rows low|SR|truth)."""
+    from components.dit.generate import sample_generator, to_uint8
+    from components.common.resample import resize
+    from components.superres.quality import psnr, ssim
+    from components.superres.sample import super_resolve
+
+    high, low = training_pair(images, cfg)
+    generators = [sample_generator(seed, i, 1) for i in range(len(high))]
+    sr = super_resolve(stage, low, generators, labels=labels)
+    generators = [sample_generator(seed, i, 2) for i in range(len(high))]
+    degraded = degrade(low, cfg, seed)
+    sr_degraded = super_resolve(stage, degraded, generators, labels=labels)
+    upsampled = resize(low, cfg.output_size, cfg.filter)
+    metrics = {
+        "psnr": float(psnr(sr, high).mean()), "ssim": float(ssim(sr, high).mean()),
+        "psnr_degraded_input": float(psnr(sr_degraded, high).mean()),
+        "ssim_degraded_input": float(ssim(sr_degraded, high).mean()),
+        f"psnr_{cfg.filter}_upsampling": float(psnr(upsampled, high).mean()),
+        f"ssim_{cfg.filter}_upsampling": float(ssim(upsampled, high).mean()),
+    }
+    nearest = torch.nn.functional.interpolate(low, size=high.shape[-2:], mode="nearest")
+    rows = torch.stack([to_uint8(nearest), to_uint8(sr), to_uint8(high)])  # (3, N, C, H, W)
+    return metrics, rows
+
+
+def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
+    from components.common.images import image_grid
+    from components.common.shard_reader import read_image_shards
+    from components.common.tracking import png_bytes
+    from components.common.trainer import fit
+    from components.superres.load import load_superres
+    from components.superres.model import EfficientUNet
+
+    shard = inputs["shard"]
+    info = shard.info
+    if not info.get("train_shards") or not info.get("val_shards"):
+        raise ValueError(f"{ctx.step}: the shard step wrote no train or no val shards; both are needed")
+    classes = info.get("classes")
+    if cfg.class_conditional and not classes:
+        raise ValueError(f"{ctx.step}: class_conditional needs a labelled dataset; the shard step has no classes")
+    num_classes = len(classes) if cfg.class_conditional else 0
+    channels, shard_size = int(info["channels"]), int(info["image_size"])
+    if shard_size < cfg.output_size:
+        log.warning("%s: the shard images are %d px, smaller than output_size %d: the targets are upsampled "
+                    "(%s), so this stage can learn no detail beyond that filter", ctx.step, shard_size,
+                    cfg.output_size, cfg.filter)
+    model_kwargs = resolve_model_kwargs(cfg, channels, num_classes)
+    probe = EfficientUNet(**model_kwargs)
+    meta = {
+        "preset": cfg.preset, "model": model_kwargs, "input_size": cfg.input_size, "output_size": cfg.output_size,
+        "channels": channels, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps, "filter": cfg.filter,
+        "num_classes": num_classes, "classes": classes, "prediction": cfg.prediction,
+        "sampling": cfg.sample.model_dump(mode="json"), "augmentation": cfg.augmentation.model_dump(mode="json"),
+        "parameters": sum(p.numel() for p in probe.parameters()), "max_steps": cfg.train.max_steps,
+    }
+    del probe
+    task = SuperResTask(cfg, model_kwargs, meta, shard=shard)
+    ctx.tracker.log_dict(meta, SR_META)
+    started = time.perf_counter()
+    result = fit(task, cfg.train, ctx, name=ctx.step)
+    train_wall_s = time.perf_counter() - started
+    files = result.upload_to(ctx.output)
+
+    started = time.perf_counter()
+    stage = load_superres(ctx.output)
+    val_images, val_labels, _ = read_image_shards(shard.storage(), info["val_shards"], info.get("image_format", "png"),
+                                                  limit=cfg.eval_samples)
+    labels = torch.from_numpy(val_labels).long().clamp(min=0) if num_classes else None
+    quality, rows = evaluate_stage(stage, torch.from_numpy(val_images), labels, cfg)
+    columns = min(cfg.grid_samples, rows.shape[1])
+    cells = [rows[r, i].permute(1, 2, 0).numpy() for r in range(3) for i in range(columns)]
+    grid = image_grid(cells, nrow=columns)
+    ctx.output.write_bytes(GRID, png_bytes(grid))
+    ctx.tracker.log_image(grid, GRID)
+
+    final = result.metrics
+    metrics = {**quality, "loss": float(final.get("loss", float("nan"))),
+               "images_per_s": float(final.get("images_per_s", float("nan"))), "train_wall_s": train_wall_s,
+               "eval_seconds": time.perf_counter() - started, "steps": float(final.get("step", cfg.train.max_steps))}
+    ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("loss", "images_per_s")},
+                            step=int(metrics["steps"]))
+    log.info("%s: %d->%d px, %d steps, PSNR %.2f dB (degraded input %.2f, %s %.2f), SSIM %.3f", ctx.step,
+             cfg.input_size, cfg.output_size, metrics["steps"], quality["psnr"], quality["psnr_degraded_input"],
+             cfg.filter, quality[f"psnr_{cfg.filter}_upsampling"], quality["ssim"])
+    return StepOutput(files=files + [GRID], metrics=metrics,
+                      info={**meta, "checkpoint_uri": result.checkpoint_uri, "eval_count": int(len(val_images))})
