@@ -3,7 +3,8 @@
 # and diffusers for the comparison; no Ray):
 #   1. the DiT step's real training loop (DeepSpeed engine, bf16, ZeRO-2, NCCL process group, fused
 #      AdamW, EMA, final checkpoint and export) on DiT-XL/2 at ImageNet-256 latent size: images/s, MFU;
-#   2. latentflow's DiT against diffusers' DiTTransformer2DModel at the same size under bf16 autocast.
+#   2. latentflow's DiT against diffusers' DiTTransformer2DModel at the same size under bf16 autocast;
+#   3. imagenet256.yaml's cascade sampled on the GPU: DiT-XL/2 base at 64 px, SR 64 -> 128 -> 256.
 # Usage: bash benchmarks/gpu.sh [OUT_DIR]      (the log goes to OUT_DIR/gpu.log as well)
 set -uo pipefail
 out=${1:-.}
@@ -21,4 +22,6 @@ python=${PYTHON:-python3}
   echo "== latentflow vs diffusers: DiT-XL/2 size, batch 64, bf16 autocast"
   timeout 180 $python benchmarks/dit_throughput.py --device cuda --dtype bf16 --batch 64 --depth 28 --hidden 1152 \
     --heads 16 --latent-size 32 --learn-sigma --warmup 3 --steps 5 --rounds 4
+  echo "== cascade sampling: imagenet256 shapes, 16 images, bf16 autocast"
+  timeout 240 $python benchmarks/cascade_sampling.py --preset imagenet --device cuda --dtype bf16 --images 16
 } 2>&1 | tee "$out/gpu.log"

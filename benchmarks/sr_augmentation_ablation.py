@@ -37,6 +37,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default=str(REPO / "configs/pipeline/mnist.yaml"),
                         help="pipeline config whose first superres stage is trained (default: mnist.yaml)")
     parser.add_argument("--per-class", type=int, default=20, help="base samples per class (default 20)")
+    parser.add_argument("--sample-levels", default="",
+                        help="also score the augmented stage at these sampling aug levels, e.g. 0,0.05 (CDM's sweep)")
+    parser.add_argument("--max-level", type=float, default=None,
+                        help="training max_level of the augmented stage (default: the config's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of both (default: the config's)")
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args()
 
@@ -67,13 +72,18 @@ def main() -> None:
     from components.evaluate.cascade import to_size
     from components.evaluate.metrics import frechet_distance_of
     from components.evaluate.run import classify, read_split, train_classifier
-    from components.superres.sample import cascade
+    from components.superres.sample import SrStage, cascade
     from components.superres.train import evaluate_stage
     from pipelines.config import load_pipeline_config
     from pipelines.sample import find_summary, step_manifest
 
     pipeline = load_pipeline_config(args.config)
     base_cfg = pipeline.superres[0]
+    if args.max_level is not None:
+        base_cfg = base_cfg.model_copy(update={"augmentation": base_cfg.augmentation.model_copy(update={
+            "noise": base_cfg.augmentation.noise.model_copy(update={"max_level": args.max_level})})})
+    if args.steps is not None:
+        base_cfg = base_cfg.model_copy(update={"train": base_cfg.train.model_copy(update={"max_steps": args.steps})})
     uri, summary = find_summary(args.workflow_id, args.storage)
     shard = step_manifest(summary, "shard", uri)
     train_x, train_y = read_split(shard, "train")
@@ -108,19 +118,27 @@ def main() -> None:
     classifier, _ = train_classifier(real_train, train_y, num_classes, classifier_cfg)
     val_logits, val_features = classify(classifier, real_val)
     print(f"judge: classifier at {size} px, val accuracy {(val_logits.argmax(1) == val_y).mean():.4f}")
+    print(f"augmented: noise levels up to {base_cfg.augmentation.noise.max_level:g} of the schedule while training, "
+          f"{base_cfg.sample.aug_level:g} at sampling; {base_cfg.train.max_steps} steps each")
 
+    runs = [(name, stage, variants[name]) for name, stage in stages.items()]
+    for level in (float(v) for v in args.sample_levels.split(",") if v.strip()):
+        swept = SrStage(stages["augmented"].model, stages["augmented"].meta,
+                        stages["augmented"].sampling.model_copy(update={"aug_level": level}))
+        runs.append((f"augmented, s={level:g}", swept, variants["augmented"]))
+        train_seconds[f"augmented, s={level:g}"] = train_seconds["augmented"]
     rows = {}
-    for name, stage in stages.items():
+    for name, stage, cfg in runs:
         images = cascade(base, [stage], labels, seed=0)
         logits, features = classify(classifier, images)
-        quality, _ = evaluate_stage(stage, torch.from_numpy(val_x[:64]), None, variants[name])
+        quality, _ = evaluate_stage(stage, torch.from_numpy(val_x[:64]), None, cfg)
         rows[name] = {"accuracy": float((logits.argmax(1) == labels.numpy()).mean()),
                       "fd": frechet_distance_of(val_features, features), **quality}
-    header = f"{'stage':<18}{'train s':>8}{'acc (base in)':>15}{'FD (base in)':>14}{'PSNR real':>11}" \
+    header = f"{'stage':<22}{'train s':>8}{'acc (base in)':>15}{'FD (base in)':>14}{'PSNR real':>11}" \
              f"{'PSNR degraded':>15}{'SSIM real':>11}"
     print(header)
     for name, row in rows.items():
-        print(f"{name:<18}{train_seconds[name]:>8.0f}{row['accuracy']:>15.4f}{row['fd']:>14.3f}{row['psnr']:>11.2f}"
+        print(f"{name:<22}{train_seconds[name]:>8.0f}{row['accuracy']:>15.4f}{row['fd']:>14.3f}{row['psnr']:>11.2f}"
               f"{row['psnr_degraded_input']:>15.2f}{row['ssim']:>11.3f}")
     a, b = rows["augmented"], rows["no augmentation"]
     print(f"on base-model inputs: FD {a['fd']:.3f} (augmented) vs {b['fd']:.3f} (not); accuracy "
