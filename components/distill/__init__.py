@@ -1,0 +1,1 @@
+"""Distillation into fast samplers (issue 5): progressive distillation and consistency models."""
