@@ -134,10 +134,13 @@ def sample(
         None, "--storage", help="The pipeline's storage root (local path or s3://). "
                                 "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
     step: str = typer.Option(
-        "dit", "--step", help="dit: the DiT's images; cascade: the DiT's images through every super-resolution "
-                              "stage of the workflow (written at the final resolution)."),
+        "dit", "--step", help="dit: the DiT's images; distill: the distilled student's, with its native steps "
+                              "(guidance is folded into it); cascade: the base images through every "
+                              "super-resolution stage of the workflow (written at the final resolution)."),
+    base: str = typer.Option("dit", "--base", help="cascade: the base sampler, dit or distill (the student)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim or ddpm. Default: the DiT step's setting."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting "
+                                                              "(distill: the student's native steps)."),
     guidance: Optional[float] = typer.Option(
         None, "--guidance", help="Classifier-free guidance weight w (0: none). Default: the DiT step's setting."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta in [0, 1] (0: deterministic). Default: the DiT step's setting."),
@@ -161,7 +164,7 @@ def sample(
     from pipelines.sample import BadFlag, SampleError, sample as sample_images
 
     try:
-        result = sample_images(workflow_id, labels, per_label, out, storage=storage, step=step, sampler=sampler,
+        result = sample_images(workflow_id, labels, per_label, out, storage=storage, step=step, base=base, sampler=sampler,
                                steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
                                device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
                                                             "guidance": sr_guidance, "aug_level": sr_aug_level,

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from components.autoencoder.config import AutoencoderConfig
 from components.common.config import RayConfig, StorageConfig, StrictModel, TrackingConfig, load_config
+from components.distill.config import DistillConfig
 from components.dit.config import DitConfig
 from components.evaluate.config import EvaluateConfig
 from components.latents.config import LatentsConfig
@@ -31,13 +32,15 @@ class PipelineConfig(StrictModel):
     autoencoder: AutoencoderConfig | None = None
     latents: LatentsConfig | None = None
     dit: DitConfig | None = None
+    distill: DistillConfig | None = None  # needs the latents step (the student trains on its latents)
     evaluate: EvaluateConfig | None = None
     # the cascade's super-resolution stages, lowest first: steps superres_1, superres_2, ...
     superres: list[SuperResConfig] | None = None
 
     @model_validator(mode="after")
     def _needed_sections_present(self):
-        needs = {"latents": ["autoencoder"], "dit": ["autoencoder"], "evaluate": ["autoencoder", "dit"]}
+        needs = {"latents": ["autoencoder"], "dit": ["autoencoder"], "evaluate": ["autoencoder", "dit"],
+                 "distill": ["autoencoder", "latents", "dit"]}
         if self.dit is not None and self.dit.data == "latents":
             needs["dit"].append("latents")
         for section, required in needs.items():

@@ -1,6 +1,6 @@
 """The latent diffusion pipeline, read as a recipe: one line per step, naming its component and inputs.
 
-    shard ──► autoencoder ──► latents ──► dit ──────────► evaluate
+    shard ──► autoencoder ──► latents ──► dit ──► distill ──► evaluate
       ├──► superres_1 ───────────────────────────────────┤
       └──► superres_2 …  (one step per ``superres`` entry) ┘
 
@@ -13,6 +13,7 @@ A preset includes the steps whose sections it has; inputs absent from a preset a
 from __future__ import annotations
 
 from components.autoencoder.train import run as train_autoencoder
+from components.distill.train import run as distill
 from components.dit.train import run as train_dit
 from components.evaluate.run import run as evaluate
 from components.latents.run import run as encode_latents
@@ -27,7 +28,8 @@ RECIPE = [
     ("autoencoder", train_autoencoder,   ("shard",)),
     ("latents",     encode_latents,      ("shard", "autoencoder")),
     ("dit",         train_dit,           ("shard", "autoencoder", "latents")),
-    ("evaluate",    evaluate,            ("shard", "autoencoder", "dit")),
+    ("distill",     distill,             ("autoencoder", "latents", "dit")),
+    ("evaluate",    evaluate,            ("shard", "autoencoder", "dit", "distill")),
 ]
 
 

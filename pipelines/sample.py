@@ -184,13 +184,15 @@ def superres_stages(summary: dict, summary_uri: str, device: str, **overrides: A
 
 
 def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike, storage: str | None = None,
-           step: str = "dit", sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+           step: str = "dit", base: str = "dit", sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
            eta: float | None = None, seed: int | None = None, batch_size: int = 256, device: str = "cpu",
            progress: bool = True, search_base: str | os.PathLike = ".",
            sr_overrides: dict[str, Any] | None = None) -> SampleResult:
     """Generate ``per_label`` images for each label with the workflow's DiT and write them.
-    ``step="cascade"``: the DiT's images go on through the workflow's super-resolution stages
-    (``sr_overrides``: sampler, steps, guidance, aug_level, handoff for every stage)."""
+    ``step="distill"``: the distilled student instead, at its native steps (or ``steps`` where it
+    supports them). ``step="cascade"``: the ``base`` sampler's images (dit or distill) go on
+    through the workflow's super-resolution stages (``sr_overrides``: sampler, steps, guidance,
+    aug_level, handoff for every stage)."""
     import torch
 
     from components.autoencoder.load import load_autoencoder
@@ -199,11 +201,17 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
 
     if per_label < 1:
         raise BadFlag(f"--per-label must be at least 1, got {per_label}")
+    if base not in ("dit", "distill"):
+        raise BadFlag(f"--base must be dit or distill, got {base!r}")
     summary_uri, summary = find_summary(workflow_id, storage, search_base)
     stages = None
     if step == "cascade":
         stages = superres_stages(summary, summary_uri, device, **(sr_overrides or {}))
-        step = "dit"
+        step = base
+    if step == "distill":
+        return sample_student(summary, summary_uri, labels, per_label, out, stages, steps=steps, seed=seed,
+                              batch_size=batch_size, device=device, unused={"--sampler": sampler,
+                                                                            "--guidance": guidance, "--eta": eta})
     dit_manifest = step_manifest(summary, step, summary_uri)
     ae_manifest = step_manifest(summary, AUTOENCODER_STEP, summary_uri)
     trained_on = dit_manifest.upstream.get(AUTOENCODER_STEP)
@@ -218,14 +226,54 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
                                guidance=guidance, eta=eta, seed=seed)
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
     images = generate(dit, dit_meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size, progress=progress)
-    if stages is not None:
-        from components.superres.sample import cascade
+    images = through_cascade(images, stages, label_tensor, sampling.seed, batch_size)
+    return finish(images, label_ids, per_label, out, classes, sampling, summary_uri)
 
-        try:
-            images = cascade(images, stages, label_tensor, seed=sampling.seed, batch_size=batch_size)
-        except ValueError as e:  # a chain that does not fit (sizes, hand-offs)
-            raise BadFlag(f"cascade: {e}") from None
+
+def through_cascade(images, stages: list | None, labels, seed: int, batch_size: int):
+    if stages is None:
+        return images
+    from components.superres.sample import cascade
+
+    try:
+        return cascade(images, stages, labels, seed=seed, batch_size=batch_size)
+    except ValueError as e:  # a chain that does not fit (sizes, hand-offs)
+        raise BadFlag(f"cascade: {e}") from None
+
+
+def finish(images, label_ids: list[int], per_label: int, out, classes: list[str], sampling: SamplingConfig,
+           summary_uri: str) -> SampleResult:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = write_images(images, label_ids, per_label, out)
     return SampleResult(out, files, label_ids, classes, sampling, summary_uri)
+
+
+def sample_student(summary: dict, summary_uri: str, labels: str, per_label: int, out, stages: list | None,
+                   steps: int | None, seed: int | None, batch_size: int, device: str,
+                   unused: dict[str, Any]) -> SampleResult:
+    """``sample`` with the workflow's distilled student (then the cascade when ``stages``)."""
+    import torch
+
+    from components.autoencoder.load import load_autoencoder
+    from components.distill.sample import generate_student, load_student, supported_steps
+
+    given = [flag for flag, value in unused.items() if value is not None]
+    if given:
+        raise BadFlag(f"{', '.join(given)} do not apply to a distilled student: it samples deterministically with "
+                      "the guidance it was distilled at folded in")
+    manifest = step_manifest(summary, "distill", summary_uri)
+    ae_manifest = step_manifest(summary, AUTOENCODER_STEP, summary_uri)
+    student, meta = load_student(manifest, device=device)
+    steps = int(meta["native_steps"]) if steps is None else steps
+    if steps not in supported_steps(meta):
+        raise BadFlag(f"--steps {steps}: this {meta['method']} student samples with {supported_steps(meta)} steps")
+    ae, ae_meta = load_autoencoder(ae_manifest, device=device)
+    classes = [str(c) for c in (meta.get("classes") or range(int(meta["num_classes"])))]
+    label_ids = parse_labels(labels, classes)
+    seed = 0 if seed is None else seed
+    label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
+    images = generate_student(student, meta, ae, ae_meta, label_tensor, steps=steps, seed=seed, batch_size=batch_size)
+    images = through_cascade(images, stages, label_tensor, seed, batch_size)
+    sampling = SamplingConfig(sampler="ddim", steps=steps, guidance=0.0, eta=0.0, seed=seed)
+    return finish(images, label_ids, per_label, out, classes, sampling, summary_uri)

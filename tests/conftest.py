@@ -105,3 +105,17 @@ def mlflow_server(s3_server, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast, and on a busy 2-core machine two OpenMP threads that spin
+    at every barrier made each step ~50x slower (measured: 14 ms vs 0.7-1 s). Modules that train
+    tiny models in-process use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+

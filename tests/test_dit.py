@@ -29,14 +29,7 @@ from components.dit.train import FAIL_AT_STEP_ENV, LatentDitTask, grid_labels, r
 CLASSES = ["a", "b", "c"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and on a busy 2-core machine two OpenMP threads
-    that spin at every barrier made each step ~50x slower (measured: 14 ms vs 0.7-1 s)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 LATENT = [4, 4, 4]  # c, h, w: an f=2 autoencoder on 8x8 grayscale images
 
 
@@ -223,6 +216,23 @@ def untrained_autoencoder_manifest(root, classes) -> Manifest:
                     upstream={}, files=files, info=meta)
 
 
+def tiny_latent_inputs(tmp_path) -> dict[str, Manifest]:
+    """shard (120 MNIST digits at 8 px), an untrained autoencoder and its latents, as manifests."""
+    from components.latents.config import LatentsConfig
+    from components.latents.run import run as encode_latents
+    from components.shard.config import ShardConfig
+    from components.shard.run import run as shard
+
+    ctx = step_ctx(tmp_path, "shard")
+    shard_manifest = manifest_from(shard(ShardConfig(max_samples=120, image_size=8, samples_per_shard=60,
+                                                     val_fraction=0.2), {}, ctx), ctx)
+    ae_manifest = untrained_autoencoder_manifest(tmp_path, shard_manifest.info["classes"])
+    ctx = step_ctx(tmp_path, "latents")
+    latents = manifest_from(encode_latents(LatentsConfig(batch_size=64), {"shard": shard_manifest,
+                                                                            "autoencoder": ae_manifest}, ctx), ctx)
+    return {"shard": shard_manifest, "autoencoder": ae_manifest, "latents": latents}
+
+
 def mlflow_tracker(tmp_path) -> StepTracker:
     from mlflow.tracking import MlflowClient
 
@@ -234,21 +244,10 @@ def mlflow_tracker(tmp_path) -> StepTracker:
 @pytest.mark.integration
 def test_step_on_two_workers_resumes_after_a_crash_and_exports(ray_cluster, tmp_path, monkeypatch):
     from components.common.trainer import TrainingError
-    from components.latents.config import LatentsConfig
-    from components.latents.run import run as encode_latents
-    from components.shard.config import ShardConfig
-    from components.shard.run import run as shard
     from components.dit.train import run as train_dit
 
-    ctx = step_ctx(tmp_path, "shard")
-    shard_manifest = manifest_from(shard(ShardConfig(max_samples=120, image_size=8, samples_per_shard=60,
-                                                     val_fraction=0.2), {}, ctx), ctx)
-    classes = shard_manifest.info["classes"]
-    ae_manifest = untrained_autoencoder_manifest(tmp_path, classes)
-    ctx = step_ctx(tmp_path, "latents")
-    latents = manifest_from(encode_latents(LatentsConfig(batch_size=64), {"shard": shard_manifest,
-                                                                            "autoencoder": ae_manifest}, ctx), ctx)
-    inputs = {"shard": shard_manifest, "autoencoder": ae_manifest, "latents": latents}
+    inputs = tiny_latent_inputs(tmp_path)
+    classes = inputs["shard"].info["classes"]
 
     tracker = mlflow_tracker(tmp_path)
     cfg = dit_cfg(train={"max_steps": 8, "batch_size": 16, "zero_stage": 2, "checkpoint_every": 2, "log_every": 1},

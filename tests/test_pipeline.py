@@ -23,7 +23,9 @@ EXPECTED_STEPS = {
     "autoencoder": {"reconstructions.png", "autoencoder.json"},
     "latents": set(),
     "dit": {"samples.png", "dit.json"},
-    "evaluate": {"eval_samples.png", "evaluation.json", "cascade_samples.png"},
+    "distill": {"samples.png", "distill.json"},
+    "evaluate": {"eval_samples.png", "evaluation.json", "cascade_samples.png", "quality_vs_steps.png",
+                 "quality_vs_steps.json"},
 }
 
 
@@ -127,6 +129,25 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     bad = cli(*sample_args[:-1], "--step", "cascade", "--sr-handoff", "truncated", "--out", str(tmp_path / "x"),
               env=s3_env)
     assert bad.returncode == 2 and "latent space" in bad.stderr
+
+    # the distilled student: one progressive round (4 -> 2 steps) with its own child run and grid
+    distill_run = runs[steps["distill"]["mlflow_run_id"]]
+    rounds = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == distill_run.info.run_id]
+    assert [r.info.run_name for r in rounds] == ["round 1: 4 -> 2 steps"]
+    assert {"samples.png", "distill.json"} <= {a.path for a in client.list_artifacts(rounds[0].info.run_id)}
+    for name in ("teacher_4step_sample_accuracy", "teacher_2step_frechet_distance", "student_2step_sample_accuracy",
+                 "student_2step_images_per_s"):
+        assert name in evaluation, name
+    student_args = ("sample", "--workflow-id", "wf-one", "--storage", root, "--labels", "3,7", "--per-label", "2")
+    student = cli(*student_args, "--step", "distill", "--out", str(tmp_path / "student"), env=s3_env)
+    assert student.returncode == 0, student.stderr[-3000:]
+    assert "2 steps" in student.stdout and Image.open(tmp_path / "student" / "3" / "0.png").size == (16, 16)
+    cascaded = cli(*student_args, "--step", "cascade", "--base", "distill", "--sr-steps", "2", "--out",
+                   str(tmp_path / "student_cascade"), env=s3_env)
+    assert cascaded.returncode == 0, cascaded.stderr[-3000:]
+    assert Image.open(tmp_path / "student_cascade" / "7" / "1.png").size == (32, 32)
+    refused = cli(*student_args, "--step", "distill", "--guidance", "2", "--out", str(tmp_path / "y"), env=s3_env)
+    assert refused.returncode == 2 and "--guidance" in refused.stderr
 
     second = cli(*args, env=s3_env)
     assert second.returncode == 0, second.stderr[-3000:]

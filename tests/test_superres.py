@@ -20,12 +20,7 @@ from components.superres.train import SuperResTask, resolve_model_kwargs, traini
 from components.dit.generate import sample_generator
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage_meta(input_size=8, output_size=16, channels=1, num_classes=0, schedule="cosine"):

@@ -6,6 +6,8 @@ A checkpoint is one directory (Ray Train merges the files every rank reports int
     latest                lr scheduler, loss scaler
     ema.safetensors       the EMA weights (rank 0)
     train_state.json      step, data position, counters (rank 0)
+    task_state.safetensors  the task's own tensors, when it keeps any (``TrainTask.extra_state``;
+                          rank 0: they must be the same on every rank, like a target network)
     export/               only in the final checkpoint: what TrainTask.export wrote
 """
 
@@ -23,6 +25,7 @@ from components.common.ema import EMA
 DEEPSPEED_TAG = "deepspeed"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.json"
+TASK_STATE_FILE = "task_state.safetensors"
 EXPORT_DIR = "export"
 
 
@@ -65,16 +68,21 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
                 for k, v in engine.module.state_dict().items()}
 
 
-def save(engine, ema: EMA | None, state: TrainState, directory: Path, rank: int) -> None:
+def save(engine, ema: EMA | None, state: TrainState, directory: Path, rank: int, task=None) -> None:
     """Collective: every rank writes its part of the DeepSpeed state into its own ``directory``."""
     engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG)
     if rank == 0:
         if ema is not None:
             ema.save(directory / EMA_FILE)
+        extra = task.extra_state() if callable(getattr(task, "extra_state", None)) else None
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(directory / TASK_STATE_FILE))
         (directory / STATE_FILE).write_text(state.to_json())
 
 
-def restore(engine, ema: EMA | None, directory: Path, world_size: int) -> TrainState:
+def restore(engine, ema: EMA | None, directory: Path, world_size: int, task=None) -> TrainState:
     """Load a checkpoint written by ``save`` (all ranks' files merged) into ``engine`` and ``ema``."""
     if not (directory / STATE_FILE).is_file():
         raise CheckpointError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
@@ -90,4 +98,8 @@ def restore(engine, ema: EMA | None, directory: Path, world_size: int) -> TrainS
         raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
     if ema is not None:
         ema.load(directory / EMA_FILE)
+    if callable(getattr(task, "load_extra_state", None)) and (directory / TASK_STATE_FILE).is_file():
+        from safetensors.torch import load_file
+
+        task.load_extra_state(load_file(str(directory / TASK_STATE_FILE)))
     return state

@@ -133,6 +133,22 @@ class StepTracker:
         if self.enabled:
             self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
+    def child(self, run_name: str, tags: dict[str, Any] | None = None) -> "StepTracker":
+        """A run nested under this one (e.g. one round of a step), in the same experiment; finish
+        it with ``end``. Disabled when this tracker is."""
+        if not self.enabled:
+            return StepTracker(self.tracking_uri, None)
+        parent = self.client.get_run(self.run_id)
+        inherited = {k: v for k, v in parent.data.tags.items() if k.startswith("latentflow.")}
+        run = self.client.create_run(parent.info.experiment_id, run_name=run_name,
+                                     tags={**inherited, **{k: str(v) for k, v in (tags or {}).items()},
+                                           "mlflow.parentRunId": self.run_id})
+        return StepTracker(self.tracking_uri, run.info.run_id)
+
+    def end(self, failed: bool = False) -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, local_path, artifact_path)

@@ -119,7 +119,7 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
     state = TrainState(world_size=world)
     with session.latest_checkpoint() as found:
         if found is not None:
-            state = checkpoint.restore(engine, ema, found, world)
+            state = checkpoint.restore(engine, ema, found, world, task)
             logger.info("rank %d resumed from %s at step %d", rank, found, state.step)
     batches = _batch_stream(_batch_source(task, cfg, session), state)
     window = _Window()
@@ -157,6 +157,8 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
         with checkpoint.gathered(engine):                                              # EMA
             if ema is not None:
                 ema.update(engine.module)
+            if callable(getattr(task, "after_step", None)):  # e.g. a consistency model's target network
+                task.after_step(engine.module, state.step)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:             # log
             state.last_metrics = window.summary(engine.get_lr()[0], grad_norm, state)
             if rank == 0 and tracker is not None:
@@ -164,16 +166,17 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
         if bar is not None:
             bar.update(1)
         if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
-            _save(session, engine, ema, state)
+            _save(session, engine, ema, state, task)
 
     if bar is not None:
         bar.close()
-    return _save(session, engine, ema, state, export=lambda out: _export(task, engine, ema, out, rank))
+    return _save(session, engine, ema, state, task, export=lambda out: _export(task, engine, ema, out, rank))
 
 
-def _save(session, engine, ema, state: TrainState, export: Callable[[Path], None] | None = None) -> dict:
+def _save(session, engine, ema, state: TrainState, task: TrainTask,
+          export: Callable[[Path], None] | None = None) -> dict:
     directory = Path(tempfile.mkdtemp(prefix="latentflow-ckpt-"))
-    checkpoint.save(engine, ema, state, directory, session.rank)
+    checkpoint.save(engine, ema, state, directory, session.rank, task)
     if export is not None:
         export(directory / checkpoint.EXPORT_DIR)
     metrics = {**state.last_metrics, "step": state.step, "samples_seen": state.samples_seen,

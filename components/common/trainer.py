@@ -73,6 +73,10 @@ class TrainTask(Protocol):
 
     Optional: ``batches(epoch, rank, world_size) -> Iterable[dict]`` yields this worker's batches
     of one epoch (the same count on every rank) when the data is not a Ray Dataset named "train".
+    ``after_step(module, step)`` runs on every rank after each optimizer step (whole parameters,
+    after the EMA update); ``extra_state() -> dict[str, Tensor]`` is saved with each checkpoint
+    (rank 0) and handed back to ``load_extra_state(tensors)`` on every rank at resume: state the
+    task keeps beside the model, such as a consistency model's target network.
     """
 
     def build_model(self) -> "nn.Module": ...

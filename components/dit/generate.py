@@ -93,13 +93,15 @@ def denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseS
 
 def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict,
              labels: Sequence[int] | torch.Tensor,
-             sampling: SamplingConfig, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+             sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """Images of the given class labels: uint8 (N, C, H, W) on the CPU, in the order of ``labels``.
 
     Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]``
     (0: the conditional model alone, no unconditional pass); timesteps from ``spaced_timesteps``;
     DDIM (``eta``) or DDPM; optional thresholding of x̂_0 (see ``threshold_fn``); latents decoded
-    with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode."""
+    with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
+    ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels."""
     from components.autoencoder.load import decode_scaled
     from components.common.progress import progress_bar
 
@@ -114,7 +116,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     shape = tuple(int(s) for s in dit_meta["latent_shape"])
     device = next(dit.parameters()).device
     schedule = NoiseSchedule.from_name(dit_meta["schedule"], int(dit_meta["num_timesteps"]))
-    timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
+    if timesteps is None:
+        timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
     guided = make_cfg_model_fn(lambda x, t, y: dit(x, t, y), int(dit_meta["null_label"]), sampling.guidance)
     clip_x0 = threshold_fn(sampling)
 

@@ -29,3 +29,7 @@ class EvaluateConfig(StepConfig):
     # judged at the final size by a classifier trained like ``classifier`` (or ``cascade_classifier``).
     cascade_samples_per_class: int = Field(20, ge=2)
     cascade_classifier: ClassifierTrainConfig | None = None
+    # With a distill step: the teacher is scored at these DDIM steps (``sample``'s other settings)
+    # and the student at its own, on distill_samples_per_class per class (None: samples_per_class).
+    teacher_steps: list[int] = Field(default_factory=lambda: [64, 32, 16, 8, 4])
+    distill_samples_per_class: int | None = Field(None, ge=2)

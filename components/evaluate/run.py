@@ -10,7 +10,10 @@
    them when there are fewer), and the same validation images (``frechet_distance_real_baseline``).
    Both therefore compare equal counts against the same reference; the baseline is the floor a
    perfect generator would reach (slightly optimistic: the classifier has seen the training images).
-4. With super-resolution stages among the inputs: the first ``cascade_samples_per_class`` samples
+4. With a distill step among the inputs: the quality-versus-cost table (teacher at
+   ``teacher_steps``, the student at its own steps; ``quality_vs_steps.json`` and ``.png``, see
+   ``components.evaluate.distill_table``).
+5. With super-resolution stages among the inputs: the first ``cascade_samples_per_class`` samples
    of each class go on through the cascade and are scored the same way at the final size, by a
    classifier trained on the real images resized as the last stage made its targets
    (``cascade_*`` metrics, ``cascade_samples.png``; see ``components.evaluate.cascade``).
@@ -46,7 +49,7 @@ from components.evaluate.classifier import EvalClassifier, build_classifier
 from components.evaluate.config import ClassifierTrainConfig, EvaluateConfig
 from components.evaluate.metrics import frechet_distance_of
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_META = "classifier.json"
 SAMPLES_GRID = "eval_samples.png"
@@ -283,7 +286,19 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                   "classifier": {k: v for k, v in meta.items() if k != "classes"}}
 
     files += [SAMPLES_GRID, EVALUATION]
-    if stage_names(inputs):  # 4. the composed cascade, at the final resolution
+    if "distill" in inputs:  # 4. quality against network evaluations, teacher and student
+        from components.evaluate.distill_table import QUALITY_PLOT, QUALITY_TABLE, quality_plot, quality_table
+
+        rows, table_metrics = quality_table(cfg, inputs, classifier, val_features, num_classes, device)
+        metrics.update(table_metrics)
+        evaluation["quality_vs_steps"] = rows
+        plot = quality_plot(rows)
+        ctx.output.write_text(QUALITY_TABLE, json.dumps(rows, indent=2))
+        ctx.output.write_bytes(QUALITY_PLOT, png_bytes(plot))
+        ctx.tracker.log_dict({"rows": rows}, QUALITY_TABLE)
+        ctx.tracker.log_image(plot, QUALITY_PLOT)
+        files += [QUALITY_TABLE, QUALITY_PLOT]
+    if stage_names(inputs):  # 5. the composed cascade, at the final resolution
         real = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
         cascade_metrics, cascade_grid, evaluation["cascade"] = score_cascade(
             cfg, inputs, images, labels, real, list(classes), device, log_metrics=ctx.tracker.log_metrics)

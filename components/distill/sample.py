@@ -1,0 +1,90 @@
+"""Load a distilled student and sample it with its native number of steps.
+
+The distill step writes ``distill.safetensors`` (the EMA student), ``distill_raw.safetensors`` and
+``distill.json``: the DiT's meta (model arguments, schedule, prediction, classes, shapes) plus
+``method``, ``teacher_guidance`` (folded into the student: it samples without guidance, one
+network evaluation per step), ``native_steps`` and the levels it samples at (``levels``: the
+progressive student's DDIM grid, descending; ``consistency_levels``: the consistency model's
+discretisation, ascending, with ``sample_levels`` for multistep sampling).
+
+Determinism as for the DiT: sample i's initial noise and every later draw come from its own
+stream (``sample_generator(seed, i)``), whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from components.dit.generate import _draw, sample_generator, to_uint8
+
+STUDENT_WEIGHTS, STUDENT_META = "distill.safetensors", "distill.json"
+PROGRESSIVE = "progressive"
+
+
+def load_student(source, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(student DiT in eval mode, meta) from a distill step's manifest, output Storage or URI."""
+    import safetensors.torch
+
+    from components.dit.load import _storage
+    from components.dit.model import DiT
+
+    storage = _storage(source)
+    meta = json.loads(storage.read_text(STUDENT_META))
+    model = DiT(**meta["model"])
+    model.load_state_dict(safetensors.torch.load(storage.read_bytes(STUDENT_WEIGHTS)))
+    return model.to(device).eval(), meta
+
+
+def supported_steps(meta: dict) -> list[int]:
+    """The step counts this student samples with: its native count (progressive), or 1 up to one
+    more than its re-noising levels (consistency)."""
+    if meta["method"] == PROGRESSIVE:
+        return [int(meta["native_steps"])]
+    return list(range(1, len(meta["sample_levels"]) + 2))
+
+
+def generate_student(student: torch.nn.Module, meta: dict, ae: torch.nn.Module, ae_meta: dict,
+                     labels: Sequence[int] | torch.Tensor, steps: int | None = None, seed: int = 0,
+                     batch_size: int = 256) -> torch.Tensor:
+    """uint8 images (N, C, H, W) of ``labels`` from a distilled student, decoded by the autoencoder."""
+    from components.autoencoder.load import decode_scaled
+    from components.diffusion import NoiseSchedule
+    from components.distill.consistency import ConsistencyFunction, consistency_sample
+    from components.dit.config import SamplingConfig
+    from components.dit.generate import generate
+
+    steps = int(meta["native_steps"]) if steps is None else int(steps)
+    if steps not in supported_steps(meta):
+        raise ValueError(f"this {meta['method']} student samples with {supported_steps(meta)} steps, not {steps}")
+    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
+    if meta["method"] == PROGRESSIVE:
+        sampling = SamplingConfig(sampler="ddim", steps=steps, guidance=0.0, eta=0.0, seed=seed)
+        return generate(student, meta, ae, ae_meta, labels, sampling, batch_size=batch_size,
+                        timesteps=torch.as_tensor(meta["levels"], dtype=torch.long))
+
+    schedule = NoiseSchedule.from_name(meta["schedule"], int(meta["num_timesteps"]))
+    fn = ConsistencyFunction(schedule, torch.as_tensor(meta["consistency_levels"], dtype=torch.long))
+    shape, device = tuple(int(s) for s in meta["latent_shape"]), next(student.parameters()).device
+    renoise_levels = list(meta["sample_levels"])[:steps - 1]
+    chunks = []
+    was_training, _ = student.training, student.eval()
+    try:
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size].to(device)
+            generators = [sample_generator(seed, start + i) for i in range(len(y))]
+            noise = _draw(generators, shape, device)
+            renoise = [_draw(generators, shape, device) for _ in renoise_levels]
+            z = consistency_sample(fn, student, noise, y, renoise, renoise_levels)
+            with torch.inference_mode():
+                chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())
+    finally:
+        student.train(was_training)
+    if not chunks:
+        size = int(ae_meta["image_size"])
+        return torch.empty((0, int(ae_meta["channels"]), size, size), dtype=torch.uint8)
+    return torch.cat(chunks)
+

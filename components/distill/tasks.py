@@ -1,0 +1,263 @@
+"""What the shared trainer trains in the distill step: one progressive-distillation round, or a
+consistency model (distilled from the DiT, or trained without a teacher).
+
+Every task reads the latents step's training latents like the DiT does (each worker holds them,
+``latent_batches``), starts its student from weights in storage (the DiT's EMA weights, or the
+previous round's student), and loads a frozen teacher from storage inside each worker. Every
+random choice of a step comes from the trainer's (seed, step, rank) generator, so a resumed run
+repeats the steps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from components.distill.config import DistillConfig
+
+WeightsRef = tuple[str, str]  # (directory URI, safetensors file name)
+
+
+def load_weights(ref: WeightsRef) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    from components.common.storage import Storage
+
+    directory, name = ref
+    return safetensors.torch.load(Storage.from_uri(directory).read_bytes(name))
+
+
+class DistillTask:
+    """The shared part: data, student, frozen teacher, export. ``meta``: the DiT's meta (model
+    arguments, schedule, prediction, null label) plus the step's own facts."""
+
+    weights_name, raw_weights_name, meta_name = "distill.safetensors", "distill_raw.safetensors", "distill.json"
+
+    def __init__(self, cfg: DistillConfig, meta: dict[str, Any], init: WeightsRef | None,
+                 teacher: WeightsRef | None, latents=None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 fail_at_step: int | None = None):
+        self.cfg, self.meta, self.init, self.teacher_ref = cfg, dict(meta), init, teacher
+        self.latents_manifest, self.in_memory = latents, in_memory
+        self.fail_at_step = fail_at_step  # tests: raise once this step is reached
+        self._schedule = self._data = self._teacher = None
+
+    def __getstate__(self):  # configs and references travel to the workers, not tensors
+        return {**self.__dict__, "_schedule": None, "_data": None, "_teacher": None}
+
+    @property
+    def schedule(self):
+        from components.diffusion import NoiseSchedule
+
+        if self._schedule is None:
+            self._schedule = NoiseSchedule.from_name(self.meta["schedule"], int(self.meta["num_timesteps"]))
+        return self._schedule
+
+    def new_dit(self) -> torch.nn.Module:
+        from components.dit.model import DiT
+
+        return DiT(**self.meta["model"])
+
+    def build_model(self) -> torch.nn.Module:
+        model = self.new_dit()
+        if self.init is not None:
+            model.load_state_dict(load_weights(self.init))
+        return model
+
+    def teacher(self, like: torch.Tensor, dtype: torch.dtype):
+        """The frozen teacher as guided fn(z, t, y) -> model output (the DiT's prediction type),
+        on ``like``'s device in the compute dtype; loaded once per worker."""
+        from components.diffusion import make_cfg_model_fn
+
+        if self._teacher is None:
+            model = self.new_dit()
+            model.load_state_dict(load_weights(self.teacher_ref))
+            model = model.to(like.device, dtype).eval().requires_grad_(False)
+            self._teacher = make_cfg_model_fn(lambda z, t, y: model(z.to(dtype), t, y).float(),
+                                              int(self.meta["null_label"]), float(self.meta["teacher_cfg_weight"]))
+        return self._teacher
+
+    def check_failure(self, step: int) -> None:
+        if self.fail_at_step is not None and step >= self.fail_at_step:
+            raise RuntimeError(f"injected failure at step {step}")
+
+    def train_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._data is None:
+            if self.in_memory is not None:
+                self._data = self.in_memory
+            else:
+                from components.latents.data import load_latent_shards
+
+                self._data = load_latent_shards(self.latents_manifest, split="train")
+        return self._data
+
+    def batches(self, epoch: int, rank: int, world_size: int):
+        from components.latents.data import latent_batches
+
+        latents, labels = self.train_latents()
+        return latent_batches(latents, labels, self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
+                              rank=rank, world_size=world_size)
+
+    @staticmethod
+    def unpack(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        """(x0 fp32, labels, the compute dtype)."""
+        latent = batch["latent"]
+        return latent.float(), batch["label"].long().clamp(min=0), latent.dtype
+
+    def export(self, model, ema_model, out_dir) -> None:
+        from components.common.task_parts import export_weights
+
+        export_weights(model, ema_model, out_dir, self.weights_name, self.raw_weights_name, self.meta_name, self.meta)
+
+
+class ProgressiveTask(DistillTask):
+    """One round of progressive distillation (Salimans & Ho 2022, alg. 2). The teacher's DDIM grid
+    is ``meta["teacher_levels"]`` (descending); the student's is every other level, and one student
+    step t -> t'' learns the teacher's two steps t -> t' -> t''."""
+
+    def loss(self, model, batch, step, generator):
+        from components.diffusion import predict_x0_eps
+        from components.distill.targets import truncated_snr_weight
+
+        self.check_failure(step)
+        x0, y, dtype = self.unpack(batch)
+        n, device = x0.shape[0], x0.device
+        teacher_levels = torch.as_tensor(self.meta["teacher_levels"], dtype=torch.long)
+        student_steps = len(teacher_levels) // 2
+        i = torch.randint(0, student_steps, (n,), generator=generator, device=device).cpu()
+        t, t_mid = teacher_levels[2 * i], teacher_levels[2 * i + 1]
+        padded = torch.cat([teacher_levels, torch.tensor([-1])])  # -1: clean data
+        t_end = padded[2 * i + 2]
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        a_t = self.schedule.alphas_cumprod[t].to(device, torch.float32).sqrt().view(-1, 1, 1, 1)
+        z_t = a_t * x0 + (1 - a_t**2).sqrt() * noise
+
+        t, t_mid, t_end = t.to(device), t_mid.to(device), t_end.to(device)
+        target = self.teacher_target(z_t, y, t, t_mid, t_end, dtype)
+        out = model(z_t.to(dtype), t, y, force_drop_ids=torch.zeros_like(y)).float()[:, :x0.shape[1]]
+        x0_student, _ = predict_x0_eps(self.schedule, out, z_t, t, self.meta["prediction"])
+        weight = truncated_snr_weight(self.schedule, t, x0)  # max(SNR, 1), in x space
+        per_example = (weight * (x0_student - target) ** 2).flatten(1).mean(1)
+        return per_example.mean(), {"x_mse": float((x0_student - target).detach().pow(2).mean())}
+
+
+    @torch.no_grad()
+    def teacher_target(self, z_t, y, t, t_mid, t_end, dtype) -> torch.Tensor:
+        """x~ for z_t: the teacher's two DDIM steps t -> t_mid -> t_end, then the x-prediction
+        whose one DDIM step t -> t_end lands where they did (per example levels; -1: clean)."""
+        from components.diffusion import predict_x0_eps
+        from components.distill.targets import ddim_step_x0, progressive_target
+
+        teacher, prediction = self.teacher(z_t, dtype), self.meta["prediction"]
+        x0_1, _ = predict_x0_eps(self.schedule, teacher(z_t, t, y), z_t, t, prediction)
+        z_mid = ddim_step_x0(self.schedule, z_t, x0_1, t, t_mid)
+        x0_2, _ = predict_x0_eps(self.schedule, teacher(z_mid, t_mid, y), z_mid, t_mid, prediction)
+        z_end = ddim_step_x0(self.schedule, z_mid, x0_2, t_mid, t_end)
+        return progressive_target(self.schedule, z_t, z_end, t, t_end)
+
+
+class ConsistencyTask(DistillTask):
+    """Consistency distillation (a Heun/Euler step of the teacher's probability-flow ODE) or, with
+    no teacher, consistency training (the same noise at both levels: the unbiased score estimate).
+    The target network theta- is an EMA of the student kept here, saved in every checkpoint."""
+
+    def __init__(self, *args, autoencoder=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.autoencoder_manifest = autoencoder  # decodes both sides for the lpips distance
+        self._target = self._lpips = None
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_target": None, "_lpips": None}
+
+    def distance(self, online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-example distance; lpips compares the decoded images (gradients flow through the
+        frozen decoder into the online side), brought to at least 32 px."""
+        from components.distill.targets import distance
+
+        kind = self.cfg.consistency.distance
+        if kind != "lpips":
+            return distance(online, target, kind)
+        from components.autoencoder.load import load_autoencoder
+        from components.autoencoder.lpips import load_lpips
+
+        if self._lpips is None:
+            ae, ae_meta = load_autoencoder(self.autoencoder_manifest)
+            self._lpips = (ae.requires_grad_(False).to(online.device), ae_meta,
+                           load_lpips(self.cfg.consistency.lpips_weights).to(online.device))
+        ae, ae_meta, lpips = self._lpips
+        # decode_scaled runs without gradients; the online side needs them
+        images = [ae.decode(z / ae_meta["scale_factor"]).float().clamp(-1, 1) for z in (online, target)]
+        if images[0].shape[-1] < 32:  # VGG's five stages halve the size four times
+            images = [torch.nn.functional.interpolate(i, size=32, mode="bilinear") for i in images]
+        return lpips(*images)
+
+    @property
+    def distilling(self) -> bool:
+        return self.cfg.method == "consistency_distillation"
+
+    def levels_at(self, step: int) -> torch.Tensor:
+        """The discretisation in use at ``step``: fixed for CD, growing for CT."""
+        from components.distill.consistency import consistency_levels, ct_num_levels
+
+        c = self.cfg.consistency
+        n = c.num_levels if self.distilling else ct_num_levels(step, self.cfg.train.max_steps,
+                                                               c.ct_initial_levels, c.num_levels)
+        return consistency_levels(self.schedule, n, c.rho)
+
+    def target_decay(self, step: int) -> float:
+        from components.distill.consistency import ct_target_decay
+
+        c = self.cfg.consistency
+        if self.distilling:
+            return c.target_ema_decay
+        return ct_target_decay(len(self.levels_at(step)), c.ct_initial_levels, c.ct_initial_ema)
+
+    def target(self, like: torch.Tensor) -> torch.nn.Module:
+        """theta-, kept in fp32 (its EMA would stall in bf16) on ``like``'s device."""
+        if self._target is None:  # theta- starts as the student's initial weights
+            self._target = self.build_model().requires_grad_(False)
+        return self._target.to(like.device).eval()
+
+    def loss(self, model, batch, step, generator):
+        from components.distill.consistency import ConsistencyFunction
+        from components.distill.targets import ode_step
+
+        self.check_failure(step)
+        x0, y, dtype = self.unpack(batch)
+        n, device = x0.shape[0], x0.device
+        fn = ConsistencyFunction(self.schedule, self.levels_at(step))
+        upper = torch.randint(1, len(fn.levels), (n,), generator=generator, device=device).cpu()
+        z = torch.randn(x0.shape, generator=generator, device=device)
+        view = (-1, 1, 1, 1)
+        s_up = fn.sigmas[upper].to(device, torch.float32)
+        s_low = fn.sigmas[upper - 1].to(device, torch.float32)
+        x_up = x0 + s_up.view(view) * z
+        with torch.no_grad():
+            if self.distilling:  # one ODE step of the (guided) teacher from sigma_{n+1} to sigma_n
+                x_low = ode_step(fn.teacher_denoiser(self.teacher(x0, dtype), y), x_up, s_up, s_low,
+                                 self.cfg.consistency.solver)
+            else:
+                x_low = x0 + s_low.view(view) * z
+            target = fn(self.target(x0), x_low, upper - 1, y)
+        online = fn(model, x_up, upper, y)
+        d = self.distance(online, target)
+        return d.mean(), {"levels": float(len(fn.levels))}
+
+    def after_step(self, module: torch.nn.Module, step: int) -> None:
+        """theta- <- mu theta- + (1 - mu) theta, with the decay of the step just taken."""
+        if self._target is None:
+            return  # no loss was computed yet on this rank
+        mu = self.target_decay(step - 1)
+        with torch.no_grad():
+            for target, online in zip(self._target.parameters(), module.parameters()):
+                target.lerp_(online.detach().to(target.dtype), 1.0 - mu)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        if self._target is None:
+            return {}
+        return {f"target.{k}": v.float() for k, v in self._target.state_dict().items()}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        target = self.new_dit().requires_grad_(False)
+        target.load_state_dict({k.removeprefix("target."): v for k, v in tensors.items()})
+        self._target = target

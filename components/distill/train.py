@@ -1,0 +1,194 @@
+"""Distill step: turn the trained DiT into a sampler of a handful of steps, or of one.
+
+Inputs: ``dit`` (the teacher: its EMA weights and meta), ``autoencoder`` (decodes the grids) and
+``latents`` (the training latents the student is trained on, as the DiT was).
+
+- ``progressive`` (Salimans & Ho 2022): rounds halve the DDIM steps from
+  ``progressive.start_steps`` to ``end_steps``. Round k's teacher is round k-1's EMA student (round
+  1's is the DiT under classifier-free guidance at ``guidance``: the guidance is folded into the
+  student); its student starts as a copy of its teacher. Each round is its own ``fit`` (its own
+  checkpoints under ``_checkpoints/round_k``: an interrupted step resumes inside the round it was
+  in, finished rounds are kept), its own MLflow child run with a sample grid, and its own
+  ``round_k/`` outputs; ``round_k/round.json`` is written last and marks the round done.
+- ``consistency_distillation`` / ``consistency_training`` (Song et al. 2023): one ``fit`` of a
+  ``ConsistencyTask``; grids at 1 and 2 steps.
+
+Both DDIM grids use "trailing" spacing, the one whose halving gives the next round's grid exactly.
+Outputs: ``distill.safetensors`` (EMA student), ``distill_raw.safetensors``, ``distill.json`` (see
+``components.distill.sample``), ``samples.png`` (native steps) and the per-round/per-step grids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import torch
+
+from components.common.step import Manifest, StepContext, StepOutput
+from components.distill.config import DistillConfig
+from components.distill.sample import (PROGRESSIVE, STUDENT_META, STUDENT_WEIGHTS, generate_student, load_student,
+                                       supported_steps)
+
+CODE_VERSION = "1"
+# Tests only: "K:S" makes progressive round K (or, with K = 0, the consistency run) raise at step S.
+FAIL_AT_ENV = "LATENTFLOW_TEST_DISTILL_FAIL_AT"
+SPACING = "trailing"
+ROUND_DONE = "round.json"
+STUDENT_FILES = (STUDENT_WEIGHTS, "distill_raw.safetensors", STUDENT_META)
+
+log = logging.getLogger(__name__)
+
+
+def injected_failure(part: int) -> int | None:
+    value = os.environ.get(FAIL_AT_ENV)
+    if not value:
+        return None
+    which, step = value.split(":")
+    return int(step) if int(which) == part else None
+
+
+def base_meta(cfg: DistillConfig, dit_meta: dict, guidance: float) -> dict:
+    if cfg.method != PROGRESSIVE and dit_meta["prediction"] != "v":
+        raise ValueError(f"distill.method {cfg.method} needs a v-prediction DiT (dit.prediction: v): v is EDM's "
+                         f"preconditioning at sigma_data = 1, which the consistency function is built on; this "
+                         f"DiT predicts {dit_meta['prediction']!r}")
+    if dit_meta.get("learn_sigma"):
+        log.warning("distill: the DiT learns its variance; the student keeps the channels but DDIM ignores them")
+    if dit_meta["prediction"] == "eps":
+        log.warning("distill: an eps-prediction teacher; Salimans & Ho use x or v, since eps turns into an "
+                    "unstable x-prediction at high noise, which few-step students reach")
+    return {**dit_meta, "method": cfg.method, "guidance": guidance, "spacing": SPACING,
+            "distill": cfg.model_dump(mode="json")}
+
+
+def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_meta, name: str, steps: int | None):
+    from components.common.tracking import png_bytes
+    from components.dit.generate import class_grid
+    from components.dit.train import grid_labels
+
+    student, meta = load_student(source)
+    labels = grid_labels(int(meta["num_classes"]), cfg.grid_classes, cfg.grid_per_label)
+    started = time.perf_counter()
+    images = generate_student(student, meta, ae, ae_meta, labels, steps=steps, seed=cfg.seed)
+    grid = class_grid(images, labels, cfg.grid_per_label)
+    ctx.output.write_bytes(name, png_bytes(grid))
+    tracker.log_image(grid, name.rsplit("/", 1)[-1])
+    return time.perf_counter() - started
+
+
+def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest], ctx: StepContext, ae, ae_meta
+                       ) -> tuple[list[str], dict]:
+    from components.common.trainer import fit
+    from components.diffusion import spaced_timesteps
+    from components.distill.targets import halve_steps
+    from components.distill.tasks import ProgressiveTask
+    from components.dit.load import DIT_WEIGHTS
+
+    files, metrics = [], {}
+    teacher = (inputs["dit"].location, DIT_WEIGHTS)
+    levels = spaced_timesteps(int(meta["num_timesteps"]), cfg.progressive.start_steps, SPACING)
+    for k, steps in enumerate(cfg.progressive.rounds, start=1):
+        folder = f"round_{k}"
+        student_levels = halve_steps(levels)
+        round_meta = {**meta, "round": k, "teacher_steps": steps, "native_steps": steps // 2,
+                      "teacher_levels": levels.tolist(), "levels": student_levels.tolist(),
+                      "teacher_cfg_weight": meta["guidance"] if k == 1 else 0.0}
+        names = [f"{folder}/{n}" for n in (*STUDENT_FILES, "samples.png", ROUND_DONE)]
+        if ctx.output.exists(f"{folder}/{ROUND_DONE}"):
+            log.info("distill: round %d (%d -> %d steps) already done", k, steps, steps // 2)
+            summary = json.loads(ctx.output.read_text(f"{folder}/{ROUND_DONE}"))
+        else:
+            child = ctx.tracker.child(f"round {k}: {steps} -> {steps // 2} steps",
+                                      tags={"latentflow.round": k, "latentflow.student_steps": steps // 2})
+            task = ProgressiveTask(cfg, round_meta, init=teacher, teacher=teacher, latents=inputs["latents"],
+                                   fail_at_step=injected_failure(k))
+            try:
+                result = fit(task, cfg.train, dataclasses.replace(ctx, tracker=child), name=folder)
+            except BaseException:
+                child.end(failed=True)
+                raise
+            result.upload_to(ctx.output, prefix=folder)
+            seconds = sample_grid(ctx, child, ctx.output.uri(folder), cfg, ae, ae_meta, f"{folder}/samples.png", None)
+            summary = {"round": k, "teacher_steps": steps, "student_steps": steps // 2,
+                       "loss": float(result.metrics.get("loss", float("nan"))),
+                       "images_per_s": float(result.metrics.get("images_per_s", float("nan"))),
+                       "grid_sample_seconds": seconds}
+            child.log_metrics({"grid_sample_seconds": seconds}, step=cfg.train.max_steps)
+            child.log_dict(round_meta, STUDENT_META)
+            child.end()
+            ctx.output.write_text(f"{folder}/{ROUND_DONE}", json.dumps(summary, indent=2))
+        metrics[f"round_{k}_loss"] = summary["loss"]
+        files += names
+        teacher, levels = (ctx.output.uri(folder), STUDENT_WEIGHTS), student_levels
+    for name in STUDENT_FILES:  # the last round's student is the step's student
+        ctx.output.write_bytes(name, ctx.output.read_bytes(f"{folder}/{name}"))
+    return files, metrics
+
+
+def consistency_run(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest], ctx: StepContext
+                    ) -> tuple[list[str], dict]:
+    from components.common.trainer import fit
+    from components.diffusion import NoiseSchedule
+    from components.distill.consistency import ConsistencyFunction, consistency_levels
+    from components.distill.tasks import ConsistencyTask
+    from components.dit.load import DIT_WEIGHTS
+
+    schedule = NoiseSchedule.from_name(meta["schedule"], int(meta["num_timesteps"]))
+    levels = consistency_levels(schedule, cfg.consistency.num_levels, cfg.consistency.rho)
+    fn = ConsistencyFunction(schedule, levels)
+    sample_levels = [int(levels[fn.nearest_index(level)]) for level in cfg.consistency.sample_levels]
+    distilling = cfg.method == "consistency_distillation"
+    full_meta = {**meta, "native_steps": 1, "consistency_levels": levels.tolist(), "sample_levels": sample_levels,
+                 "teacher_cfg_weight": meta["guidance"] if distilling else 0.0}
+    if not distilling:
+        full_meta["guidance"] = 0.0  # no teacher: nothing is folded in
+    dit = (inputs["dit"].location, DIT_WEIGHTS)
+    if cfg.consistency.distance == "lpips":
+        from components.autoencoder.lpips import check_lpips_file
+
+        check_lpips_file(cfg.consistency.lpips_weights)  # before any worker starts
+    task = ConsistencyTask(cfg, full_meta, init=dit if cfg.student_init == "dit" else None,
+                           teacher=dit if distilling else None, latents=inputs["latents"],
+                           autoencoder=inputs["autoencoder"],
+                           fail_at_step=injected_failure(0))
+    result = fit(task, cfg.train, ctx, name="consistency")
+    files = result.upload_to(ctx.output)
+    return files, {"loss": float(result.metrics.get("loss", float("nan"))),
+                   "images_per_s": float(result.metrics.get("images_per_s", float("nan")))}
+
+
+def run(cfg: DistillConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
+    from components.autoencoder.load import load_autoencoder
+    from components.dit.load import load_dit_meta
+
+    if "latents" not in inputs:
+        raise ValueError("the distill step trains on the latents step's latents; add the latents section "
+                         "(dit.data: latents)")
+    dit_meta = load_dit_meta(inputs["dit"])
+    guidance = float(dit_meta["sampling"]["guidance"] if cfg.guidance is None else cfg.guidance)
+    meta = base_meta(cfg, dit_meta, guidance)
+    ae, ae_meta = load_autoencoder(inputs["autoencoder"])
+    ctx.tracker.set_tags({"latentflow.distill_method": cfg.method, "latentflow.teacher_guidance": guidance})
+    if cfg.method == PROGRESSIVE:
+        files, metrics = progressive_rounds(cfg, meta, inputs, ctx, ae, ae_meta)
+    else:
+        files, metrics = consistency_run(cfg, meta, inputs, ctx)
+
+    final_meta = json.loads(ctx.output.read_text(STUDENT_META))
+    grids = []
+    for steps in supported_steps(final_meta):
+        name = "samples.png" if steps == final_meta["native_steps"] else f"samples_{steps}step.png"
+        metrics[f"grid_seconds_{steps}step"] = sample_grid(ctx, ctx.tracker, ctx.output, cfg, ae, ae_meta, name, steps)
+        grids.append(name)
+    metrics["native_steps"] = float(final_meta["native_steps"])
+    ctx.tracker.log_dict(final_meta, STUDENT_META)
+    ctx.tracker.log_metrics(metrics)
+    log.info("distill: %s student, %d native steps, guidance %.2f folded in", cfg.method,
+             final_meta["native_steps"], final_meta["guidance"])
+    info = {"method": cfg.method, "native_steps": final_meta["native_steps"], "guidance": final_meta["guidance"],
+            "supported_steps": supported_steps(final_meta)}
+    return StepOutput(files=sorted(set(files + list(STUDENT_FILES) + grids)), metrics=metrics, info=info)

@@ -1,0 +1,87 @@
+"""The evaluate step's quality-versus-cost table: the teacher DiT at ``teacher_steps`` DDIM steps
+and the distilled student at each step count it supports, on the same classifier, labels, seeds
+and sample count, with the network evaluations (NFE) each image took and the measured images/s.
+
+NFE counts forward passes per image: the teacher under classifier-free guidance (w > 0) makes two
+per step (conditional and unconditional, one batch); the student has the guidance folded in and
+makes one. Quality is the requested-class accuracy and the Fréchet distance in the classifier's
+feature space against the validation images, as for the DiT's own samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from components.common.step import Manifest
+from components.evaluate.config import EvaluateConfig
+from components.evaluate.metrics import frechet_distance_of
+
+QUALITY_TABLE = "quality_vs_steps.json"
+QUALITY_PLOT = "quality_vs_steps.png"
+
+log = logging.getLogger(__name__)
+
+
+def _score(name: str, steps: int, nfe: int, draw, classifier, labels: torch.Tensor, val_features) -> dict:
+    from components.evaluate.run import classify
+
+    started = time.perf_counter()
+    images = draw()
+    seconds = time.perf_counter() - started
+    logits, features = classify(classifier, images)
+    row = {"sampler": name, "steps": steps, "nfe": nfe, "images": len(images),
+           "sample_accuracy": float((logits.argmax(1) == labels.numpy()).mean()),
+           "frechet_distance": frechet_distance_of(val_features, features),
+           "seconds": seconds, "images_per_s": len(images) / max(seconds, 1e-9)}
+    log.info("evaluate: %s at %d steps (%d NFE): accuracy %.4f, FD %.3f, %.1f img/s", name, steps, nfe,
+             row["sample_accuracy"], row["frechet_distance"], row["images_per_s"])
+    return row
+
+
+def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, val_features: np.ndarray,
+                  num_classes: int, device: str) -> tuple[list[dict], dict[str, float]]:
+    """(rows, metrics named ``teacher_<s>step_*`` and ``student_<s>step_*``)."""
+    from components.autoencoder.load import load_autoencoder
+    from components.distill.sample import generate_student, load_student, supported_steps
+    from components.dit.generate import generate
+    from components.dit.load import load_dit
+
+    per_class = cfg.distill_samples_per_class or cfg.samples_per_class
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    dit, dit_meta = load_dit(inputs["dit"], device=device)
+    ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
+    student, student_meta = load_student(inputs["distill"], device=device)
+    rows = []
+    for steps in cfg.teacher_steps:
+        sampling = cfg.sample.model_copy(update={"steps": steps})
+        nfe = steps * (2 if sampling.guidance > 0 else 1)
+        rows.append(_score("teacher", steps, nfe, lambda: generate(dit, dit_meta, ae, ae_meta, labels, sampling,
+                                                                   batch_size=cfg.batch_size),
+                           classifier, labels, val_features))
+    for steps in supported_steps(student_meta):
+        rows.append(_score(f"student ({student_meta['method']})", steps, steps,
+                           lambda: generate_student(student, student_meta, ae, ae_meta, labels, steps=steps,
+                                                    seed=cfg.sample.seed, batch_size=cfg.batch_size),
+                           classifier, labels, val_features))
+    metrics = {}
+    for row in rows:
+        prefix = f"{row['sampler'].split(' ')[0]}_{row['steps']}step_"
+        metrics.update({prefix + k: float(row[k]) for k in ("sample_accuracy", "frechet_distance", "images_per_s")})
+    return rows, metrics
+
+
+def quality_plot(rows: list[dict]):
+    """Accuracy and Fréchet distance against NFE (log 2 axis), one line per sampler."""
+    from components.common.plot import line_chart, side_by_side
+
+    charts = []
+    for key, label in (("sample_accuracy", "class accuracy"), ("frechet_distance", "Frechet distance")):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in rows:
+            series.setdefault(row["sampler"], []).append((row["nfe"], row[key]))
+        charts.append(line_chart(series, f"{label} vs network evaluations per image", "NFE per image", label))
+    return side_by_side(charts)
