@@ -54,9 +54,27 @@ def run(
         None, "--workflow-id", help="Resume or name a workflow; finished steps are reused. Default: generated."),
 ):
     """Run a pipeline (or resume one): steps whose inputs and config are unchanged come from cache."""
+    run_and_report(load(config, set_), workflow_id)
+
+
+@app.command()
+def retrain(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="Name the workflow. Default: generated."),
+):
+    """What a schedule runs as new data lands: the pipeline, where the shard step's cache key holds a
+    fingerprint of the source (file listing with sizes and modification times, or S3 ETags), so an
+    unchanged source re-runs nothing and new or changed images re-run the data step and everything
+    downstream. Not yet here: registering the models and the promotion gate (issue 6)."""
+    run_and_report(load(config, set_), workflow_id)
+    console.print("promotion gate: not built yet (the model registry and the gate land with the operations "
+                  "issue); nothing was registered or promoted")
+
+
+def run_and_report(cfg, workflow_id: str | None) -> None:
     from pipelines.runtime import new_workflow_id, run_pipeline
 
-    cfg = load(config, set_)
     workflow_id = workflow_id or new_workflow_id()
     console.print(f"workflow id: [bold]{workflow_id}[/]")
     console.print(f"storage:     {Storage.from_uri(cfg.storage.root).uri()}")
@@ -181,6 +199,93 @@ def sample(
                          f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed})"),
                   soft_wrap=True)
     console.print(escape(f"wrote {result.out}/<label>/<index>.png and {result.out / 'grid.png'}"), soft_wrap=True)
+
+
+ADDRESS_HELP = "The Ray job server (the head's dashboard), e.g. http://127.0.0.1:8265."
+
+
+@app.command()
+def submit(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    address: str = typer.Option(..., "--address", help=ADDRESS_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="Name the workflow. Default: generated."),
+    wait: bool = typer.Option(False, "--wait", help="Stream the job's logs and exit with its outcome."),
+):
+    """Submit `latentflow run CONFIG` as a Ray job, with this repository as its working_dir and the
+    config's ray.runtime_env; prints the submission id."""
+    from pipelines.jobs import JobError, follow, submit as submit_job
+
+    cfg = load(config, set_)  # a bad config fails here, not on the cluster
+    try:
+        submission_id = submit_job(address, config, set_, workflow_id, cfg.ray.runtime_env)
+    except JobError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"submission id: {submission_id}")
+    if not wait:
+        console.print(f"follow it with: latentflow jobs logs {submission_id} --address {address}")
+        return
+    outcome = follow(address, submission_id, lambda text: print(text, end="", flush=True))
+    console.print(f"job {submission_id}: {outcome}")
+    if outcome != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+
+def _jobs_call(fn, *args):
+    from pipelines.jobs import JobError
+
+    try:
+        return fn(*args)
+    except JobError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: str = typer.Option(..., "--address", help=ADDRESS_HELP)):
+    """Every job the cluster knows, newest first."""
+    from pipelines.jobs import list_jobs
+
+    table = Table(title=f"jobs at {address}")
+    for column in ("submission id", "status", "workflow id", "entrypoint"):
+        table.add_column(column)
+    for row in _jobs_call(list_jobs, address):
+        table.add_row(row["submission_id"] or "-", row["status"], row["workflow_id"] or "-", escape(row["entrypoint"]))
+    console.print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(submission_id: str = typer.Argument(...), address: str = typer.Option(..., "--address", help=ADDRESS_HELP)):
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from pipelines.jobs import status
+
+    console.print(_jobs_call(status, address, submission_id))
+
+
+@jobs_app.command("logs")
+def jobs_logs(submission_id: str = typer.Argument(...), address: str = typer.Option(..., "--address", help=ADDRESS_HELP),
+              follow_: bool = typer.Option(False, "--follow", help="Keep streaming until the job ends.")):
+    """The job's driver logs."""
+    from pipelines.jobs import follow, logs
+
+    if follow_:
+        _jobs_call(follow, address, submission_id, lambda text: print(text, end="", flush=True))
+    else:
+        print(_jobs_call(logs, address, submission_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(submission_id: str = typer.Argument(...), address: str = typer.Option(..., "--address", help=ADDRESS_HELP)):
+    """Ask the cluster to stop a job."""
+    from pipelines.jobs import stop
+
+    stopped = _jobs_call(stop, address, submission_id)
+    console.print(f"job {submission_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 def main() -> None:  # pragma: no cover - console entry when run as a module

@@ -5,8 +5,9 @@ Semantics:
   run concurrently;
 - a step's outputs live under ``<root>/steps/<step>/<cache key>/`` and are described by
   ``manifest.json``, written last and atomically: a directory without a manifest is not a result;
-- cache key = sha256(step name, code version, canonical config, upstream manifest digests), so a
-  config change re-runs that step and everything downstream, and nothing upstream;
+- cache key = sha256(step name, code version, canonical config, upstream manifest digests, and for
+  a step that reads an outside source its fingerprint), so a config change, or new data in the
+  source, re-runs that step and everything downstream, and nothing upstream;
 - a manifest whose files fail verification is treated as missing: the step re-runs;
 - re-running (same or new workflow id) serves every verified step from cache.
 """
@@ -48,13 +49,33 @@ class Step:
     config: StepConfig
     inputs: tuple[str, ...] = ()
     code_version: str = "1"
+    # () -> what the step's outside source holds now (e.g. a listing digest); None: no outside source
+    fingerprint: Callable[[], str] | None = None
+
+
+class SourceFingerprint:
+    """A step's ``source_fingerprint(config)``, taken once and remembered (one listing of the source
+    per run, however often the cache key is asked for); picklable, as Steps travel to Ray tasks."""
+
+    def __init__(self, probe: Callable, config: StepConfig):
+        self.probe, self.config, self.value = probe, config, None
+
+    def __call__(self) -> str:
+        if self.value is None:
+            self.value = str(self.probe(self.config))
+        return self.value
 
 
 def step(name: str, entry: StageEntry, config: StepConfig, inputs: tuple[str, ...] = ()) -> Step:
     """Declare a step; its code version is the ``CODE_VERSION`` of the stage's module (bump it when
-    a code change alters what the stage writes, so cached results are not reused)."""
-    version = getattr(sys.modules[entry.__module__], "CODE_VERSION", "1")
-    return Step(name, entry, config, tuple(inputs), str(version))
+    a code change alters what the stage writes, so cached results are not reused). A stage module
+    with ``source_fingerprint(config) -> str`` reads an outside source: its fingerprint, taken once
+    per process, enters the cache key."""
+    module = sys.modules[entry.__module__]
+    version = getattr(module, "CODE_VERSION", "1")
+    probe = getattr(module, "source_fingerprint", None)
+    fingerprint = SourceFingerprint(probe, config) if callable(probe) else None
+    return Step(name, entry, config, tuple(inputs), str(version), fingerprint)
 
 
 @dataclass
@@ -84,6 +105,12 @@ class Workflow:
 def cache_key(s: Step, upstream: dict[str, str]) -> str:
     material = {"step": s.name, "code_version": s.code_version,
                 "config": s.config.cache_relevant(), "upstream": dict(sorted(upstream.items()))}
+    if s.fingerprint is not None:
+        try:
+            material["source"] = s.fingerprint()
+        except Exception as e:  # noqa: BLE001 - the step itself will fail with its own, clearer error
+            log.warning("step %s: cannot fingerprint its source (%s); it will run", s.name, e)
+            material["source"] = f"unavailable: {type(e).__name__}"
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()
 
 

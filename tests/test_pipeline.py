@@ -153,3 +153,31 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("cached") >= len(EXPECTED_STEPS) and " ran " not in second.stdout
     assert "Started a local Ray" not in second.stderr  # a fully cached run never waits for Ray
+
+
+@pytest.mark.integration
+def test_retrain_reruns_only_when_the_source_changes(tmp_path):
+    """What a schedule runs: twice on an unchanged folder nothing re-runs; a new image re-runs the
+    shard step (the source fingerprint is in its cache key)."""
+    import numpy as np
+
+    from components.shard.sources import mnist_arrays
+
+    images, labels = mnist_arrays()
+    source = tmp_path / "digits"
+    for i in range(40):
+        folder = source / str(int(labels[i * 50]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i * 50]).save(folder / f"{i}.png")
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"name: retrain\nstorage: {{root: {tmp_path / 'out'}}}\n"
+                      f"shard: {{source: {source}, image_size: 16, samples_per_shard: 20, val_fraction: 0.2,\n"
+                      f"        resources: {{num_workers: 1}}}}\n")
+    first = cli("retrain", str(config))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "ran shard" in " ".join(first.stdout.split()) and "promotion gate" in first.stdout
+    again = cli("retrain", str(config))
+    assert again.returncode == 0 and "cached shard" in " ".join(again.stdout.split())
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(source / "3" / "new.png")
+    changed = cli("retrain", str(config))
+    assert changed.returncode == 0 and "ran shard" in " ".join(changed.stdout.split()), changed.stdout[-2000:]

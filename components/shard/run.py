@@ -37,7 +37,7 @@ from components.shard.contact_sheet import SheetPicker, contact_sheet, merge
 from components.shard.images import BadSample, decode, encode, prepare
 from components.shard.sources import ShardError, Source, SourceItem, open_source
 
-CODE_VERSION = "1"
+CODE_VERSION = "1"  # the cache key also holds source_fingerprint(cfg): new images re-run the step
 SPLITS = ("train", "val")
 UNLABELLED = "unlabelled"  # the class key of ``info.counts`` for an unlabelled source
 MAX_SKIPPED_LISTED = 1000
@@ -45,7 +45,14 @@ CONTACT_SHEET = "contact_sheet.png"
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CODE_VERSION", "ShardError", "run", "is_val", "shard_name"]
+__all__ = ["CODE_VERSION", "ShardError", "run", "is_val", "shard_name", "source_fingerprint"]
+
+
+def source_fingerprint(cfg: ShardConfig) -> str:
+    """The source's current content as a digest (see ``sources.source_fingerprint``)."""
+    from components.shard.sources import source_fingerprint as fingerprint
+
+    return fingerprint(cfg.source)
 
 
 def is_val(key: str, val_fraction: float) -> bool:

