@@ -149,6 +149,19 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     refused = cli(*student_args, "--step", "distill", "--guidance", "2", "--out", str(tmp_path / "y"), env=s3_env)
     assert refused.returncode == 2 and "--guidance" in refused.stderr
 
+    # `latentflow inspect` answers from the workflow id alone (storage + the MLflow server)
+    inspected = cli("inspect", "wf-one", "--storage", root, "--json", env={**s3_env, "MLFLOW_TRACKING_URI": mlflow_server})
+    assert inspected.returncode == 0, inspected.stderr[-3000:]
+    view = json.loads(inspected.stdout)
+    assert view["status"] == "succeeded" and [s["step"] for s in view["steps"]] == list(EXPECTED_STEPS)
+    by_step = {s["step"]: s for s in view["steps"]}
+    assert by_step["evaluate"]["metrics"]["sample_accuracy"] == evaluation["sample_accuracy"]
+    assert by_step["dit"]["mlflow_status"] == "FINISHED" and "dit.json" in by_step["dit"]["mlflow_artifacts"]
+    assert all(s["status"] == "ran" and not s["cached"] for s in view["steps"])
+    assert by_step["dit"]["location"].startswith(root) and by_step["shard"]["metrics"]["num_train"] > 0
+    listed = cli("runs", "--storage", root, env=s3_env)
+    assert listed.returncode == 0 and "wf-one" in listed.stdout and "succeeded" in listed.stdout
+
     second = cli(*args, env=s3_env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("cached") >= len(EXPECTED_STEPS) and " ran " not in second.stdout
