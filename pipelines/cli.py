@@ -66,13 +66,29 @@ def retrain(
     """What a schedule runs as new data lands: the pipeline, where the shard step's cache key holds a
     fingerprint of the source (file listing with sizes and modification times, or S3 ETags), so an
     unchanged source re-runs nothing and new or changed images re-run the data step and everything
-    downstream. Not yet here: registering the models and the promotion gate (issue 6)."""
-    run_and_report(load(config, set_), workflow_id)
-    console.print("promotion gate: not built yet (the model registry and the gate land with the operations "
-                  "issue); nothing was registered or promoted")
+    downstream. Then every trained component is registered in the MLflow Model Registry, and the
+    promotion gate moves the alias `champion` to this workflow's models only if its evaluation beats
+    the champion's (config `registry`: gate_metric, gate_mode, margin); the decision is logged."""
+    from components.common.tracking import resolve_tracking
+    from pipelines.inspect import read_manifest_at
+    from pipelines.registry import promote
+
+    cfg = load(config, set_)
+    result = run_and_report(cfg, workflow_id)
+    manifests = {}
+    for record in result.steps:
+        manifest = read_manifest_at(record.manifest_uri) if record.manifest_uri else None
+        if manifest is not None:
+            manifests[record.name] = manifest
+    uri, _ = resolve_tracking(cfg.tracking.uri, Storage.from_uri(cfg.storage.root).uri())
+    decision = promote(cfg, uri, result.workflow_id, manifests, result.parent_run_id)
+    versions = ", ".join(f"{name} v{version}" for name, version in decision.versions.items())
+    console.print(escape(f"registered: {versions or 'nothing'}"), soft_wrap=True)
+    console.print(escape(f"promotion gate: {'PROMOTED to champion' if decision.promoted else 'kept the champion'}: "
+                         f"{decision.reason}"), soft_wrap=True)
 
 
-def run_and_report(cfg, workflow_id: str | None) -> None:
+def run_and_report(cfg, workflow_id: str | None):
     from pipelines.runtime import new_workflow_id, run_pipeline
 
     workflow_id = workflow_id or new_workflow_id()
@@ -106,6 +122,7 @@ def run_and_report(cfg, workflow_id: str | None) -> None:
         for r in failed:
             err.print(f"[bold red]step {r.name!r} failed:[/] {r.error}")
         raise typer.Exit(1)
+    return result
 
 
 @app.command()
@@ -144,7 +161,11 @@ def plan(
 
 @app.command()
 def sample(
-    workflow_id: str = typer.Option(..., "--workflow-id", help="The workflow whose DiT samples (see `latentflow run`)."),
+    workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="The workflow whose DiT samples (see `latentflow run`)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Instead of --workflow-id: a registered DiT or "
+                                        "distilled student, models:/NAME@champion or models:/NAME/VERSION."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="--model: the registry's MLflow URI. "
+                                               "Default: MLFLOW_TRACKING_URI."),
     labels: str = typer.Option(..., "--labels", help="Comma-separated class indices or class names, e.g. 0,1,2."),
     per_label: int = typer.Option(..., "--per-label", min=1, help="Images per label."),
     out: str = typer.Option(..., "--out", help="Output folder: OUT/<label>/<index>.png and OUT/grid.png (a row per label)."),
@@ -181,12 +202,16 @@ def sample(
     super-resolution stages) and write them as PNG files."""
     from pipelines.sample import BadFlag, SampleError, sample as sample_images
 
+    if (workflow_id is None) == (model is None):
+        err.print("[bold red]error:[/] give --workflow-id or --model (one of them)")
+        raise typer.Exit(2)
     try:
         result = sample_images(workflow_id, labels, per_label, out, storage=storage, step=step, base=base, sampler=sampler,
                                steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
                                device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
                                                             "guidance": sr_guidance, "aug_level": sr_aug_level,
-                                                            "handoff": sr_handoff})
+                                                            "handoff": sr_handoff},
+                               model=model, tracking_uri=tracking_uri)
     except BadFlag as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2)
@@ -195,7 +220,7 @@ def sample(
         raise typer.Exit(1)
     s = result.sampling
     names = ", ".join(result.classes[i] for i in result.labels)
-    console.print(escape(f"workflow {workflow_id}: {len(result.files) - 1} images of {names} "
+    console.print(escape(f"{workflow_id or model}: {len(result.files) - 1} images of {names} "
                          f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed})"),
                   soft_wrap=True)
     console.print(escape(f"wrote {result.out}/<label>/<index>.png and {result.out / 'grid.png'}"), soft_wrap=True)

@@ -7,7 +7,7 @@ present when the sections of the steps it needs are.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -23,11 +23,21 @@ from components.superres.config import SuperResConfig
 SUPERRES_STEP = "superres_{}"  # the k-th stage's step name, k from 1
 
 
+class RegistryConfig(StrictModel):
+    """``latentflow retrain``'s model registry and promotion gate (see pipelines/registry.py)."""
+
+    model_prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # registered models <prefix>-<step>; None: name
+    gate_metric: str = "sample_accuracy"  # an evaluate metric
+    gate_mode: Literal["max", "min"] = "max"  # max for accuracies, min for distances
+    margin: float = Field(0.0, ge=0)  # the new value must beat the champion's by more than this
+
+
 class PipelineConfig(StrictModel):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     autoencoder: AutoencoderConfig | None = None
     latents: LatentsConfig | None = None

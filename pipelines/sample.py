@@ -187,12 +187,14 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
            step: str = "dit", base: str = "dit", sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
            eta: float | None = None, seed: int | None = None, batch_size: int = 256, device: str = "cpu",
            progress: bool = True, search_base: str | os.PathLike = ".",
-           sr_overrides: dict[str, Any] | None = None) -> SampleResult:
+           sr_overrides: dict[str, Any] | None = None, model: str | None = None,
+           tracking_uri: str | None = None) -> SampleResult:
     """Generate ``per_label`` images for each label with the workflow's DiT and write them.
     ``step="distill"``: the distilled student instead, at its native steps (or ``steps`` where it
     supports them). ``step="cascade"``: the ``base`` sampler's images (dit or distill) go on
     through the workflow's super-resolution stages (``sr_overrides``: sampler, steps, guidance,
-    aug_level, handoff for every stage)."""
+    aug_level, handoff for every stage). ``model``: a registered model instead of a workflow
+    (``sample_registered``)."""
     import torch
 
     from components.autoencoder.load import load_autoencoder
@@ -201,6 +203,9 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
 
     if per_label < 1:
         raise BadFlag(f"--per-label must be at least 1, got {per_label}")
+    if model is not None:
+        return sample_registered(model, tracking_uri, labels, per_label, out, steps, sampler, guidance, eta, seed,
+                                 batch_size, device)
     if base not in ("dit", "distill"):
         raise BadFlag(f"--base must be dit or distill, got {base!r}")
     summary_uri, summary = find_summary(workflow_id, storage, search_base)
@@ -247,6 +252,61 @@ def finish(images, label_ids: list[int], per_label: int, out, classes: list[str]
     out.mkdir(parents=True, exist_ok=True)
     files = write_images(images, label_ids, per_label, out)
     return SampleResult(out, files, label_ids, classes, sampling, summary_uri)
+
+
+def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per_label: int, out,
+                      steps: int | None, sampler: str | None, guidance: float | None, eta: float | None,
+                      seed: int | None, batch_size: int, device: str) -> SampleResult:
+    """``sample`` with a registered model: ``models:/NAME@ALIAS`` (e.g. ``@champion``) or
+    ``models:/NAME/VERSION`` of a DiT or a distilled student, decoded with the autoencoder of the
+    workflow that trained it (the version's ``latentflow.autoencoder_location`` tag)."""
+    import torch
+
+    from components.autoencoder.load import load_autoencoder
+    from pipelines.registry import resolve_model
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise SampleError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    try:
+        source, tags = resolve_model(uri, model_uri)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+    step, ae_location = tags.get("latentflow.step"), tags.get("latentflow.autoencoder_location")
+    if step not in ("dit", "distill") or not ae_location:
+        raise SampleError(f"{model_uri} is a {step!r} model; sampling needs a dit or distill version with its "
+                          "autoencoder (tag latentflow.autoencoder_location)")
+    from components.common.step import read_manifest
+
+    ae_manifest = read_manifest(Storage.from_uri(ae_location))
+    if ae_manifest is None:
+        raise SampleError(f"{model_uri}: its autoencoder at {ae_location} has no manifest")
+    ae, ae_meta = load_autoencoder(ae_manifest, device=device)
+    if step == "distill":
+        from components.distill.sample import generate_student, load_student, supported_steps
+
+        student, meta = load_student(source, device=device)
+        steps = int(meta["native_steps"]) if steps is None else steps
+        if steps not in supported_steps(meta):
+            raise BadFlag(f"--steps {steps}: this student samples with {supported_steps(meta)} steps")
+        sampling = SamplingConfig(steps=steps, guidance=0.0, seed=0 if seed is None else seed)
+    else:
+        from components.dit.load import load_dit
+
+        dit, meta = load_dit(source, device=device)
+        sampling = sampling_config(meta.get("sampling"), sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                   seed=seed)
+    classes = [str(c) for c in (meta.get("classes") or range(int(meta["num_classes"])))]
+    label_ids = parse_labels(labels, classes)
+    label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
+    if step == "distill":
+        images = generate_student(student, meta, ae, ae_meta, label_tensor, steps=steps, seed=sampling.seed,
+                                  batch_size=batch_size)
+    else:
+        from components.dit.generate import generate
+
+        images = generate(dit, meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size)
+    return finish(images, label_ids, per_label, out, classes, sampling, model_uri)
 
 
 def sample_student(summary: dict, summary_uri: str, labels: str, per_label: int, out, stages: list | None,

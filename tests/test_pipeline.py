@@ -167,6 +167,30 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert second.stdout.count("cached") >= len(EXPECTED_STEPS) and " ran " not in second.stdout
     assert "Started a local Ray" not in second.stderr  # a fully cached run never waits for Ray
 
+    # `latentflow retrain`: nothing re-runs; the models are registered and, with no champion yet, promoted
+    retrain_args = ("retrain", *args[1:])
+    promoted = cli(*retrain_args, env=s3_env)
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    assert " ran " not in promoted.stdout and "PROMOTED to champion: no champion yet" in promoted.stdout
+    champion = client.get_model_version_by_alias("smoke-dit", "champion")
+    assert champion.source == steps["dit"]["manifest_uri"].rsplit("/", 1)[0]
+    assert champion.tags["latentflow.cache_key"] == steps["dit"]["cache_key"]
+    assert float(champion.tags["eval.sample_accuracy"]) == evaluation["sample_accuracy"]
+    for name in ("smoke-autoencoder", "smoke-distill", "smoke-superres_1"):
+        assert client.get_model_version_by_alias(name, "champion").tags["latentflow.step"] == name.split("-", 1)[1]
+    kept = cli(*retrain_args, env=s3_env)
+    assert "kept the champion: already the champion" in kept.stdout, kept.stdout[-2000:]
+    assert len(client.search_model_versions("name='smoke-dit'")) == 1  # the same cache key: no new version
+    parent_runs = client.search_runs([exp.experiment_id], "tags.`latentflow.promotion` = 'kept'")
+    assert parent_runs and "promotion.json" in {a.path for a in client.list_artifacts(parent_runs[0].info.run_id)}
+    registered = cli("sample", "--model", "models:/smoke-dit@champion", "--tracking-uri", mlflow_server, "--labels",
+                     "3", "--per-label", "2", "--steps", "3", "--out", str(tmp_path / "registered"), env=s3_env)
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    assert (tmp_path / "registered" / "3" / "1.png").read_bytes() == (out / "3" / "1.png").read_bytes()
+    fast = cli("sample", "--model", "models:/smoke-distill@champion", "--tracking-uri", mlflow_server, "--labels",
+               "7", "--per-label", "1", "--out", str(tmp_path / "registered_student"), env=s3_env)
+    assert fast.returncode == 0 and (tmp_path / "registered_student" / "7" / "0.png").exists(), fast.stderr[-3000:]
+
 
 @pytest.mark.integration
 def test_retrain_reruns_only_when_the_source_changes(tmp_path):
