@@ -263,6 +263,9 @@ def inspect(
             console.print(escape(f"{s['step']}: {s['location']} ({s['artifact_count']} files)"), soft_wrap=True)
         if s.get("error"):
             err.print(escape(f"{s['step']} failed: {s['error']}"), soft_wrap=True)
+    for v in view["registered_models"]:
+        aliases = f" @{', @'.join(v['aliases'])}" if v["aliases"] else ""
+        console.print(escape(f"registered: {v['name']} v{v['version']}{aliases}"), soft_wrap=True)
     console.print(escape(f"MLflow: {view['tracking_uri'] or 'not reachable from here'}; parent run "
                          f"{view['mlflow_parent_run_id']}"), soft_wrap=True)
 

@@ -84,8 +84,28 @@ def inspect_workflow(workflow_id: str, storage: str | None = None, tracking: str
             "status": summary.get("status"), "started_at": summary.get("started_at"),
             "ended_at": summary.get("ended_at"), "summary_uri": summary_uri, "tracking_uri": uri,
             "mlflow_parent_run_id": summary.get("mlflow_parent_run_id"),
-            "registered_models": [],  # the model registry lands with the promotion gate
+            "registered_models": registered_versions(client, summary["steps"]),
             "steps": [step_view(record, client) for record in summary["steps"]]}
+
+
+def registered_versions(client, steps: list[dict]) -> list[dict[str, Any]]:
+    """The registry's versions of the models this workflow's steps hold (matched by cache key,
+    whichever ``latentflow retrain`` registered them), with their aliases."""
+    if client is None:
+        return []
+    found = []
+    for step in steps:
+        if not step.get("cache_key"):
+            continue
+        try:
+            found += client.search_model_versions(f"tag.`latentflow.cache_key` = '{step['cache_key']}'")
+        except Exception:  # noqa: BLE001 - a store without a registry, an unreachable server
+            return []
+    # search results leave aliases out: read each version itself
+    versions = [client.get_model_version(v.name, v.version) for v in found]
+    return sorted(({"name": v.name, "version": v.version, "step": v.tags.get("latentflow.step"),
+                    "aliases": sorted(v.aliases or []), "source": v.source} for v in versions),
+                  key=lambda v: (v["name"], int(v["version"])))
 
 
 def list_workflows(storage: str) -> list[dict[str, Any]]:

@@ -187,6 +187,10 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
                      "3", "--per-label", "2", "--steps", "3", "--out", str(tmp_path / "registered"), env=s3_env)
     assert registered.returncode == 0, registered.stderr[-3000:]
     assert (tmp_path / "registered" / "3" / "1.png").read_bytes() == (out / "3" / "1.png").read_bytes()
+    after = json.loads(cli("inspect", "wf-one", "--storage", root, "--json",
+                           env={**s3_env, "MLFLOW_TRACKING_URI": mlflow_server}).stdout)
+    dit_version = next(v for v in after["registered_models"] if v["name"] == "smoke-dit")
+    assert dit_version["aliases"] == ["champion"] and dit_version["step"] == "dit"
     fast = cli("sample", "--model", "models:/smoke-distill@champion", "--tracking-uri", mlflow_server, "--labels",
                "7", "--per-label", "1", "--out", str(tmp_path / "registered_student"), env=s3_env)
     assert fast.returncode == 0 and (tmp_path / "registered_student" / "7" / "0.png").exists(), fast.stderr[-3000:]
