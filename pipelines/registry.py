@@ -133,23 +133,11 @@ def promote(cfg: PipelineConfig, tracking_uri: str, workflow_id: str, manifests:
 
 def resolve_model(tracking_uri: str, model_uri: str) -> tuple[str, dict[str, str]]:
     """(source location, tags) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
-    from mlflow.exceptions import MlflowException
+    from components.common.warm_start import resolve_registered
 
-    from components.common.tracking import client_for
-
-    if not model_uri.startswith("models:/"):
-        raise ValueError(f"{model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    spec = model_uri.removeprefix("models:/")
-    client = client_for(tracking_uri)
-    try:
-        if "@" in spec:
-            name, alias = spec.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = spec.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-    except MlflowException as e:
-        raise ValueError(f"{model_uri}: not in the registry at {tracking_uri} ({e.message})") from None
+    version = resolve_registered(tracking_uri, model_uri)
+    if version is None:
+        raise ValueError(f"{model_uri}: not in the registry at {tracking_uri}")
     return version.source, dict(version.tags)
 
 

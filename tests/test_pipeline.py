@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -183,10 +184,10 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert len(client.search_model_versions("name='smoke-dit'")) == 1  # the same cache key: no new version
     parent_runs = client.search_runs([exp.experiment_id], "tags.`latentflow.promotion` = 'kept'")
     assert parent_runs and "promotion.json" in {a.path for a in client.list_artifacts(parent_runs[0].info.run_id)}
-    registered = cli("sample", "--model", "models:/smoke-dit@champion", "--tracking-uri", mlflow_server, "--labels",
+    registered = cli("sample", "--model", "models:/smoke-dit/1", "--tracking-uri", mlflow_server, "--labels",
                      "3", "--per-label", "2", "--steps", "3", "--out", str(tmp_path / "registered"), env=s3_env)
     assert registered.returncode == 0, registered.stderr[-3000:]
-    assert (tmp_path / "registered" / "3" / "1.png").read_bytes() == (out / "3" / "1.png").read_bytes()
+    assert (tmp_path / "registered" / "3" / "1.png").read_bytes() == (out / "3" / "1.png").read_bytes()  # wf-one's DiT
     after = json.loads(cli("inspect", "wf-one", "--storage", root, "--json",
                            env={**s3_env, "MLFLOW_TRACKING_URI": mlflow_server}).stdout)
     dit_version = next(v for v in after["registered_models"] if v["name"] == "smoke-dit")
@@ -194,6 +195,15 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     fast = cli("sample", "--model", "models:/smoke-distill@champion", "--tracking-uri", mlflow_server, "--labels",
                "7", "--per-label", "1", "--out", str(tmp_path / "registered_student"), env=s3_env)
     assert fast.returncode == 0 and (tmp_path / "registered_student" / "7" / "0.png").exists(), fast.stderr[-3000:]
+    # a warm-started DiT (from the champion) re-runs the DiT and what follows; the gate compares
+    warm = cli(*retrain_args, "--set", "dit.warm_start=models:/smoke-dit@champion", "--workflow-id", "wf-warm",
+               env=s3_env)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "ran dit" in " ".join(warm.stdout.split()) and "cached autoencoder" in " ".join(warm.stdout.split())
+    assert re.search(r"sample_accuracy \S+ (beats|does not beat) \S+", warm.stdout), warm.stdout[-1500:]
+    warm_summary = json.loads(storage.read_text("workflows/wf-warm/summary.json"))
+    warm_dit = next(r for r in warm_summary["steps"] if r["name"] == "dit")
+    assert client.get_run(warm_dit["mlflow_run_id"]).data.tags["latentflow.warm_start_version"] == "smoke-dit/1"
 
 
 @pytest.mark.integration

@@ -37,6 +37,8 @@ class DitConfig(StepConfig):
     # "latents": train on the latents step's pre-extracted latents; "pixels": encode every batch
     # with the autoencoder on the fly (slower; kept to measure the difference)
     data: Literal["latents", "pixels"] = "latents"
+    # initialise from a registered DiT, e.g. "models:/mnist-dit@champion" (see common/warm_start.py)
+    warm_start: str | None = None
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=2000, batch_size=128, lr=3e-4,
                                                                    ema_decay=0.999))
     sample: SamplingConfig = Field(default_factory=SamplingConfig)  # the grid logged at the end

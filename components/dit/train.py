@@ -48,8 +48,10 @@ class DitTask:
 
     def __init__(self, cfg: DitConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
                  latents: Manifest | None = None, autoencoder: Manifest | None = None,
-                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None, fail_at_step: int | None = None):
+                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None, fail_at_step: int | None = None,
+                 init: tuple[str, str] | None = None):
         self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
+        self.init = init  # (directory URI, weights file) of a warm start
         self.latents_manifest, self.autoencoder_manifest = latents, autoencoder
         self.in_memory = in_memory  # (latents, labels): tests and benchmarks, instead of a manifest
         self.fail_at_step = fail_at_step
@@ -67,9 +69,10 @@ class DitTask:
         return self._schedule
 
     def build_model(self) -> torch.nn.Module:
+        from components.common.warm_start import load_into
         from components.dit.model import DiT
 
-        return DiT(**self.model_kwargs)
+        return load_into(DiT(**self.model_kwargs), self.init)
 
     def set_autoencoder(self, model: torch.nn.Module, meta: dict) -> None:
         """Use an already loaded autoencoder for ``data: pixels`` (benchmarks); else it is loaded
@@ -233,9 +236,16 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
         log.warning("dit: ema_decay %.4g over %d steps keeps %.0f%% of the initial weights in the exported "
                     "EMA weights (used for sampling); lower train.ema_decay", cfg.train.ema_decay,
                     cfg.train.max_steps, 100 * cfg.train.ema_decay ** cfg.train.max_steps)
+    from components.common.warm_start import warm_start_source
+
+    init, warm = warm_start_source(ctx.tracker.tracking_uri if ctx.tracker.enabled else None, cfg.warm_start,
+                                   DIT_WEIGHTS)
+    meta.update(warm)
+    if warm:
+        ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     task_args = dict(cfg=cfg, model_kwargs=model_kwargs, meta=meta, latents=latents, autoencoder=ae_manifest,
-                     fail_at_step=int(fail_at) if fail_at else None)
+                     fail_at_step=int(fail_at) if fail_at else None, init=init)
     task = LatentDitTask(**task_args) if cfg.data == "latents" else PixelDitTask(**task_args, shard=shard)
     ctx.tracker.log_dict(meta, DIT_META)
 

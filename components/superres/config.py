@@ -66,6 +66,8 @@ class SuperResConfig(StepConfig):
     # conditioning to get its loss down, and its x0 estimate is ill-conditioned; a v-model must
     # say what the image is, which the low-resolution input tells it
     prediction: Literal["eps", "v"] = "v"
+    # initialise from a registered stage, e.g. "models:/mnist-superres_1@champion" (common/warm_start.py)
+    warm_start: str | None = None
     class_conditional: bool = False
     class_dropout_prob: float = Field(0.1, ge=0, lt=1)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)

@@ -50,8 +50,10 @@ class SuperResTask:
     """What the trainer trains: model, loss, export; batches from the shard images in memory."""
 
     def __init__(self, cfg: SuperResConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
-                 shard: Manifest | None = None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 shard: Manifest | None = None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 init: tuple[str, str] | None = None):
         self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
+        self.init = init  # (directory URI, weights file) of a warm start
         self.shard_manifest, self.in_memory = shard, in_memory
         self._schedule = self._data = None
 
@@ -66,9 +68,10 @@ class SuperResTask:
         return self._schedule
 
     def build_model(self) -> torch.nn.Module:
+        from components.common.warm_start import load_into
         from components.superres.model import EfficientUNet
 
-        return EfficientUNet(**self.model_kwargs)
+        return load_into(EfficientUNet(**self.model_kwargs), self.init)
 
     def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._data is None:
@@ -201,7 +204,14 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         "parameters": sum(p.numel() for p in probe.parameters()), "max_steps": cfg.train.max_steps,
     }
     del probe
-    task = SuperResTask(cfg, model_kwargs, meta, shard=shard)
+    from components.common.warm_start import warm_start_source
+
+    init, warm = warm_start_source(ctx.tracker.tracking_uri if ctx.tracker.enabled else None, cfg.warm_start,
+                                   SR_WEIGHTS)
+    meta.update(warm)
+    if warm:
+        ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
+    task = SuperResTask(cfg, model_kwargs, meta, shard=shard, init=init)
     ctx.tracker.log_dict(meta, SR_META)
     started = time.perf_counter()
     result = fit(task, cfg.train, ctx, name=ctx.step)

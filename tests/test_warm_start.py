@@ -1,0 +1,49 @@
+"""Warm starts from the MLflow Model Registry (a real SQLite-backed registry): a DiT step's task
+built from ``models:/NAME@champion`` starts from exactly the registered weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from components.common.warm_start import load_into, resolve_registered, warm_start_source
+from components.dit.model import DiT
+from components.dit.train import LatentDitTask, resolve_model_kwargs
+from tests.test_dit import LATENT, dit_cfg
+
+
+def test_a_dit_task_starts_from_the_champion(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    cfg = dit_cfg()
+    kwargs = resolve_model_kwargs(cfg, LATENT, 3)
+    torch.manual_seed(7)
+    champion = LatentDitTask(cfg, kwargs, {}).build_model()
+    source = tmp_path / "dit-output"
+    source.mkdir()
+    save_file(champion.state_dict(), str(source / "dit.safetensors"))
+    client.create_registered_model("toy-dit")
+    version = client.create_model_version("toy-dit", source=str(source))
+    client.set_registered_model_alias("toy-dit", "champion", version.version)
+
+    assert resolve_registered(uri, "models:/toy-dit@champion").version == version.version
+    assert resolve_registered(uri, "models:/toy-dit/1").source == str(source)
+    ref, record = warm_start_source(uri, "models:/toy-dit@champion", "dit.safetensors")
+    assert ref == (str(source), "dit.safetensors") and record["warm_start_version"] == "toy-dit/1"
+    torch.manual_seed(8)  # a different fresh initialisation, overwritten by the warm start
+    started = LatentDitTask(cfg, kwargs, {}, init=ref).build_model()
+    for key, value in champion.state_dict().items():
+        assert torch.equal(started.state_dict()[key], value), key
+
+    # no champion yet (the first scheduled run): from scratch, and recorded as such
+    ref, record = warm_start_source(uri, "models:/toy-dit@nobody", "dit.safetensors")
+    assert ref is None and "from scratch" in record["warm_start_version"]
+    assert warm_start_source(uri, None, "dit.safetensors") == (None, {})
+    with pytest.raises(ValueError, match="expected models:/"):
+        warm_start_source(uri, "toy-dit@champion", "dit.safetensors")
+    bigger = resolve_model_kwargs(dit_cfg(model={"depth": 3}), LATENT, 3)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_into(DiT(**bigger), (str(source), "dit.safetensors"))
