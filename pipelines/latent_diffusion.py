@@ -2,10 +2,13 @@
 
     shard ──► autoencoder ──► latents ──► dit ──► distill ──► evaluate
       ├──► superres_1 ───────────────────────────────────┤
-      └──► superres_2 …  (one step per ``superres`` entry) ┘
+      ├──► superres_2 …  (one step per ``superres`` entry) ┤
+      └──► inception_reference  (with evaluate.inception) ──┘
 
 Each super-resolution stage needs only the shards, so on a cluster the stages train in parallel
 with the autoencoder/DiT branch; they meet in evaluate, which scores the composed cascade.
+``inception_reference`` (the real images' FID/KID features) also needs only the shards, so it is
+computed once per dataset version and served from cache to every later evaluation.
 A preset includes the steps whose sections it has; inputs absent from a preset are dropped
 (e.g. ``dit.data: pixels`` trains without the latents step).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 from components.autoencoder.train import run as train_autoencoder
 from components.distill.train import run as distill
 from components.dit.train import run as train_dit
+from components.evaluate.reference import run as inception_reference
 from components.evaluate.run import run as evaluate
 from components.latents.run import run as encode_latents
 from components.shard.run import run as shard
@@ -23,13 +27,14 @@ from pipelines.config import PipelineConfig
 from pipelines.workflow import Workflow, step
 
 RECIPE = [
-    # step          component            inputs
-    ("shard",       shard,               ()),
-    ("autoencoder", train_autoencoder,   ("shard",)),
-    ("latents",     encode_latents,      ("shard", "autoencoder")),
-    ("dit",         train_dit,           ("shard", "autoencoder", "latents")),
-    ("distill",     distill,             ("autoencoder", "latents", "dit")),
-    ("evaluate",    evaluate,            ("shard", "autoencoder", "dit", "distill")),
+    # step                  component             inputs
+    ("shard",               shard,                ()),
+    ("inception_reference", inception_reference,  ("shard",)),
+    ("autoencoder",         train_autoencoder,    ("shard",)),
+    ("latents",             encode_latents,       ("shard", "autoencoder")),
+    ("dit",                 train_dit,            ("shard", "autoencoder", "latents")),
+    ("distill",             distill,              ("autoencoder", "latents", "dit")),
+    ("evaluate",            evaluate,             ("shard", "autoencoder", "dit", "distill", "inception_reference")),
 ]
 
 

@@ -159,6 +159,26 @@ def test_a_student_moves_toward_its_target(tmp_path, method):
         assert final["levels"] > 2
 
 
+def test_consistency_distillation_in_bf16_runs_the_fp32_target_in_bf16(tmp_path):
+    """On a GPU the target network's fp32 forward cost as much as the rest of the step: its
+    weights stay fp32 (the EMA), its forward runs in the compute dtype."""
+    task = consistency_task(tmp_path, cfg=distill_cfg("consistency_distillation", max_steps=3,
+                                                      precision="bf16", zero_stage=2))
+    output_dtypes, build = [], task.target
+
+    def hooked_target(like):
+        net = build(like)
+        if not output_dtypes:
+            net.final_layer.register_forward_hook(lambda module, args, out: output_dtypes.append(out.dtype))
+        return net
+
+    task.target = hooked_target
+    final = train_loop(task, task.cfg.train, LocalSession(tmp_path / "ckpt"), None)
+    assert final["step"] == 3 and torch.isfinite(torch.tensor(final["loss"]))
+    assert set(output_dtypes) == {torch.bfloat16} and len(output_dtypes) == 3
+    assert {p.dtype for p in task._target.parameters()} == {torch.float32}
+
+
 def test_consistency_resume_restores_the_target_network(tmp_path):
     cfg = distill_cfg("consistency_distillation", max_steps=10, checkpoint_every=4)
     straight = consistency_task(tmp_path, cfg=cfg)

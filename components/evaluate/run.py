@@ -13,7 +13,11 @@
 4. With a distill step among the inputs: the quality-versus-cost table (teacher at
    ``teacher_steps``, the student at its own steps; ``quality_vs_steps.json`` and ``.png``, see
    ``components.evaluate.distill_table``).
-5. With super-resolution stages among the inputs: the first ``cascade_samples_per_class`` samples
+5. With ``inception`` set: FID and KID of the first ``inception.samples_per_class`` samples of
+   each class on Inception-v3 pool features, against the ``inception_reference`` step's real
+   features (``fid``, ``kid``, ``kid_std``, and that step's ``fid_real_baseline``/``kid_real_baseline``),
+   and the same at the cascade's final size (``cascade_fid``, ...). See ``components.evaluate.inception``.
+6. With super-resolution stages among the inputs: the first ``cascade_samples_per_class`` samples
    of each class go on through the cascade and are scored the same way at the final size, by a
    classifier trained on the real images resized as the last stage made its targets
    (``cascade_*`` metrics, ``cascade_samples.png``; see ``components.evaluate.cascade``).
@@ -44,12 +48,12 @@ from components.common.storage import Storage
 from components.common.tracking import png_bytes
 from components.dit.config import SamplingConfig
 from components.dit.generate import class_grid
-from components.evaluate.cascade import CASCADE_GRID, score_cascade, stage_names
+from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cascade, stage_names
 from components.evaluate.classifier import EvalClassifier, build_classifier
 from components.evaluate.config import ClassifierTrainConfig, EvaluateConfig
 from components.evaluate.metrics import frechet_distance_of
 
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_META = "classifier.json"
 SAMPLES_GRID = "eval_samples.png"
@@ -69,18 +73,21 @@ class EvaluateError(ValueError):
 # ---------------------------------------------------------------- real images
 
 
-def read_split(shard: Manifest, split: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_split(shard: Manifest, split: str, size: int | None = None,
+               filter: str = "bicubic") -> tuple[np.ndarray, np.ndarray]:
     """Every sample of one split (``train`` or ``val``) of a shard step, in shard order: uint8
     images (N, C, H, W) and int64 labels (N,), -1 where a sample has none, resized to ``size``
-    when given. Empty arrays when the split has no shards."""
+    with ``filter`` when given (as the autoencoder's base resolution and the SR stages' targets
+    are made). Empty arrays when the split has no shards."""
+    from components.common.resample import resize_uint8
     from components.common.shard_reader import read_image_shards
 
     rels = shard.info.get(f"{split}_shards") or []
     if not rels:
         c, size = int(shard.info.get("channels", 1)), int(size or shard.info.get("image_size", 0))
         return np.zeros((0, c, size, size), np.uint8), np.zeros((0,), np.int64)
-    images, labels, _ = read_image_shards(shard.storage(), rels, shard.info.get("image_format", "png"), size=size)
-    return images, labels
+    images, labels, _ = read_image_shards(shard.storage(), rels, shard.info.get("image_format", "png"))
+    return (resize_uint8(images, size, filter) if size else images), labels
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -278,6 +285,16 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         "frechet_distance_real_baseline": frechet_distance_of(val_features, baseline_features),
         **train_stats,
     }
+    inception = None
+    if cfg.inception_enabled:
+        from components.evaluate.reference import InceptionScorer
+
+        if "inception_reference" not in inputs:
+            raise EvaluateError("evaluate.inception is set, but the step has no inception_reference input")
+        inception = InceptionScorer(inputs["inception_reference"], cfg.inception, device)
+    if inception is not None:  # FID/KID on the first inception.samples_per_class of each class
+        per_class_chosen = cfg.inception.samples_per_class
+        metrics.update(inception("base", images[first_per_class(labels, num_classes, per_class_chosen)]))
     counts = {"train": len(train_x), "val": len(val_x), "generated": len(images),
               "samples_per_class": cfg.samples_per_class, "baseline_train": len(baseline_index)}
     evaluation = {"metrics": metrics, "per_class_accuracy": per_class, "classes": list(classes),
@@ -298,10 +315,15 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         ctx.tracker.log_dict({"rows": rows}, QUALITY_TABLE)
         ctx.tracker.log_image(plot, QUALITY_PLOT)
         files += [QUALITY_TABLE, QUALITY_PLOT]
-    if stage_names(inputs):  # 5. the composed cascade, at the final resolution
-        real = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+    if stage_names(inputs):  # 6. the composed cascade, at the final resolution
+        score_final = None
+        if inception is not None and "cascade" in inception.targets:
+            def score_final(final, final_labels):
+                chosen = first_per_class(final_labels, num_classes, cfg.inception.samples_per_class)
+                return inception("cascade", final[chosen])
         cascade_metrics, cascade_grid, evaluation["cascade"] = score_cascade(
-            cfg, inputs, images, labels, real, list(classes), device, log_metrics=ctx.tracker.log_metrics)
+            cfg, inputs, images, labels, list(classes), device, log_metrics=ctx.tracker.log_metrics,
+            score_images=score_final)
         metrics.update(cascade_metrics)
         ctx.output.write_bytes(CASCADE_GRID, png_bytes(cascade_grid))
         ctx.tracker.log_image(cascade_grid, CASCADE_GRID)
@@ -313,8 +335,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.log_image(grid, SAMPLES_GRID)
     ctx.tracker.log_dict(evaluation, EVALUATION)
-    log.info("evaluate: sample accuracy %.4f, FD %.3f (real baseline %.3f)", metrics["sample_accuracy"],
-             metrics["frechet_distance"], metrics["frechet_distance_real_baseline"])
+    log.info("evaluate: sample accuracy %.4f, FD %.3f (real baseline %.3f)%s", metrics["sample_accuracy"],
+             metrics["frechet_distance"], metrics["frechet_distance_real_baseline"],
+             f"; FID {metrics['fid']:.2f}, KID {metrics['kid']:.4f}" if "fid" in metrics else "")
     return StepOutput(files=files, metrics=metrics,
                       info={"classes": list(classes), "counts": counts, "reference_split": "val",
                             "classifier": CLASSIFIER_WEIGHTS, "classifier_meta": CLASSIFIER_META})
