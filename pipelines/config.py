@@ -17,6 +17,7 @@ from components.distill.config import DistillConfig
 from components.dit.config import DitConfig
 from components.evaluate.config import EvaluateConfig, InceptionReferenceConfig, ReferenceTarget
 from components.latents.config import LatentsConfig
+from components.noisy_classifier.config import NoisyClassifierConfig
 from components.shard.config import ShardConfig
 from components.superres.config import SuperResConfig
 
@@ -43,6 +44,8 @@ class PipelineConfig(StrictModel):
     latents: LatentsConfig | None = None
     dit: DitConfig | None = None
     distill: DistillConfig | None = None  # needs the latents step (the student trains on its latents)
+    # f(y | x_t, t) on the latents, for classifier guidance (needs the latents step; trains beside the DiT)
+    noisy_classifier: NoisyClassifierConfig | None = None
     evaluate: EvaluateConfig | None = None
     # the cascade's super-resolution stages, lowest first: steps superres_1, superres_2, ...
     superres: list[SuperResConfig] | None = None
@@ -50,7 +53,7 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _needed_sections_present(self):
         needs = {"latents": ["autoencoder"], "dit": ["autoencoder"], "evaluate": ["autoencoder", "dit"],
-                 "distill": ["autoencoder", "latents", "dit"]}
+                 "distill": ["autoencoder", "latents", "dit"], "noisy_classifier": ["latents"]}
         if self.dit is not None and self.dit.data == "latents":
             needs["dit"].append("latents")
         for section, required in needs.items():
@@ -58,6 +61,12 @@ class PipelineConfig(StrictModel):
             if missing:
                 raise ValueError(f"section '{section}' needs section(s) {missing}")
         self._check_cascade()
+        if self.noisy_classifier and self.dit:
+            mine, dits = self.noisy_classifier, self.dit
+            if (mine.schedule, mine.num_timesteps) != (dits.schedule, dits.num_timesteps):
+                raise ValueError(f"noisy_classifier is trained on schedule {mine.schedule!r} with {mine.num_timesteps} "
+                                 f"steps, the DiT on {dits.schedule!r} with {dits.num_timesteps}: guidance needs "
+                                 "the same forward process; set noisy_classifier.schedule/num_timesteps to the DiT's")
         inception = self.evaluate.inception if self.evaluate and self.evaluate.inception_enabled else None
         if inception and inception.cascade and self.superres and \
                 inception.samples_per_class > self.evaluate.cascade_samples_per_class:

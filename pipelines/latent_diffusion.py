@@ -1,6 +1,7 @@
 """The latent diffusion pipeline, read as a recipe: one line per step, naming its component and inputs.
 
     shard ──► autoencoder ──► latents ──► dit ──► distill ──► evaluate
+                                       └──► noisy_classifier (classifier guidance)
       ├──► superres_1 ───────────────────────────────────┤
       ├──► superres_2 …  (one step per ``superres`` entry) ┤
       └──► inception_reference  (with evaluate.inception) ──┘
@@ -21,6 +22,7 @@ from components.dit.train import run as train_dit
 from components.evaluate.reference import run as inception_reference
 from components.evaluate.run import run as evaluate
 from components.latents.run import run as encode_latents
+from components.noisy_classifier.train import run as train_noisy_classifier
 from components.shard.run import run as shard
 from components.superres.train import run as train_superres
 from pipelines.config import PipelineConfig
@@ -32,6 +34,7 @@ RECIPE = [
     ("inception_reference", inception_reference,  ("shard",)),
     ("autoencoder",         train_autoencoder,    ("shard",)),
     ("latents",             encode_latents,       ("shard", "autoencoder")),
+    ("noisy_classifier",    train_noisy_classifier, ("latents",)),
     ("dit",                 train_dit,            ("shard", "autoencoder", "latents")),
     ("distill",             distill,              ("autoencoder", "latents", "dit")),
     ("evaluate",            evaluate,             ("shard", "autoencoder", "dit", "distill", "inception_reference")),

@@ -1,0 +1,164 @@
+"""noisy_classifier step: train f(y | x_t, t) on the latents step's latents for classifier guidance.
+
+Training (``NoisyClassifierTask``, on the shared trainer): t uniform on [0, T), x_t = q(x_t | x_0)
+with the DiT's schedule, cross-entropy on the label. It needs only the latents, so on a cluster it
+trains beside the DiT. After training, the EMA classifier is scored on the validation latents at
+``t_buckets`` equal ranges of t (accuracy falls toward chance as t -> T: there is little left to
+classify), logged as ``val_accuracy_t<lo>_<hi>`` and as a chart.
+
+Outputs: ``noisy_classifier.safetensors`` (EMA), ``noisy_classifier_raw.safetensors``,
+``noisy_classifier.json`` (model arguments, schedule, classes; see ``load_noisy_classifier``) and
+``accuracy_by_t.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.common.step import Manifest, StepContext, StepOutput
+from components.noisy_classifier.config import NoisyClassifierConfig
+
+CODE_VERSION = "1"
+WEIGHTS, RAW_WEIGHTS, META = "noisy_classifier.safetensors", "noisy_classifier_raw.safetensors", "noisy_classifier.json"
+CHART = "accuracy_by_t.png"
+
+log = logging.getLogger(__name__)
+
+
+class NoisyClassifierTask:
+    """What the trainer trains. Every worker holds the training latents (MNIST scale, like the DiT)."""
+
+    def __init__(self, cfg: NoisyClassifierConfig, meta: dict[str, Any], latents: Manifest | None = None,
+                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.cfg, self.meta, self.latents_manifest, self.in_memory = cfg, dict(meta), latents, in_memory
+        self._schedule = self._data = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_schedule": None, "_data": None}
+
+    @property
+    def schedule(self):
+        from components.diffusion import NoiseSchedule
+
+        if self._schedule is None:
+            self._schedule = NoiseSchedule.from_name(self.cfg.schedule, self.cfg.num_timesteps)
+        return self._schedule
+
+    def build_model(self) -> torch.nn.Module:
+        from components.noisy_classifier.model import NoisyClassifier
+
+        return NoisyClassifier(**self.meta["model"])
+
+    def batches(self, epoch: int, rank: int, world_size: int):
+        from components.latents.data import latent_batches, load_latent_shards
+
+        if self._data is None:
+            self._data = self.in_memory or tuple(map(torch.as_tensor, load_latent_shards(self.latents_manifest)))
+        return latent_batches(*self._data, self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
+                              rank=rank, world_size=world_size)
+
+    def loss(self, model, batch, step, generator):
+        from components.diffusion import q_sample
+
+        x0, y = batch["latent"], batch["label"].long().clamp(min=0)
+        dtype = x0.dtype  # the compute dtype; the forward process in fp32
+        t = torch.randint(0, self.cfg.num_timesteps, (len(x0),), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_t = q_sample(self.schedule, x0.float(), t, noise)
+        logits = model(x_t.to(dtype), t).float()
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss, {"accuracy": float((logits.argmax(1) == y).float().mean())}
+
+    def export(self, model, ema_model, out_dir: Path) -> None:
+        from components.common.task_parts import export_weights
+
+        export_weights(model, ema_model, out_dir, WEIGHTS, RAW_WEIGHTS, META, self.meta)
+
+
+def load_noisy_classifier(source, device: str = "cpu", ema: bool = True) -> tuple[torch.nn.Module, dict]:
+    """(classifier in eval mode, meta) from the step's manifest, Storage or URI; safetensors only."""
+    import safetensors.torch
+
+    from components.common.storage import Storage
+    from components.noisy_classifier.model import NoisyClassifier
+
+    storage = Storage.from_uri(source) if isinstance(source, str) else \
+        source if isinstance(source, Storage) else source.storage()
+    meta = json.loads(storage.read_text(META))
+    model = NoisyClassifier(**meta["model"])
+    model.load_state_dict(safetensors.torch.load(storage.read_bytes(WEIGHTS if ema else RAW_WEIGHTS)))
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def accuracy_by_t(model: torch.nn.Module, schedule, latents: torch.Tensor, labels: torch.Tensor, buckets: int,
+                  seed: int = 0, batch_size: int = 500) -> list[dict[str, float]]:
+    """[{t_low, t_high, accuracy}] for ``buckets`` equal ranges of t; every latent is noised once per
+    bucket at a t drawn uniformly from the range (seeded), so the buckets see the same images."""
+    from components.diffusion import q_sample
+
+    generator = torch.Generator().manual_seed(seed)
+    edges = torch.linspace(0, schedule.num_timesteps, buckets + 1).long().tolist()
+    rows = []
+    for low, high in zip(edges, edges[1:]):
+        t = torch.randint(low, high, (len(latents),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        correct = 0
+        for start in range(0, len(latents), batch_size):
+            part = slice(start, start + batch_size)
+            x_t = q_sample(schedule, latents[part].float(), t[part], noise[part])
+            correct += int((model(x_t, t[part]).argmax(1) == labels[part]).sum())
+        rows.append({"t_low": low, "t_high": high - 1, "accuracy": correct / max(1, len(latents))})
+    return rows
+
+
+def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
+    from components.common.plot import line_chart
+    from components.common.tracking import png_bytes
+    from components.common.trainer import fit
+    from components.latents.data import load_latent_shards
+    from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS, NoisyClassifier
+
+    latents = inputs["latents"]
+    classes = latents.info.get("classes")
+    if not classes or len(classes) < 2:
+        raise ValueError(f"noisy_classifier needs a labelled dataset with 2 or more classes; the latents step "
+                         f"({latents.location}) has classes {classes}")
+    if cfg.preset not in NOISY_CLASSIFIER_PRESETS:
+        raise ValueError(f"noisy_classifier.preset: unknown preset {cfg.preset!r}; valid: "
+                         f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")
+    shape = [int(s) for s in latents.info["latent_shape"]]
+    model_kwargs = {**NOISY_CLASSIFIER_PRESETS[cfg.preset], "in_channels": shape[0], "num_classes": len(classes),
+                    **cfg.model}
+    probe = NoisyClassifier(**model_kwargs)
+    meta = {"preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule,
+            "num_timesteps": cfg.num_timesteps, "classes": list(classes), "latent_shape": shape,
+            "parameters": sum(p.numel() for p in probe.parameters())}
+    del probe
+    result = fit(NoisyClassifierTask(cfg, meta, latents=latents), cfg.train, ctx)
+    files = result.upload_to(ctx.output)
+
+    model, _ = load_noisy_classifier(ctx.output)
+    val_x, val_y = load_latent_shards(latents, split="val")
+    val_x, val_y = torch.as_tensor(val_x)[:cfg.val_samples], torch.as_tensor(val_y)[:cfg.val_samples]
+    task = NoisyClassifierTask(cfg, meta)
+    rows = accuracy_by_t(model, task.schedule, val_x, val_y, cfg.t_buckets, seed=cfg.train.seed)
+    metrics = {f"val_accuracy_t{r['t_low']}_{r['t_high']}": r["accuracy"] for r in rows}
+    metrics.update({"loss": float(result.metrics.get("loss", float("nan"))),
+                    "train_accuracy": float(result.metrics.get("accuracy", float("nan"))),
+                    "val_samples": float(len(val_x))})
+    chart = line_chart({"validation accuracy": [((r["t_low"] + r["t_high"]) / 2, r["accuracy"]) for r in rows]},
+                       title="noisy classifier: accuracy against t", x_label="t", y_label="accuracy",
+                       log2_x=False)
+    ctx.output.write_bytes(CHART, png_bytes(chart))
+    ctx.tracker.log_image(chart, CHART)
+    ctx.tracker.log_metrics(metrics)
+    ctx.tracker.log_dict({"accuracy_by_t": rows, **meta}, META)
+    log.info("noisy_classifier: validation accuracy by t %s", ", ".join(
+        f"[{r['t_low']}, {r['t_high']}] {r['accuracy']:.3f}" for r in rows))
+    return StepOutput(files=files + [CHART], metrics=metrics, info={**meta, "accuracy_by_t": rows})
