@@ -1,7 +1,7 @@
 """The latent diffusion pipeline, read as a recipe: one line per step, naming its component and inputs.
 
-    shard ──► autoencoder ──► latents ──► dit ──► distill ──► evaluate
-                                       └──► noisy_classifier (classifier guidance)
+    shard ──► autoencoder ──► latents ─┬─► dit ──► distill ──► evaluate
+      │                                 └─► noisy_classifier  (classifier guidance)
       ├──► superres_1 ───────────────────────────────────┤
       ├──► superres_2 …  (one step per ``superres`` entry) ┤
       └──► inception_reference  (with evaluate.inception) ──┘
