@@ -1,4 +1,4 @@
-"""Config of the autoencoder step (KL-regularised, as in Latent Diffusion)."""
+"""Config of the autoencoder step (KL- or VQ-regularised, as in Latent Diffusion)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,21 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from components.common.config import StepConfig
+from components.common.config import StepConfig, StrictModel
 from components.common.trainer import TrainConfig
+
+
+class VQConfig(StrictModel):
+    """The codebook of ``regularizer: vq`` (see ``quantize.py``). Its dimension is the model's
+    ``latent_channels`` (LDM's embed_dim): set ``autoencoder.model.latent_channels`` to change it."""
+
+    codebook_size: int = Field(512, ge=2)
+    beta: float = Field(0.25, ge=0)  # commitment weight (VQ-VAE, LDM: 0.25)
+    ema_decay: float = Field(0.99, gt=0, lt=1)  # of the codebook's cluster sizes and sums (VQ-VAE: 0.99)
+    # a code whose EMA cluster size (assignments per step, all workers) falls below this is
+    # re-seeded from an encoder output of the batch; 0: never
+    dead_code_threshold: float = Field(1.0, ge=0)
+    epsilon: float = Field(1e-5, gt=0)  # Laplace smoothing of the cluster sizes (Sonnet: 1e-5)
 
 
 class AutoencoderConfig(StepConfig):
@@ -17,8 +30,10 @@ class AutoencoderConfig(StepConfig):
     # super-resolution stages take the samples up to the shard size.
     image_size: int | None = Field(None, ge=8)
     model: dict[str, Any] = Field(default_factory=dict)  # overrides of the preset's arguments
-    regularizer: Literal["kl"] = "kl"
-    kl_weight: float = Field(1e-6, ge=0)
+    # "kl": Gaussian posterior + kl_weight·KL; "vq": EMA codebook (the vq section) + β·commitment
+    regularizer: Literal["kl", "vq"] = "kl"
+    kl_weight: float = Field(1e-6, ge=0)  # kl only
+    vq: VQConfig = Field(default_factory=VQConfig)  # vq only
     reconstruction_loss: Literal["l1", "l2"] = "l1"
     # PatchGAN discriminator: switched on at this optimizer step (None: never)
     disc_start: int | None = Field(None, ge=0)
@@ -40,3 +55,10 @@ class AutoencoderConfig(StepConfig):
     # 500 steps; 0.999 would keep 61%.
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, batch_size=64, lr=1e-3,
                                                                    ema_decay=0.99))
+
+    def cache_relevant(self) -> dict[str, Any]:
+        """Only the chosen regularizer's settings: a kl config keeps the cache key it had before
+        ``vq`` existed, and a vq config does not re-run for a new ``kl_weight``."""
+        dumped = super().cache_relevant()
+        dumped.pop("vq" if self.regularizer == "kl" else "kl_weight")
+        return dumped

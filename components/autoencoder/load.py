@@ -3,16 +3,20 @@ between images and *scaled* latents.
 
 The step writes two files:
 
-- ``autoencoder.safetensors`` (``AE_WEIGHTS``): the EMA weights of the ``AutoencoderKL`` only
-  (no discriminator), fp32;
-- ``autoencoder.json`` (``AE_META``): ``preset``; ``model`` (the resolved ``AutoencoderKL``
-  keyword arguments, enough to rebuild it without the presets table); ``downsample_factor`` (f);
-  ``latent_channels``; ``latent_shape`` [c, H/f, W/f]; ``image_size``; ``channels``;
-  ``image_format``; ``scale_factor``; ``scale_from`` ("sample": 1/std of posterior samples, LDM);
-  ``classes`` (list of names or null).
+- ``autoencoder.safetensors`` (``AE_WEIGHTS``): the EMA weights of the ``AutoencoderKL`` or
+  ``AutoencoderVQ`` only (no discriminator), fp32; a VQ model's codebook buffers (``quantizer.*``)
+  are the live ones (the trainer's EMA copies buffers), the rest are EMA weights;
+- ``autoencoder.json`` (``AE_META``): ``preset``; ``regularizer`` ("kl" or "vq"; absent in
+  files written before VQ existed: "kl"); ``model`` (the resolved keyword arguments of that class,
+  codebook arguments included, enough to rebuild it without the presets table);
+  ``downsample_factor`` (f); ``latent_channels``; ``latent_shape`` [c, H/f, W/f]; ``image_size``;
+  ``channels``; ``image_format``; ``scale_factor``; ``scale_from`` ("sample": 1/std of posterior
+  samples, LDM; "pre_quantization": 1/std of a VQ encoder's outputs); ``classes`` (list of names or
+  null).
 
 Diffusion models work on ``z * scale_factor`` (unit variance), never on raw ``z``; use
-``encode_scaled``/``decode_scaled`` and the factor cannot be forgotten or applied twice.
+``encode_scaled``/``decode_scaled`` and the factor cannot be forgotten or applied twice. For a VQ
+autoencoder ``z`` is the continuous pre-quantisation latent, and decoding quantises it first.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from components.autoencoder.model import AutoencoderKL
+from components.autoencoder.model import AUTOENCODER_CLASSES, AutoencoderKL, AutoencoderVQ
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
@@ -37,7 +41,8 @@ class AutoencoderLoadError(RuntimeError):
     pass
 
 
-def load_autoencoder(manifest: "Manifest", device: str | torch.device = "cpu") -> tuple[AutoencoderKL, dict]:
+def load_autoencoder(manifest: "Manifest", device: str | torch.device = "cpu"
+                     ) -> tuple[AutoencoderKL | AutoencoderVQ, dict]:
     """(model in eval mode on ``device``, meta dict) from the autoencoder step's manifest, local or
     on S3. The weights' sha256 is checked against the manifest; nothing is unpickled."""
     from safetensors.torch import load as load_safetensors
@@ -51,7 +56,10 @@ def load_autoencoder(manifest: "Manifest", device: str | torch.device = "cpu") -
         raise AutoencoderLoadError(f"{manifest.location}: the manifest does not list {AE_WEIGHTS}") from e
     if hashlib.sha256(data).hexdigest() != expected:
         raise AutoencoderLoadError(f"{storage.uri(AE_WEIGHTS)}: sha256 differs from the manifest's")
-    model = AutoencoderKL(**meta["model"])
+    regularizer = meta.get("regularizer", "kl")
+    if regularizer not in AUTOENCODER_CLASSES:
+        raise AutoencoderLoadError(f"{storage.uri(AE_META)}: unknown regularizer {regularizer!r}")
+    model = AUTOENCODER_CLASSES[regularizer](**meta["model"])
     model.load_state_dict(load_safetensors(data), strict=True)
     return model.to(device).eval(), meta
 
@@ -67,10 +75,11 @@ def to_model_range(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_scaled(model: AutoencoderKL, meta: dict, images, generator: torch.Generator | None = None,
+def encode_scaled(model: AutoencoderKL | AutoencoderVQ, meta: dict, images, generator: torch.Generator | None = None,
                   sample: bool = False) -> torch.Tensor:
     """Images (N, C, H, W), uint8 or float in [-1, 1] -> scaled latents (N, c, H/f, W/f):
-    the posterior mode (or a sample with ``sample=True``) times ``meta["scale_factor"]``."""
+    the posterior mode (or a sample with ``sample=True``; a VQ encoder is deterministic, both are
+    its pre-quantisation latent) times ``meta["scale_factor"]``."""
     param = next(model.parameters())
     x = to_model_range(images).to(param.device, param.dtype)
     posterior = model.encode(x)
@@ -79,8 +88,9 @@ def encode_scaled(model: AutoencoderKL, meta: dict, images, generator: torch.Gen
 
 
 @torch.no_grad()
-def decode_scaled(model: AutoencoderKL, meta: dict, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (N, c, h, w) -> images (N, C, H, W) in [-1, 1] (clamped), float32."""
+def decode_scaled(model: AutoencoderKL | AutoencoderVQ, meta: dict, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (N, c, h, w) -> images (N, C, H, W) in [-1, 1] (clamped), float32; a VQ
+    model snaps them to its codebook first."""
     param = next(model.parameters())
     z = latents.to(param.device, param.dtype) / meta["scale_factor"]
     return model.decode(z).float().clamp(-1.0, 1.0)  # (N, C, H, W)

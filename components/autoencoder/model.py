@@ -1,6 +1,8 @@
-"""KL-regularised convolutional autoencoder of Latent Diffusion (Rombach et al. 2022, Sec. 3 and
-App. G): ResNet encoder -> diagonal Gaussian over a c-channel latent at 1/f resolution -> ResNet
-decoder. Plain nn.Module: no parallelism, no I/O, no perceptual loss (that lives in training)."""
+"""The convolutional autoencoders of Latent Diffusion (Rombach et al. 2022, Sec. 3 and App. G):
+ResNet encoder -> c-channel latent at 1/f resolution -> ResNet decoder, regularised either by a KL
+term (``AutoencoderKL``: a diagonal Gaussian posterior) or by vector quantisation
+(``AutoencoderVQ``: a codebook absorbed into the decoder). Plain nn.Modules: no parallelism, no I/O,
+no perceptual loss (that lives in training)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from components.autoencoder.quantize import CodeStats, VectorQuantizer
 
 AUTOENCODER_PRESETS: dict[str, dict] = {
     # Test-sized: f=2, about 0.1M parameters.
@@ -186,8 +190,82 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out.weight
 
 
-def build_autoencoder(preset: str, **overrides) -> AutoencoderKL:
-    """Build an AutoencoderKL from an AUTOENCODER_PRESETS key; keyword overrides replace preset values."""
+class DeterministicLatent:
+    """A point mass at the VQ encoder's pre-quantisation latent, with the posterior's interface:
+    ``mode()`` and ``sample()`` are both the latent, ``kl()`` is zero."""
+
+    def __init__(self, latent: torch.Tensor):
+        self.mean = latent  # (N, c, h, w)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        return self.mean.new_zeros(self.mean.shape[0])
+
+
+class AutoencoderVQ(nn.Module):
+    """LDM's VQ-regularised first stage (``VQModelInterface``): ``encode`` gives the continuous
+    pre-quantisation latent (what the latents step stores and the DiT diffuses); ``decode(z)``
+    quantises ``z`` with the codebook, then decodes, so the quantiser belongs to the decoder.
+    The codebook's dimension is ``latent_channels`` (LDM's ``embed_dim``)."""
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 128, channel_mult: tuple[int, ...] = (1, 2, 4, 4),
+                 num_res_blocks: int = 2, latent_channels: int = 4, use_attention: bool = True,
+                 codebook_size: int = 8192, beta: float = 0.25, ema_decay: float = 0.99,
+                 dead_code_threshold: float = 1.0, epsilon: float = 1e-5):
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        self.in_channels = in_channels
+        self.latent_channels = latent_channels
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.encoder = Encoder(in_channels, base_channels, channel_mult, num_res_blocks, latent_channels,
+                               use_attention)
+        self.quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.decoder = Decoder(in_channels, base_channels, channel_mult, num_res_blocks, latent_channels,
+                               use_attention)
+        self.quantizer = VectorQuantizer(codebook_size, latent_channels, beta, ema_decay, dead_code_threshold,
+                                         epsilon)
+
+    def encode(self, x: torch.Tensor) -> DeterministicLatent:
+        return DeterministicLatent(self.quant_conv(self.encoder(x)))  # (N, c, H/f, W/f)
+
+    def quantize(self, z: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, CodeStats]:
+        """(quantised z, β·commitment loss, code statistics); updates the codebook in train mode."""
+        return self.quantizer(z, generator)
+
+    def decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(quantized))  # (N, C_img, H, W)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode_quantized(self.quantize(z)[0])  # (N, C_img, H, W)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DeterministicLatent]:
+        latent = self.encode(x)  # deterministic: sample_posterior changes nothing
+        return self.decode(latent.mode()), latent  # (N, C_img, H, W)
+
+    def last_layer_weight(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+
+# autoencoder.regularizer -> the class that implements it
+AUTOENCODER_CLASSES: dict[str, type[nn.Module]] = {"kl": AutoencoderKL, "vq": AutoencoderVQ}
+
+
+def build_autoencoder(preset: str, regularizer: str = "kl", **overrides) -> AutoencoderKL | AutoencoderVQ:
+    """Build an autoencoder from an AUTOENCODER_PRESETS key and a regularizer ("kl" or "vq");
+    keyword overrides replace preset values (and give a VQ model its codebook arguments)."""
     if preset not in AUTOENCODER_PRESETS:
         raise ValueError(f"unknown autoencoder preset {preset!r}; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
-    return AutoencoderKL(**{**AUTOENCODER_PRESETS[preset], **overrides})
+    if regularizer not in AUTOENCODER_CLASSES:
+        raise ValueError(f"unknown regularizer {regularizer!r}; valid: {', '.join(AUTOENCODER_CLASSES)}")
+    return AUTOENCODER_CLASSES[regularizer](**{**AUTOENCODER_PRESETS[preset], **overrides})

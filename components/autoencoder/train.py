@@ -1,10 +1,12 @@
-"""Autoencoder step: train the KL autoencoder (LDM's first stage) on the shard step's images.
+"""Autoencoder step: train LDM's first stage, KL- or VQ-regularised (``regularizer``), on the shard
+step's images.
 
-One ``nn.Module`` (``AutoencoderTrainModule``) holds the ``AutoencoderKL`` and, when ``disc_start``
-is set, a ``PatchDiscriminator``; ONE DeepSpeed engine and optimizer train both, from one backward
-over the sum of (see ``autoencoder_losses``)
+One ``nn.Module`` (``AutoencoderTrainModule``) holds the ``AutoencoderKL`` (or ``AutoencoderVQ``)
+and, when ``disc_start`` is set, a ``PatchDiscriminator``; ONE DeepSpeed engine and optimizer train
+both, from one backward over the sum of (see ``autoencoder_losses``)
 
     rec + lpips_weight·LPIPS + kl_weight·KL/pixels          autoencoder (LDM's loss / pixel count)
+      (vq: + β·commitment instead of the KL term; the codebook follows its own EMA, quantize.py)
     + [step >= disc_start] adaptive_weight·disc_weight·g     autoencoder, through the critic
     + [step >= disc_start] hinge(D(x), D(x̂))                 discriminator
 
@@ -20,9 +22,11 @@ KL is LDM's (summed over latent dimensions, mean over the batch) divided by the 
 the mean reconstruction loss, so ``kl_weight`` means what it means in LDM configs (1e-6).
 
 After ``fit``, on the step's own task: load the exported EMA weights, estimate the latent scale
-factor (1/std of posterior *samples* over ``scale_estimate_samples`` training images, LDM), measure
-PSNR/MSE of posterior-*mode* reconstructions of ``val_samples`` validation images, and write
-``autoencoder.safetensors``, ``autoencoder.json`` (see ``load.py``) and ``reconstructions.png``.
+factor (1/std of posterior *samples* over ``scale_estimate_samples`` training images, LDM; vq: of
+the pre-quantisation latents), measure PSNR/MSE of posterior-*mode* reconstructions of
+``val_samples`` validation images (vq: through the codebook, with its usage and perplexity over
+those images), and write ``autoencoder.safetensors``, ``autoencoder.json`` (see ``load.py``) and
+``reconstructions.png``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from components.autoencoder.config import AutoencoderConfig
 from components.autoencoder.discriminator import PatchDiscriminator, adaptive_disc_weight, hinge_d_loss
 from components.autoencoder.load import AE_META, AE_WEIGHTS, to_model_range
 from components.autoencoder.lpips import check_lpips_file, load_lpips
-from components.autoencoder.model import AUTOENCODER_PRESETS, AutoencoderKL
+from components.autoencoder.model import AUTOENCODER_CLASSES, AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderVQ
+from components.autoencoder.quantize import code_statistics
 from components.common.images import image_grid
 from components.common.shard_reader import rank_batch_indices, read_image_shards
 from components.common.step import Manifest, StepContext, StepOutput
@@ -63,7 +68,7 @@ class AutoencoderTrainModule(nn.Module):
 
     def __init__(self, model_kwargs: dict[str, Any], cfg: AutoencoderConfig):
         super().__init__()
-        self.ae = AutoencoderKL(**model_kwargs)
+        self.ae = AUTOENCODER_CLASSES[cfg.regularizer](**model_kwargs)
         self.disc = (PatchDiscriminator(model_kwargs["in_channels"], cfg.disc_channels, cfg.disc_layers)
                      if cfg.disc_start is not None else None)
 
@@ -77,8 +82,12 @@ def autoencoder_losses(module: AutoencoderTrainModule, images: torch.Tensor, ste
                        lpips: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """(total loss, metrics) of one batch in [-1, 1]; see the module docstring for the terms."""
     ae = module.ae
-    posterior = ae.encode(images)
-    recon = ae.decode(posterior.sample(generator))  # (N, C, H, W)
+    if cfg.regularizer == "kl":
+        posterior = ae.encode(images)
+        recon = ae.decode(posterior.sample(generator))  # (N, C, H, W)
+    else:  # the generator picks the encoder outputs that re-seed dead codes
+        quantized, vq_loss, codes = ae.quantize(ae.encode(images).mode(), generator)  # (N, c, h, w)
+        recon = ae.decode_quantized(quantized)  # (N, C, H, W)
     x, xr = images.float(), recon.float()
     pixel = (x - xr).abs() if cfg.reconstruction_loss == "l1" else (x - xr).pow(2)
     rec = pixel.mean()
@@ -88,9 +97,14 @@ def autoencoder_losses(module: AutoencoderTrainModule, images: torch.Tensor, ste
         perceptual = lpips(x, xr).mean()
         nll = nll + cfg.lpips_weight * perceptual
         metrics["lpips"] = perceptual.item()
-    kl = posterior.kl().float().mean()  # summed over latent dims, mean over the batch
-    loss = nll + cfg.kl_weight * kl / x[0].numel()
-    metrics["kl"] = kl.item()
+    if cfg.regularizer == "kl":
+        kl = posterior.kl().float().mean()  # summed over latent dims, mean over the batch
+        loss = nll + cfg.kl_weight * kl / x[0].numel()
+        metrics["kl"] = kl.item()
+    else:  # codebook statistics of the batch (all workers')
+        loss = nll + vq_loss
+        metrics.update(vq_loss=vq_loss.item(), vq_batch_usage=codes.usage.item(),
+                       vq_batch_perplexity=codes.perplexity.item())
     if gan_active(cfg, step):
         disc = module.disc
         frozen = {name: p.detach() for name, p in disc.named_parameters()}
@@ -166,7 +180,8 @@ class AutoencoderStreamTask(AutoencoderTask):
 
 
 def resolve_model_kwargs(cfg: AutoencoderConfig, info: dict[str, Any]) -> dict[str, Any]:
-    """The preset with ``cfg.model`` applied, checked against the shards' channels and size."""
+    """The preset with ``cfg.model`` applied, checked against the shards' channels and size; for
+    ``regularizer: vq`` the ``vq`` section's codebook arguments are added."""
     if cfg.preset not in AUTOENCODER_PRESETS:
         raise ValueError(f"autoencoder.preset: unknown {cfg.preset!r}; valid: {', '.join(AUTOENCODER_PRESETS)}")
     kwargs = {**AUTOENCODER_PRESETS[cfg.preset], **cfg.model}
@@ -183,6 +198,8 @@ def resolve_model_kwargs(cfg: AutoencoderConfig, info: dict[str, Any]) -> dict[s
     size = base_size(cfg, info)
     if size % f:
         raise ValueError(f"image_size {size} is not divisible by the autoencoder's factor f={f}")
+    if cfg.regularizer == "vq":
+        kwargs.update(cfg.vq.model_dump())
     return kwargs
 
 
@@ -192,8 +209,9 @@ def base_size(cfg: AutoencoderConfig, info: dict[str, Any]) -> int:
 
 
 @torch.no_grad()
-def estimate_scale_factor(model: AutoencoderKL, images: np.ndarray, seed: int = 0) -> float:
-    """1 / std of posterior samples over ``images`` (all latent elements together), as in LDM."""
+def estimate_scale_factor(model: AutoencoderKL | AutoencoderVQ, images: np.ndarray, seed: int = 0) -> float:
+    """1 / std of posterior samples over ``images`` (all latent elements together), as in LDM; for
+    a VQ model the "sample" is the pre-quantisation latent."""
     generator = torch.Generator().manual_seed(seed)
     latents = [model.encode(to_model_range(images[i:i + EVAL_BATCH])).sample(generator)
                for i in range(0, len(images), EVAL_BATCH)]
@@ -201,14 +219,34 @@ def estimate_scale_factor(model: AutoencoderKL, images: np.ndarray, seed: int = 
 
 
 @torch.no_grad()
-def reconstruction_metrics(model: AutoencoderKL, images: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
+def reconstruction_metrics(model: AutoencoderKL | AutoencoderVQ,
+                           images: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
     """({"val_psnr", "val_mse"}, reconstructions in [-1, 1]) of posterior-mode reconstructions.
-    MSE on [0, 1] pixels per image; PSNR is the mean of per-image 10·log10(1/MSE)."""
-    recons = torch.cat([model.decode(model.encode(to_model_range(images[i:i + EVAL_BATCH])).mode()).clamp(-1, 1)
-                        for i in range(0, len(images), EVAL_BATCH)])
+    MSE on [0, 1] pixels per image; PSNR is the mean of per-image 10·log10(1/MSE). A VQ model
+    (in eval mode, so that measuring does not move its codebook) adds "val_codebook_usage" (fraction
+    of codes that some position of these images uses) and "val_codebook_perplexity" (exp of the
+    entropy of the codes' frequencies over them)."""
+    vq = isinstance(model, AutoencoderVQ)
+    if vq and model.training:
+        raise ValueError("reconstruction_metrics: put the VQ autoencoder in eval mode first (in train mode "
+                         "every forward updates its codebook)")
+    chunks, counts = [], None
+    for i in range(0, len(images), EVAL_BATCH):
+        z = model.encode(to_model_range(images[i:i + EVAL_BATCH])).mode()  # (B, c, h, w)
+        if vq:
+            quantized, _, codes = model.quantize(z)
+            counts = codes.counts if counts is None else counts + codes.counts
+            chunks.append(model.decode_quantized(quantized).clamp(-1, 1))
+        else:
+            chunks.append(model.decode(z).clamp(-1, 1))
+    recons = torch.cat(chunks)
     mse = ((recons - to_model_range(images)) / 2).pow(2).flatten(1).mean(1)  # (N,)
     psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-    return {"val_psnr": float(psnr.mean()), "val_mse": float(mse.mean())}, recons
+    quality = {"val_psnr": float(psnr.mean()), "val_mse": float(mse.mean())}
+    if vq:
+        usage, perplexity = code_statistics(counts)
+        quality.update(val_codebook_usage=float(usage), val_codebook_perplexity=float(perplexity))
+    return quality, recons
 
 
 def reconstruction_grid(originals: np.ndarray, recons: torch.Tensor):
@@ -234,8 +272,8 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
     info = shard.info
     check_lpips_file(cfg.lpips_weights)
     if cfg.lpips_weights is None:
-        log.info("autoencoder: LPIPS off (lpips_weights: null); training on %s + KL%s", cfg.reconstruction_loss,
-                 " + GAN" if cfg.disc_start is not None else "")
+        log.info("autoencoder: LPIPS off (lpips_weights: null); training on %s + %s%s", cfg.reconstruction_loss,
+                 "KL" if cfg.regularizer == "kl" else "VQ", " + GAN" if cfg.disc_start is not None else "")
     if cfg.disc_start is not None and cfg.train.zero_stage == 3:
         raise ValueError("autoencoder: the discriminator (disc_start) needs train.zero_stage 0-2")
     if cfg.train.ema_decay ** cfg.train.max_steps > 0.05:
@@ -263,7 +301,7 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
 
     from safetensors.torch import load_file
 
-    model = AutoencoderKL(**model_kwargs)
+    model = AUTOENCODER_CLASSES[cfg.regularizer](**model_kwargs)
     model.load_state_dict(load_file(str(result.export_dir / AE_WEIGHTS)))
     model.eval()
     storage = shard.storage()
@@ -277,11 +315,12 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
 
     f = model.downsample_factor
     meta = {
-        "preset": cfg.preset, "model": model_kwargs, "downsample_factor": f,
+        "preset": cfg.preset, "regularizer": cfg.regularizer, "model": model_kwargs, "downsample_factor": f,
         "latent_channels": model.latent_channels,
         "latent_shape": [model.latent_channels, size // f, size // f],
         "image_size": size, "shard_image_size": int(info["image_size"]), "channels": info["channels"], "image_format": image_key,
-        "scale_factor": scale_factor, "scale_from": "sample", "classes": info.get("classes"),
+        "scale_factor": scale_factor, "scale_from": "sample" if cfg.regularizer == "kl" else "pre_quantization",
+        "classes": info.get("classes"),
     }
     written = result.upload_to(ctx.output)
     if written != [AE_WEIGHTS]:
@@ -299,6 +338,8 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
                "train_wall_s": train_wall_s, "steps": float(final.get("step", cfg.train.max_steps))}
     ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("train_loss", "rec_loss", "images_per_s")},
                             step=cfg.train.max_steps)
-    log.info("autoencoder: %d steps in %.0f s, val PSNR %.2f dB, scale factor %.4f", metrics["steps"],
-             train_wall_s, quality["val_psnr"], scale_factor)
+    log.info("autoencoder: %d steps in %.0f s, val PSNR %.2f dB, scale factor %.4f%s", metrics["steps"],
+             train_wall_s, quality["val_psnr"], scale_factor,
+             f", codebook usage {quality['val_codebook_usage']:.0%} (perplexity "
+             f"{quality['val_codebook_perplexity']:.1f})" if cfg.regularizer == "vq" else "")
     return StepOutput(files=[AE_WEIGHTS, AE_META, RECONSTRUCTIONS], metrics=metrics, info=dict(meta))

@@ -7,6 +7,9 @@ mode, or one sample per image seeded by its key), multiplies by the scale factor
 alike) with webdataset's ``TarWriter``: ``<key>.latent.npy`` ((c, h, w), ``dtype``) and
 ``<key>.cls`` when labelled. Bytes are deterministic (fixed mtime/owner/mode, sample order of the
 input shard), so re-running writes identical shards. Read them with ``components.latents.data``.
+
+A VQ autoencoder's latents are its encoder's pre-quantisation outputs (LDM): the codebook is
+applied when they are decoded. Its encoder is deterministic, so ``posterior: sample`` is refused.
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def encode_shard(split: str, index: int, shard_location: str, rel: str, ae_manif
 
 def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
     shard, ae = inputs["shard"], inputs["autoencoder"]
+    ae_meta = json.loads(ae.storage().read_text(AE_META))
+    if cfg.posterior == "sample" and ae_meta.get("regularizer", "kl") != "kl":
+        raise ValueError(f"latents.posterior: 'sample' draws from a KL autoencoder's posterior, but the "
+                         f"autoencoder step trained a {ae_meta['regularizer']!r} one (autoencoder.regularizer), "
+                         "whose encoder is deterministic; set latents.posterior: mode")
     jobs = [(split, i, rel) for split in SPLITS for i, rel in enumerate(shard.info[f"{split}_shards"])]
     if not jobs:
         raise ValueError("latents: the shard step wrote no shards")
@@ -118,7 +126,6 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
     elements = sum(r["elements"] for r in train)
     mean = sum(r["sum"] for r in train) / elements
     std = max(sum(r["sum_sq"] for r in train) / elements - mean ** 2, 0.0) ** 0.5
-    ae_meta = json.loads(ae.storage().read_text(AE_META))
     info = {"train_shards": files["train"], "val_shards": files["val"], "latent_shape": ae_meta["latent_shape"],
             "scale_factor": ae_meta["scale_factor"], "classes": shard.info.get("classes"), "counts": counts,
             "posterior": cfg.posterior, "dtype": cfg.dtype}
