@@ -177,13 +177,30 @@ def sample(
                               "(guidance is folded into it); cascade: the base images through every "
                               "super-resolution stage of the workflow (written at the final resolution)."),
     base: str = typer.Option("dit", "--base", help="cascade: the base sampler, dit or distill (the student)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim or ddpm. Default: the DiT step's setting."),
+    sampler: Optional[str] = typer.Option(
+        None, "--sampler", help="ddim, ddpm, langevin (annealed Langevin dynamics) or pc (predictor-corrector). "
+                                "Default: the DiT step's setting."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting "
                                                               "(distill: the student's native steps)."),
     guidance: Optional[float] = typer.Option(
         None, "--guidance", help="Classifier-free guidance weight w (0: none). Default: the DiT step's setting."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta in [0, 1] (0: deterministic). Default: the DiT step's setting."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed; the same seed gives the same images. Default: the DiT step's setting."),
+    snr: Optional[float] = typer.Option(
+        None, "--snr", help="langevin, pc: signal-to-noise ratio r of the Langevin step size "
+                            "2(1-beta_t)(r|z|/|score|)^2. Default: the DiT step's setting (0.16)."),
+    corrector_steps: Optional[int] = typer.Option(
+        None, "--corrector-steps", help="pc: Langevin corrector steps at each noise level (0: predictor only). "
+                                        "Default: the DiT step's setting (1)."),
+    pc_predictor: Optional[str] = typer.Option(
+        None, "--pc-predictor", help="pc: ancestral (DDPM's step, right on coarse grids) or reverse_diffusion "
+                                     "(the paper's, wants ~100+ steps). Default: the DiT step's setting (ancestral)."),
+    langevin_steps: Optional[int] = typer.Option(
+        None, "--langevin-steps", help="langevin: Langevin steps per noise level (model calls: steps x this + 1). "
+                                       "Default: the DiT step's setting (5)."),
+    langevin_step_size: Optional[float] = typer.Option(
+        None, "--langevin-step-size", help="langevin: classic step size rule c(1-alphabar_t) with this c, instead "
+                                           "of --snr. Default: the DiT step's setting (none: the snr rule)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass (does not change the images)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     sr_sampler: Optional[str] = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
@@ -211,7 +228,11 @@ def sample(
                                device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
                                                             "guidance": sr_guidance, "aug_level": sr_aug_level,
                                                             "handoff": sr_handoff},
-                               model=model, tracking_uri=tracking_uri)
+                               model=model, tracking_uri=tracking_uri,
+                               sampler_options={k: v for k, v in {
+                                   "snr": snr, "corrector_steps": corrector_steps, "pc_predictor": pc_predictor,
+                                   "langevin_steps": langevin_steps, "langevin_step_size": langevin_step_size,
+                               }.items() if v is not None})
     except BadFlag as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2)
@@ -220,8 +241,12 @@ def sample(
         raise typer.Exit(1)
     s = result.sampling
     names = ", ".join(result.classes[i] for i in result.labels)
+    langevin_rule = f"step size {s.langevin_step_size:g}" if s.langevin_step_size else f"snr {s.snr:g}"
+    score_settings = {"pc": f", {s.pc_predictor} predictor, {s.corrector_steps} corrector steps, snr {s.snr:g}",
+                      "langevin": f", {s.langevin_steps} steps per level, {langevin_rule}"}.get(s.sampler, "")
     console.print(escape(f"{workflow_id or model}: {len(result.files) - 1} images of {names} "
-                         f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed})"),
+                         f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed}"
+                         f"{score_settings})"),
                   soft_wrap=True)
     console.print(escape(f"wrote {result.out}/<label>/<index>.png and {result.out / 'grid.png'}"), soft_wrap=True)
 

@@ -127,8 +127,13 @@ def sampling_config(defaults: dict[str, Any] | None, **overrides: Any) -> Sampli
     try:
         return SamplingConfig(**values)
     except ValidationError as e:
-        problems = "; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"--{flag_name('.'.join(map(str, err['loc'])))}: {err['msg']}" for err in e.errors())
         raise BadFlag(f"invalid sampler settings: {problems}") from None
+
+
+def flag_name(field: str) -> str:
+    """The ``latentflow sample`` flag of a SamplingConfig field: ``corrector_steps`` -> ``corrector-steps``."""
+    return field.replace("_", "-")
 
 
 def dit_sampling_defaults(dit_manifest: Manifest, dit_meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -188,13 +193,14 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
            eta: float | None = None, seed: int | None = None, batch_size: int = 256, device: str = "cpu",
            progress: bool = True, search_base: str | os.PathLike = ".",
            sr_overrides: dict[str, Any] | None = None, model: str | None = None,
-           tracking_uri: str | None = None) -> SampleResult:
+           tracking_uri: str | None = None, sampler_options: dict[str, Any] | None = None) -> SampleResult:
     """Generate ``per_label`` images for each label with the workflow's DiT and write them.
     ``step="distill"``: the distilled student instead, at its native steps (or ``steps`` where it
     supports them). ``step="cascade"``: the ``base`` sampler's images (dit or distill) go on
     through the workflow's super-resolution stages (``sr_overrides``: sampler, steps, guidance,
     aug_level, handoff for every stage). ``model``: a registered model instead of a workflow
-    (``sample_registered``)."""
+    (``sample_registered``). ``sampler_options``: further SamplingConfig overrides (the score
+    samplers' snr, corrector_steps, pc_predictor, langevin_steps, langevin_step_size)."""
     import torch
 
     from components.autoencoder.load import load_autoencoder
@@ -203,9 +209,10 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
 
     if per_label < 1:
         raise BadFlag(f"--per-label must be at least 1, got {per_label}")
+    sampler_options = sampler_options or {}
     if model is not None:
         return sample_registered(model, tracking_uri, labels, per_label, out, steps, sampler, guidance, eta, seed,
-                                 batch_size, device)
+                                 batch_size, device, sampler_options)
     if base not in ("dit", "distill"):
         raise BadFlag(f"--base must be dit or distill, got {base!r}")
     summary_uri, summary = find_summary(workflow_id, storage, search_base)
@@ -215,8 +222,9 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
         step = base
     if step == "distill":
         return sample_student(summary, summary_uri, labels, per_label, out, stages, steps=steps, seed=seed,
-                              batch_size=batch_size, device=device, unused={"--sampler": sampler,
-                                                                            "--guidance": guidance, "--eta": eta})
+                              batch_size=batch_size, device=device,
+                              unused={"--sampler": sampler, "--guidance": guidance, "--eta": eta,
+                                      **{f"--{flag_name(k)}": v for k, v in sampler_options.items()}})
     dit_manifest = step_manifest(summary, step, summary_uri)
     ae_manifest = step_manifest(summary, AUTOENCODER_STEP, summary_uri)
     trained_on = dit_manifest.upstream.get(AUTOENCODER_STEP)
@@ -228,7 +236,7 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     classes = [str(c) for c in (dit_meta.get("classes") or range(int(dit_meta["num_classes"])))]
     label_ids = parse_labels(labels, classes)
     sampling = sampling_config(dit_sampling_defaults(dit_manifest, dit_meta), sampler=sampler, steps=steps,
-                               guidance=guidance, eta=eta, seed=seed)
+                               guidance=guidance, eta=eta, seed=seed, **sampler_options)
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
     images = generate(dit, dit_meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size, progress=progress)
     images = through_cascade(images, stages, label_tensor, sampling.seed, batch_size)
@@ -256,7 +264,8 @@ def finish(images, label_ids: list[int], per_label: int, out, classes: list[str]
 
 def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per_label: int, out,
                       steps: int | None, sampler: str | None, guidance: float | None, eta: float | None,
-                      seed: int | None, batch_size: int, device: str) -> SampleResult:
+                      seed: int | None, batch_size: int, device: str,
+                      sampler_options: dict[str, Any] | None = None) -> SampleResult:
     """``sample`` with a registered model: ``models:/NAME@ALIAS`` (e.g. ``@champion``) or
     ``models:/NAME/VERSION`` of a DiT or a distilled student, decoded with the autoencoder of the
     workflow that trained it (the version's ``latentflow.autoencoder_location`` tag)."""
@@ -295,7 +304,7 @@ def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per
 
         dit, meta = load_dit(source, device=device)
         sampling = sampling_config(meta.get("sampling"), sampler=sampler, steps=steps, guidance=guidance, eta=eta,
-                                   seed=seed)
+                                   seed=seed, **(sampler_options or {}))
     classes = [str(c) for c in (meta.get("classes") or range(int(meta["num_classes"])))]
     label_ids = parse_labels(labels, classes)
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)

@@ -25,7 +25,15 @@ from components.diffusion.process import (
     v_from_x0_eps,
     x0_from_v,
 )
-from components.diffusion.samplers import SAMPLERS, ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step
+from components.diffusion.samplers import ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step
+from components.diffusion.score import (
+    langevin_sample,
+    langevin_step,
+    pc_sample,
+    reverse_diffusion_step,
+    score_from_model_output,
+    snr_step_size,
+)
 from components.diffusion.schedule import (
     BETA_SCHEDULES,
     NoiseSchedule,
@@ -36,11 +44,15 @@ from components.diffusion.schedule import (
     spaced_timesteps,
 )
 
+# Every sampler by its config name; here rather than in samplers.py because score.py builds on samplers.py.
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "langevin": langevin_sample, "pc": pc_sample}
+
 __all__ = [
     "BETA_SCHEDULES", "SAMPLERS", "NoiseSchedule", "approx_standard_normal_cdf", "cfg_combine", "cosine_betas",
     "ddim_invert", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step", "discretized_gaussian_log_likelihood",
-    "dynamic_threshold", "eps_from_v", "extract", "guidance_weight_from_scale", "linear_betas", "make_cfg_model_fn",
-    "normal_kl", "p_mean_variance", "predict_eps_from_x0", "predict_x0_eps", "predict_x0_from_eps",
-    "q_posterior_mean_variance", "q_sample", "scaled_linear_betas", "spaced_timesteps", "static_threshold",
+    "dynamic_threshold", "eps_from_v", "extract", "guidance_weight_from_scale", "langevin_sample", "langevin_step",
+    "linear_betas", "make_cfg_model_fn", "normal_kl", "p_mean_variance", "pc_sample", "predict_eps_from_x0",
+    "predict_x0_eps", "predict_x0_from_eps", "q_posterior_mean_variance", "q_sample", "reverse_diffusion_step",
+    "scaled_linear_betas", "score_from_model_output", "snr_step_size", "spaced_timesteps", "static_threshold",
     "training_losses", "v_from_x0_eps", "vlb_terms", "x0_from_v",
 ]

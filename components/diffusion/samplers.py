@@ -4,6 +4,7 @@
 `timesteps` is a descending LongTensor of the training timesteps at which the model is evaluated
 (e.g. `spaced_timesteps(T, S, "leading")`). The last step goes from `timesteps[-1]` to clean data, or to the
 level `stop_at` when given (then x at that noise level is returned: truncated cascades start there).
+The score-based samplers (annealed Langevin, predictor–corrector) are in score.py; SAMPLERS (package) names them all.
 """
 
 from __future__ import annotations
@@ -218,5 +219,3 @@ def ddim_invert(
         x = guess
     return x
 
-
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}

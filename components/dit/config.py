@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from components.common.config import StrictModel, StepConfig
 from components.common.trainer import TrainConfig
 
 
+# The settings of the score-based samplers, by the sampler that reads them
+SCORE_SAMPLER_FIELDS = {"pc": ("snr", "corrector_steps", "pc_predictor"),
+                        "langevin": ("snr", "langevin_steps", "langevin_step_size")}
+
+
 class SamplingConfig(StrictModel):
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    # ddim, ddpm: components/diffusion/samplers.py; langevin (annealed Langevin dynamics) and pc
+    # (predictor-corrector): the score-based samplers of components/diffusion/score.py
+    sampler: Literal["ddim", "ddpm", "langevin", "pc"] = "ddim"
     steps: int = Field(50, ge=1)
     # Which `steps` of the training timesteps to visit (Lin et al. 2023, table 2). "trailing" starts
     # at t = T-1, the level the initial pure noise matches; "leading" (the DDIM paper's) starts lower.
@@ -23,6 +30,27 @@ class SamplingConfig(StrictModel):
     thresholding: Literal["none", "static", "dynamic"] = "none"
     dynamic_threshold_percentile: float = Field(0.995, gt=0, le=1)
     seed: int = 0
+    # Score-based samplers. Langevin step size eps = 2(1 - beta_t)(snr |z| / |score|)^2 per sample
+    # (Song et al. 2021): pc's corrector, and langevin's unless langevin_step_size is set.
+    snr: float = Field(0.16, gt=0)
+    corrector_steps: int = Field(1, ge=0)  # pc: Langevin steps at each level after its predictor step
+    # pc: "ancestral" (DDPM's step with sigma^2 = beta, exact on coarse grids) or the paper's
+    # "reverse_diffusion" (first order in beta: wants fine grids, ~100+ steps)
+    pc_predictor: Literal["ancestral", "reverse_diffusion"] = "ancestral"
+    langevin_steps: int = Field(5, ge=1)  # langevin: steps per noise level; steps * this + 1 model calls
+    # langevin: the classic rule eps_t = this * (1 - alphabar_t) (Song & Ermon 2019) instead of snr
+    langevin_step_size: float | None = Field(None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unused_score_settings(self, handler: SerializerFunctionWrapHandler):
+        # The JSON is part of the DiT and evaluate steps' cache keys: settings the chosen sampler
+        # does not read must not move them, and a ddim/ddpm config keeps the key it had before
+        # the score samplers existed (no cached step re-runs).
+        data = handler(self)
+        used = SCORE_SAMPLER_FIELDS.get(self.sampler, ())
+        for name in {n for names in SCORE_SAMPLER_FIELDS.values() for n in names} - set(used):
+            data.pop(name, None)
+        return data
 
 
 class DitConfig(StepConfig):

@@ -1,12 +1,13 @@
 """Class-conditional generation with a trained DiT and its autoencoder: the one sampling entry used
 by the DiT step's grid, the evaluate step and ``latentflow sample``.
 
-labels -> initial noise -> (guided) DDIM or DDPM in latent space -> decode -> uint8 images.
+labels -> initial noise -> (guided) DDIM, DDPM, annealed Langevin or predictor-corrector in latent
+space -> decode -> uint8 images.
 
 Determinism: every sample has its own random stream, seeded by (sampling.seed, its index in
-``labels``); its initial noise and, for the stochastic samplers (DDPM, DDIM with eta > 0), its
-per-step noise come from that stream only. So a seed fixes every image whatever the batch size,
-and sample i is the same image whether 10 or 10,000 are drawn.
+``labels``); its initial noise and, for the stochastic samplers (DDPM, DDIM with eta > 0, Langevin,
+PC), its per-step noise come from that stream only. So a seed fixes every image whatever the batch
+size, and sample i is the same image whether 10 or 10,000 are drawn.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from components.diffusion import (
     ddim_step,
     ddpm_step,
     dynamic_threshold,
+    langevin_sample,
     make_cfg_model_fn,
+    pc_sample,
     spaced_timesteps,
     static_threshold,
 )
@@ -64,12 +67,22 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule, sampling,
             meta: dict, clip_x0, generators: list[torch.Generator], stop_at: int | None = None) -> torch.Tensor:
     """The reverse process from x at ``timesteps[0]`` to clean data, or to level ``stop_at`` (the
-    truncated hand-off of a cascade). ``sampling``: sampler and eta; ``meta``: prediction and
-    learn_sigma of the model."""
+    truncated hand-off of a cascade). ``sampling``: sampler and its settings; ``meta``: prediction
+    and learn_sigma of the model."""
     prediction, learned = meta["prediction"], bool(meta.get("learn_sigma", False))
     if sampling.sampler == "ddim" and sampling.eta == 0:  # deterministic: the library sampler as is
         return ddim_sample(model_fn, x, timesteps, schedule, prediction=prediction, learned_variance=learned,
                            clip_x0=clip_x0, stop_at=stop_at)
+    if sampling.sampler in ("langevin", "pc"):  # the library samplers, fed each sample's own noise
+        options = dict(noise_fn=lambda like: _draw(generators, like.shape[1:], like.device), prediction=prediction,
+                       learned_variance=learned, clip_x0=clip_x0, snr=sampling.snr)
+        if sampling.sampler == "pc":
+            return pc_sample(model_fn, x, timesteps, schedule, corrector_steps=sampling.corrector_steps,
+                             predictor=sampling.pc_predictor, stop_at=stop_at, **options)
+        if stop_at is not None:
+            raise ValueError("the langevin sampler ends at clean data (stop_at is not supported); use pc, ddpm or ddim")
+        return langevin_sample(model_fn, x, timesteps, schedule, n_steps_each=sampling.langevin_steps,
+                               step_size=sampling.langevin_step_size, **options)
     # Stochastic samplers: the same steps as ddim_sample / ddpm_sample, with each sample's noise
     # drawn from its own stream instead of one generator for the batch.
     steps = [int(t) for t in timesteps]
@@ -99,7 +112,7 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
 
     Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]``
     (0: the conditional model alone, no unconditional pass); timesteps from ``spaced_timesteps``;
-    DDIM (``eta``) or DDPM; optional thresholding of x̂_0 (see ``threshold_fn``); latents decoded
+    DDIM (``eta``), DDPM, Langevin or PC; optional thresholding of x̂_0 (see ``threshold_fn``); latents decoded
     with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
     ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels."""
     from components.autoencoder.load import decode_scaled
