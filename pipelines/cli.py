@@ -201,6 +201,10 @@ def sample(
     langevin_step_size: Optional[float] = typer.Option(
         None, "--langevin-step-size", help="langevin: classic step size rule c(1-alphabar_t) with this c, instead "
                                            "of --snr. Default: the DiT step's setting (none: the snr rule)."),
+    classifier_guidance: Optional[float] = typer.Option(
+        None, "--classifier-guidance", help="Classifier guidance weight w with the workflow's noisy_classifier step "
+                                            "(Dhariwal & Nichol): alone with --guidance 0, or on top of "
+                                            "classifier-free guidance. Default: the DiT step's setting (0: none)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass (does not change the images)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
     sr_sampler: Optional[str] = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
@@ -232,6 +236,7 @@ def sample(
                                sampler_options={k: v for k, v in {
                                    "snr": snr, "corrector_steps": corrector_steps, "pc_predictor": pc_predictor,
                                    "langevin_steps": langevin_steps, "langevin_step_size": langevin_step_size,
+                                   "classifier_guidance": classifier_guidance,
                                }.items() if v is not None})
     except BadFlag as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
@@ -244,6 +249,8 @@ def sample(
     langevin_rule = f"step size {s.langevin_step_size:g}" if s.langevin_step_size else f"snr {s.snr:g}"
     score_settings = {"pc": f", {s.pc_predictor} predictor, {s.corrector_steps} corrector steps, snr {s.snr:g}",
                       "langevin": f", {s.langevin_steps} steps per level, {langevin_rule}"}.get(s.sampler, "")
+    if s.classifier_guidance:
+        score_settings += f", classifier guidance {s.classifier_guidance:g}"
     console.print(escape(f"{workflow_id or model}: {len(result.files) - 1} images of {names} "
                          f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed}"
                          f"{score_settings})"),

@@ -37,7 +37,8 @@ RECIPE = [
     ("noisy_classifier",    train_noisy_classifier, ("latents",)),
     ("dit",                 train_dit,            ("shard", "autoencoder", "latents")),
     ("distill",             distill,              ("autoencoder", "latents", "dit")),
-    ("evaluate",            evaluate,             ("shard", "autoencoder", "dit", "distill", "inception_reference")),
+    ("evaluate",            evaluate,             ("shard", "autoencoder", "dit", "distill", "noisy_classifier",
+                                                   "inception_reference")),
 ]
 
 

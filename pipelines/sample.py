@@ -28,6 +28,7 @@ GRID = "grid.png"
 GRID_MAX_COLUMNS = 32
 FINISHED = ("ran", "cached")
 AUTOENCODER_STEP = "autoencoder"
+NOISY_CLASSIFIER_STEP = "noisy_classifier"
 
 
 class SampleError(ValueError):
@@ -238,7 +239,16 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     sampling = sampling_config(dit_sampling_defaults(dit_manifest, dit_meta), sampler=sampler, steps=steps,
                                guidance=guidance, eta=eta, seed=seed, **sampler_options)
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
-    images = generate(dit, dit_meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size, progress=progress)
+    classifier = None
+    if sampling.classifier_guidance:
+        from components.noisy_classifier.train import load_noisy_classifier
+
+        classifier = load_noisy_classifier(step_manifest(summary, NOISY_CLASSIFIER_STEP, summary_uri), device=device)
+    try:
+        images = generate(dit, dit_meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size,
+                          progress=progress, classifier=classifier)
+    except ValueError as e:  # e.g. a classifier of another forward process
+        raise SampleError(str(e)) from None
     images = through_cascade(images, stages, label_tensor, sampling.seed, batch_size)
     return finish(images, label_ids, per_label, out, classes, sampling, summary_uri)
 
@@ -274,6 +284,8 @@ def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per
     from components.autoencoder.load import load_autoencoder
     from pipelines.registry import resolve_model
 
+    if (sampler_options or {}).get("classifier_guidance"):
+        raise BadFlag("--classifier-guidance needs the workflow's noisy_classifier step: use --workflow-id")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise SampleError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")

@@ -71,3 +71,35 @@ def test_pipeline_refuses_a_schedule_other_than_the_dits():
         PipelineConfig(**base, noisy_classifier={"schedule": "cosine"})
     with pytest.raises(ValueError, match="needs section"):
         PipelineConfig(name="x", autoencoder={}, noisy_classifier={})
+
+
+def test_generate_with_classifier_guidance_under_inference_mode():
+    """Through ``generate`` (which samples under inference mode): guidance changes the images, they do
+    not depend on the batch size, and a classifier of another forward process is refused."""
+    from components.dit.config import SamplingConfig
+    from components.dit.generate import generate
+    from tests.test_dit import tiny_autoencoder, untrained_dit
+
+    dit, meta = untrained_dit()
+    meta["classes"] = CLASSES
+    ae, ae_meta = tiny_autoencoder()
+    torch.manual_seed(2)
+    noisy = build_noisy_classifier("nc-tiny", LATENT[0], len(CLASSES), channels=8).eval()
+    with torch.no_grad():  # its residual blocks start as their shortcuts: perturb so t and x matter
+        for p in noisy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    noisy_meta = {"schedule": "scaled_linear", "num_timesteps": 1000, "classes": CLASSES}
+    labels = [0, 1, 2, 2, 1]
+    sampling = SamplingConfig(steps=4, guidance=0.0, classifier_guidance=3.0)
+    guided = generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=5, classifier=(noisy, noisy_meta))
+    assert torch.equal(guided, generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=2,
+                                        classifier=(noisy, noisy_meta)))
+    plain = generate(dit, meta, ae, ae_meta, labels, sampling.model_copy(update={"classifier_guidance": 0.0}))
+    assert not torch.equal(guided, plain)
+    with pytest.raises(ValueError, match="noisy_classifier"):
+        generate(dit, meta, ae, ae_meta, labels, sampling)
+    with pytest.raises(ValueError, match="equal"):
+        generate(dit, meta, ae, ae_meta, labels, sampling, classifier=(noisy, {**noisy_meta, "schedule": "linear"}))
+    # unused guidance leaves the sampling JSON (and so cache keys) as before
+    assert "classifier_guidance" not in SamplingConfig().model_dump() and \
+        SamplingConfig(classifier_guidance=1.0).model_dump()["classifier_guidance"] == 1.0

@@ -27,11 +27,13 @@ def classifier_log_prob_grad(classifier_fn: ClassifierFn, x_t: torch.Tensor, t: 
                              y: torch.Tensor) -> torch.Tensor:
     """∇_{x_t} log f(y | x_t, t) per example (the sum over the batch separates, since each example's
     log-probability depends on its own x_t only), in x_t's dtype."""
-    with torch.enable_grad():
+    # Samplers run under inference mode, whose tensors cannot enter autograd: leave it for this
+    # gradient (clones of inference tensors made outside it are ordinary tensors).
+    with torch.inference_mode(False), torch.enable_grad():
         # at least fp32: the gradient of a bf16 classifier's log-softmax is too coarse to steer with
-        x = x_t.detach().to(torch.promote_types(x_t.dtype, torch.float32)).requires_grad_(True)
-        log_probs = F.log_softmax(classifier_fn(x, t).to(x.dtype), dim=-1)
-        chosen = log_probs.gather(1, y.long().view(-1, 1)).sum()
+        x = x_t.detach().clone().to(torch.promote_types(x_t.dtype, torch.float32)).requires_grad_(True)
+        log_probs = F.log_softmax(classifier_fn(x, t.clone()).to(x.dtype), dim=-1)
+        chosen = log_probs.gather(1, y.clone().long().view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(chosen, x)
     return grad.to(x_t.dtype)
 

