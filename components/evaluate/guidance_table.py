@@ -15,11 +15,16 @@ from components.evaluate.config import EvaluateConfig
 from components.evaluate.distill_table import _score
 
 GUIDANCE_TABLE = "guidance_comparison.json"
+GUIDANCE_GRID = "guidance_comparison.png"  # a class grid per row, left to right in the table's order
 
 
 def guidance_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, val_features: np.ndarray,
-                   num_classes: int, device: str) -> tuple[list[dict], dict[str, float]]:
-    """(rows, metrics ``cfg_w<w>_*`` and ``classifier_w<w>_*``: sample_accuracy, frechet_distance)."""
+                   num_classes: int, device: str) -> tuple[list[dict], dict[str, float], object]:
+    """(rows, metrics ``cfg_w<w>_*`` and ``classifier_w<w>_*``: sample_accuracy, frechet_distance,
+    a grid: one class grid per row, side by side)."""
+    from components.common.plot import side_by_side
+    from components.dit.generate import class_grid
+
     from components.autoencoder.load import load_autoencoder
     from components.dit.generate import generate
     from components.dit.load import load_dit
@@ -32,15 +37,21 @@ def guidance_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier,
     noisy = load_noisy_classifier(inputs["noisy_classifier"], device=device)
     runs = [(f"cfg_w{w:g}", {"guidance": w, "classifier_guidance": 0.0}) for w in settings.cfg_weights]
     runs += [(f"classifier_w{w:g}", {"guidance": 0.0, "classifier_guidance": w}) for w in settings.classifier_weights]
-    rows, metrics = [], {}
+    rows, metrics, grids = [], {}, []
     for name, update in runs:
         sampling = cfg.sample.model_copy(update=update)
+        drawn = []
+
+        def draw():
+            drawn.append(generate(dit, dit_meta, ae, ae_meta, labels, sampling, batch_size=cfg.batch_size,
+                                  classifier=noisy))
+            return drawn[-1]
+
         # forward passes per image and step: the DiT twice under CFG; the classifier's gradient ~ 2 of its own
         nfe = sampling.steps * (2 if sampling.guidance > 0 else 1)
-        row = _score(name, sampling.steps, nfe, lambda: generate(dit, dit_meta, ae, ae_meta, labels, sampling,
-                                                                 batch_size=cfg.batch_size, classifier=noisy),
-                     classifier, labels, val_features)
+        row = _score(name, sampling.steps, nfe, draw, classifier, labels, val_features)
+        grids.append(class_grid(drawn[-1], labels.tolist(), min(8, settings.samples_per_class)))
         row.update(guidance=sampling.guidance, classifier_guidance=sampling.classifier_guidance)
         rows.append(row)
         metrics.update({f"{name}_{k}": float(row[k]) for k in ("sample_accuracy", "frechet_distance")})
-    return rows, metrics
+    return rows, metrics, side_by_side(grids)

@@ -56,7 +56,7 @@ from components.evaluate.classifier import EvalClassifier, build_classifier
 from components.evaluate.config import ClassifierTrainConfig, EvaluateConfig
 from components.evaluate.metrics import frechet_distance_of
 
-CODE_VERSION = "4"
+CODE_VERSION = "5"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_META = "classifier.json"
 SAMPLES_GRID = "eval_samples.png"
@@ -332,14 +332,17 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         ctx.tracker.log_image(cascade_grid, CASCADE_GRID)
         files.append(CASCADE_GRID)
     if "noisy_classifier" in inputs:  # 7. classifier guidance beside classifier-free guidance
-        from components.evaluate.guidance_table import GUIDANCE_TABLE, guidance_table
+        from components.evaluate.guidance_table import GUIDANCE_GRID, GUIDANCE_TABLE, guidance_table
 
-        rows, guidance_metrics = guidance_table(cfg, inputs, classifier, val_features, num_classes, device)
+        rows, guidance_metrics, guidance_grid = guidance_table(cfg, inputs, classifier, val_features, num_classes,
+                                                               device)
         metrics.update(guidance_metrics)
         evaluation["guidance_comparison"] = rows
         ctx.output.write_text(GUIDANCE_TABLE, json.dumps(rows, indent=2))
+        ctx.output.write_bytes(GUIDANCE_GRID, png_bytes(guidance_grid))
         ctx.tracker.log_dict({"rows": rows}, GUIDANCE_TABLE)
-        files.append(GUIDANCE_TABLE)
+        ctx.tracker.log_image(guidance_grid, GUIDANCE_GRID)
+        files += [GUIDANCE_TABLE, GUIDANCE_GRID]
 
     grid = class_grid(images, labels.tolist(), min(cfg.grid_per_class, cfg.samples_per_class))
     ctx.output.write_bytes(SAMPLES_GRID, png_bytes(grid))
