@@ -33,6 +33,13 @@ class FileRecord:
     size: int
 
 
+def as_storage(source: "Manifest | Storage | str") -> Storage:
+    """A step's outputs given as its manifest, its output directory (Storage) or that directory's URI."""
+    if isinstance(source, str):
+        return Storage.from_uri(source)
+    return source if isinstance(source, Storage) else source.storage()
+
+
 @dataclass
 class Manifest:
     """Describes one finished step. Written last, atomically: a directory without one is not a result."""

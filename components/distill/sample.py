@@ -29,10 +29,10 @@ def load_student(source, device: str = "cpu") -> tuple[torch.nn.Module, dict[str
     """(student DiT in eval mode, meta) from a distill step's manifest, output Storage or URI."""
     import safetensors.torch
 
-    from components.dit.load import _storage
+    from components.common.step import as_storage
     from components.dit.model import DiT
 
-    storage = _storage(source)
+    storage = as_storage(source)
     meta = json.loads(storage.read_text(STUDENT_META))
     model = DiT(**meta["model"])
     model.load_state_dict(safetensors.torch.load(storage.read_bytes(STUDENT_WEIGHTS)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from components.common.step import as_storage
+
 if TYPE_CHECKING:
     from components.common.step import Manifest
     from components.common.storage import Storage
@@ -21,18 +23,8 @@ DIT_RAW_WEIGHTS = "dit_raw.safetensors"
 DIT_META = "dit.json"
 
 
-def _storage(source: "Manifest | Storage | str") -> "Storage":
-    from components.common.storage import Storage
-
-    if isinstance(source, str):
-        return Storage.from_uri(source)
-    if isinstance(source, Storage):
-        return source
-    return source.storage()  # a Manifest
-
-
 def load_dit_meta(source: "Manifest | Storage | str") -> dict[str, Any]:
-    return json.loads(_storage(source).read_text(DIT_META))
+    return json.loads(as_storage(source).read_text(DIT_META))
 
 
 def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: bool = True) -> tuple["DiT", dict]:
@@ -42,7 +34,7 @@ def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: boo
 
     from components.dit.model import DiT
 
-    storage = _storage(manifest)
+    storage = as_storage(manifest)
     meta = load_dit_meta(storage)
     model = DiT(**meta["model"])
     weights = safetensors.torch.load(storage.read_bytes(DIT_WEIGHTS if ema else DIT_RAW_WEIGHTS))

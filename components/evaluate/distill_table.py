@@ -26,7 +26,7 @@ QUALITY_PLOT = "quality_vs_steps.png"
 log = logging.getLogger(__name__)
 
 
-def _score(name: str, steps: int, nfe: int, draw, classifier, labels: torch.Tensor, val_features) -> dict:
+def score_sampler(name: str, steps: int, nfe: int, draw, classifier, labels: torch.Tensor, val_features) -> dict:
     from components.evaluate.run import classify
 
     started = time.perf_counter()
@@ -59,11 +59,11 @@ def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, 
     for steps in cfg.teacher_steps:
         sampling = cfg.sample.model_copy(update={"steps": steps})
         nfe = steps * (2 if sampling.guidance > 0 else 1)
-        rows.append(_score("teacher", steps, nfe, lambda: generate(dit, dit_meta, ae, ae_meta, labels, sampling,
+        rows.append(score_sampler("teacher", steps, nfe, lambda: generate(dit, dit_meta, ae, ae_meta, labels, sampling,
                                                                    batch_size=cfg.batch_size),
                            classifier, labels, val_features))
     for steps in supported_steps(student_meta):
-        rows.append(_score(f"student ({student_meta['method']})", steps, steps,
+        rows.append(score_sampler(f"student ({student_meta['method']})", steps, steps,
                            lambda: generate_student(student, student_meta, ae, ae_meta, labels, steps=steps,
                                                     seed=cfg.sample.seed, batch_size=cfg.batch_size),
                            classifier, labels, val_features))

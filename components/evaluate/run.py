@@ -289,15 +289,13 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         **train_stats,
     }
     inception = None
-    if cfg.inception_enabled:
+    if cfg.inception_enabled:  # FID/KID on the first inception.samples_per_class of each class
         from components.evaluate.reference import InceptionScorer
 
         if "inception_reference" not in inputs:
             raise EvaluateError("evaluate.inception is set, but the step has no inception_reference input")
         inception = InceptionScorer(inputs["inception_reference"], cfg.inception, device)
-    if inception is not None:  # FID/KID on the first inception.samples_per_class of each class
-        per_class_chosen = cfg.inception.samples_per_class
-        metrics.update(inception("base", images[first_per_class(labels, num_classes, per_class_chosen)]))
+        metrics.update(inception("base", images[first_per_class(labels, num_classes, cfg.inception.samples_per_class)]))
     counts = {"train": len(train_x), "val": len(val_x), "generated": len(images),
               "samples_per_class": cfg.samples_per_class, "baseline_train": len(baseline_index)}
     evaluation = {"metrics": metrics, "per_class_accuracy": per_class, "classes": list(classes),

@@ -84,11 +84,10 @@ def load_noisy_classifier(source, device: str = "cpu", ema: bool = True) -> tupl
     """(classifier in eval mode, meta) from the step's manifest, Storage or URI; safetensors only."""
     import safetensors.torch
 
-    from components.common.storage import Storage
+    from components.common.step import as_storage
     from components.noisy_classifier.model import NoisyClassifier
 
-    storage = Storage.from_uri(source) if isinstance(source, str) else \
-        source if isinstance(source, Storage) else source.storage()
+    storage = as_storage(source)
     meta = json.loads(storage.read_text(META))
     model = NoisyClassifier(**meta["model"])
     model.load_state_dict(safetensors.torch.load(storage.read_bytes(WEIGHTS if ema else RAW_WEIGHTS)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from components.dit.load import _storage
+from components.common.step import as_storage
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
@@ -32,7 +32,7 @@ def load_superres(source: "Manifest | Storage | str", device: str = "cpu", ema: 
     from components.superres.model import EfficientUNet
     from components.superres.sample import SrStage
 
-    storage = _storage(source)
+    storage = as_storage(source)
     meta = json.loads(storage.read_text(SR_META))
     model = EfficientUNet(**meta["model"])
     model.load_state_dict(safetensors.torch.load(storage.read_bytes(SR_WEIGHTS if ema else SR_RAW_WEIGHTS)))
