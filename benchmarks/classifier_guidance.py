@@ -46,7 +46,7 @@ def main() -> None:
     from components.dit.generate import generate
     from components.dit.load import load_dit
     from components.evaluate.metrics import frechet_distance_of
-    from components.evaluate.run import classify, load_classifier, read_split
+    from components.evaluate.judge import classify, load_classifier, read_split
     from components.latents.data import load_latent_shards
     from components.noisy_classifier.config import NoisyClassifierConfig
     from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS

@@ -70,7 +70,7 @@ def main() -> None:
     from components.dit.generate import generate
     from components.dit.load import load_dit
     from components.evaluate.metrics import frechet_distance_of
-    from components.evaluate.run import classify, read_split, train_classifier
+    from components.evaluate.judge import classify, read_split, tensor_batches, train_classifier
     from components.superres.sample import SrStage, cascade
     from components.superres.train import evaluate_stage
     from pipelines.config import load_pipeline_config
@@ -115,7 +115,8 @@ def main() -> None:
         else None
     real_train, _ = read_split(shard, "train", size, filter)
     real_val, _ = read_split(shard, "val", size, filter)
-    classifier, _ = train_classifier(real_train, train_y, num_classes, classifier_cfg)
+    classifier, _ = train_classifier(tensor_batches(real_train, train_y, classifier_cfg.batch_size,
+                                                    classifier_cfg.seed), num_classes, classifier_cfg)
     val_logits, val_features = classify(classifier, real_val)
     print(f"judge: classifier at {size} px, val accuracy {(val_logits.argmax(1) == val_y).mean():.4f}")
     print(f"augmented: noise levels up to {base_cfg.augmentation.noise.max_level:g} of the schedule while training, "

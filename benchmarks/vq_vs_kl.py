@@ -65,8 +65,8 @@ def train_and_measure(cfg: AutoencoderConfig, train: np.ndarray, val: np.ndarray
     info = {"channels": 1, "image_size": train.shape[-1]}
     kwargs = resolve_model_kwargs(cfg, info)
     train_cfg = cfg.train.model_copy(update={"batch_size": global_batch, "checkpoint_every": 10**9})
-    task = AutoencoderTask(cfg, kwargs, "/unused", [], "png")
-    task._images = torch.from_numpy(train)
+    labels = torch.zeros(len(train), dtype=torch.int64)
+    task = AutoencoderTask(cfg, kwargs, None, in_memory=(torch.from_numpy(train), labels))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vq-vs-kl-") as root:
         final = train_loop(task, train_cfg, LocalSession(root), None)

@@ -52,9 +52,12 @@ def run(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     workflow_id: Optional[str] = typer.Option(
         None, "--workflow-id", help="Resume or name a workflow; finished steps are reused. Default: generated."),
+    only: Optional[str] = typer.Option(
+        None, "--only", help="Run only these steps (comma-separated, e.g. dit,superres_1) and the steps they "
+                             "need; the rest of the pipeline is left out."),
 ):
     """Run a pipeline (or resume one): steps whose inputs and config are unchanged come from cache."""
-    run_and_report(load(config, set_), workflow_id)
+    run_and_report(load(config, set_), workflow_id, [s.strip() for s in only.split(",") if s.strip()] if only else None)
 
 
 @app.command()
@@ -88,8 +91,16 @@ def retrain(
                          f"{decision.reason}"), soft_wrap=True)
 
 
-def run_and_report(cfg, workflow_id: str | None):
+def run_and_report(cfg, workflow_id: str | None, only: list[str] | None = None):
+    from pipelines.latent_diffusion import build_workflow
     from pipelines.runtime import new_workflow_id, run_pipeline
+
+    if only:
+        try:
+            build_workflow(cfg).restricted_to(only)
+        except ValueError as e:  # --only names no step of the pipeline
+            err.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2)
 
     workflow_id = workflow_id or new_workflow_id()
     console.print(f"workflow id: [bold]{workflow_id}[/]")
@@ -104,10 +115,11 @@ def run_and_report(cfg, workflow_id: str | None):
 
     t0 = time.monotonic()
     try:
-        result, summary_uri = run_pipeline(cfg, workflow_id, on_event)
+        result, summary_uri = run_pipeline(cfg, workflow_id, on_event, only)
     except (StorageError, TrackingConfigError) as e:
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(1)
+
     table = Table(title=f"workflow {workflow_id} ({time.monotonic() - t0:.1f}s)")
     for column in ("step", "status", "duration", "cache key", "mlflow run"):
         table.add_column(column)

@@ -61,6 +61,7 @@ class PipelineConfig(StrictModel):
             if missing:
                 raise ValueError(f"section '{section}' needs section(s) {missing}")
         self._check_cascade()
+        self._check_global_batches()
         if self.noisy_classifier and self.dit:
             mine, dits = self.noisy_classifier, self.dit
             if (mine.schedule, mine.num_timesteps) != (dits.schedule, dits.num_timesteps):
@@ -93,6 +94,17 @@ class PipelineConfig(StrictModel):
                     raise ValueError(f"superres.{k - 1}.sample.handoff: truncated needs the stage below on the "
                                      "same schedule and num_timesteps")
             size = stage.output_size
+
+    def _check_global_batches(self) -> None:
+        """Every learned step's global batch must split into equal micro-batches over its workers."""
+        sections = [(name, getattr(self, name)) for name in ("autoencoder", "dit", "distill", "noisy_classifier")]
+        sections += [(f"superres.{k}", stage) for k, stage in enumerate(self.superres or [])]
+        for name, section in sections:
+            if section is not None:
+                try:
+                    section.train.micro_batch_size(section.resources.num_workers)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e} ({name}.resources.num_workers)") from None
 
     @property
     def base_size(self) -> int:

@@ -74,8 +74,13 @@ def run_workflow(workflow: Workflow, root: Storage, tracking: TrackingConfig, ex
 
 
 def run_pipeline(cfg: PipelineConfig, workflow_id: str | None = None,
-                 on_event: Callable[[str, StepRecord], None] | None = None) -> tuple[WorkflowResult, str]:
+                 on_event: Callable[[str, StepRecord], None] | None = None,
+                 only: list[str] | None = None) -> tuple[WorkflowResult, str]:
+    """``only``: run just these steps and the steps they need."""
     from pipelines.latent_diffusion import build_workflow
 
-    return run_workflow(build_workflow(cfg), Storage.from_uri(cfg.storage.root), cfg.tracking,
+    workflow = build_workflow(cfg)
+    if only:
+        workflow = workflow.restricted_to(only)
+    return run_workflow(workflow, Storage.from_uri(cfg.storage.root), cfg.tracking,
                         cfg.experiment_name, cfg.resolved(), cfg.ray, workflow_id, on_event)

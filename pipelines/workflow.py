@@ -94,6 +94,21 @@ class Workflow:
                 raise ValueError(f"step {s.name!r} depends on {missing}, which are not declared before it")
             done.add(s.name)
 
+    def restricted_to(self, names: list[str]) -> "Workflow":
+        """The named steps and every step they need, in declaration order (``run --only``)."""
+        by_name = {s.name: s for s in self.steps}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"no step named {', '.join(map(repr, unknown))} in workflow {self.name!r}; its steps: "
+                             f"{', '.join(by_name)}")
+        wanted, pending = set(), list(names)
+        while pending:
+            name = pending.pop()
+            if name not in wanted:
+                wanted.add(name)
+                pending.extend(by_name[name].inputs)
+        return Workflow(self.name, [s for s in self.steps if s.name in wanted])
+
     def downstream_of(self, name: str) -> set[str]:
         out = {name}
         for s in self.steps:

@@ -119,3 +119,33 @@ def one_thread():
     yield
     torch.set_num_threads(saved)
 
+
+
+def latentflow(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a fresh process; no S3/MLflow/Ray settings leak in from the
+    test process except those in ``env``."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**base, **(env or {})})
+
+
+def s3_environment() -> dict[str, str]:
+    """The (moto) S3 settings of this test session, for a CLI or a Ray node to reach the bucket."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_S3_"))}
+
+
+@pytest.fixture(scope="session")
+def smoke_on_s3(mlflow_server, s3_server):
+    """The smoke pipeline run once for the whole session, as a user runs it: `latentflow run`,
+    storage on S3 (moto), tracking on a real mlflow server whose artifacts live in S3. Tests that
+    need a finished workflow share it: (root URI, S3 env, the run's CompletedProcess)."""
+    import boto3
+
+    bucket = f"lf-smoke-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    root = f"s3://{bucket}/smoke"
+    env = s3_environment()
+    first = latentflow("run", str(REPO / "configs" / "pipeline" / "smoke.yaml"), "--set", f"storage.root={root}",
+                       "--set", f"tracking.uri={mlflow_server}", "--workflow-id", "wf-one", env=env, timeout=600)
+    return root, env, first

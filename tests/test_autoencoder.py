@@ -154,8 +154,8 @@ def test_discriminator_config_trains_a_few_steps_in_one_process(tmp_path):
 
     cfg = AutoencoderConfig(**TINY, disc_start=0, disc_channels=8, disc_layers=2,
                             train=TrainConfig(max_steps=3, batch_size=8, lr=1e-3, log_every=1, ema_decay=0.5))
-    task = Task(cfg, resolve_model_kwargs(cfg, INFO), "/unused", [], "png")
-    task._images = digits(32)
+    images = digits(32)
+    task = Task(cfg, resolve_model_kwargs(cfg, INFO), None, in_memory=(images, torch.zeros(len(images), dtype=torch.long)))
     final = train_loop(task, cfg.train, LocalSession(tmp_path / "ckpt"), None)
     assert final["step"] == 3 and all(np.isfinite(final[k]) for k in ("g_loss", "d_loss", "d_weight", "rec_loss"))
 

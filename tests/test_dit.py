@@ -25,6 +25,7 @@ from components.dit.generate import class_grid, generate
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 from components.dit.model import build_dit
 from components.dit.train import FAIL_AT_STEP_ENV, LatentDitTask, grid_labels, resolve_model_kwargs
+from rounding import assert_same_up_to_rounding
 
 CLASSES = ["a", "b", "c"]
 
@@ -126,9 +127,9 @@ def test_generate_is_deterministic_whatever_the_batch_size(sampling):
     images = generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=7)
     assert images.shape == (7, 1, 8, 8) and images.dtype == torch.uint8
     assert torch.equal(images, generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=7))
-    assert torch.equal(images, generate(dit, meta, ae, ae_meta, torch.tensor(labels), sampling, batch_size=3))
+    assert_same_up_to_rounding(images, generate(dit, meta, ae, ae_meta, torch.tensor(labels), sampling, batch_size=3))
     # sample i does not depend on how many come after it
-    assert torch.equal(images[:2], generate(dit, meta, ae, ae_meta, labels[:2], sampling))
+    assert_same_up_to_rounding(images[:2], generate(dit, meta, ae, ae_meta, labels[:2], sampling))
     other_seed = generate(dit, meta, ae, ae_meta, labels, sampling.model_copy(update={"seed": 1}))
     assert not torch.equal(images, other_seed)
     assert not dit.training and not ae.training

@@ -30,11 +30,12 @@ from components.dit.config import SamplingConfig
 from components.dit.load import DIT_META, DIT_WEIGHTS
 from components.evaluate import run as evaluate_module
 from components.evaluate.config import ClassifierTrainConfig, EvaluateConfig
-from components.evaluate.metrics import frechet_distance_of
-from components.evaluate.run import (
-    CLASSIFIER_META, CLASSIFIER_WEIGHTS, EVALUATION, SAMPLES_GRID, classify, load_classifier, read_split,
+from components.evaluate.judge import (
+    CLASSIFIER_META, CLASSIFIER_WEIGHTS, classify, fit_judge, load_classifier, read_split, tensor_batches,
     train_classifier,
 )
+from components.evaluate.metrics import feature_stats, frechet_distance_of
+from components.evaluate.run import EVALUATION, SAMPLES_GRID
 from conftest import REPO
 from pipelines.cli import app
 
@@ -66,14 +67,17 @@ def test_classifier_training_is_seeded():
     images = torch.from_numpy(np.pad(pixels[::50][:64], ((0, 0), (2, 2), (2, 2)))[:, None].copy())
     labels = labels[::50][:64]
     cfg = ClassifierTrainConfig(preset="cnn-tiny", steps=3, batch_size=16)
-    a, stats = train_classifier(images, labels, 10, cfg)
-    b, _ = train_classifier(images, labels, 10, cfg)
-    c, _ = train_classifier(images, labels, 10, cfg.model_copy(update={"seed": 1}))
+    def train(cfg, classes=10):
+        return train_classifier(tensor_batches(images, labels, cfg.batch_size, cfg.seed), classes, cfg)
+
+    a, stats = train(cfg)
+    b, _ = train(cfg)
+    c, _ = train(cfg.model_copy(update={"seed": 1}))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
     assert not a.training and stats["classifier_train_loss"] > 0
     with pytest.raises(ValueError, match=r"labels in \[0, 5\)"):
-        train_classifier(images, labels, 5, cfg)
+        train(cfg, classes=5)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,32 @@ def test_evaluate_step_trains_an_accurate_classifier_and_scores_samples(digit_sh
     _, noise_features = classify(classifier, noise)
     real_vs_real = frechet_distance_of(val_features, train_features)
     assert real_vs_real < 0.2 * frechet_distance_of(val_features, noise_features)
+
+
+@pytest.mark.integration
+def test_the_judge_streams_and_its_running_statistics_are_the_whole_splits(digit_shards, monkeypatch):
+    """The judge never holds a split: it trains on streamed batches of at most batch_size images, and
+    its validation statistics, accumulated batch by batch, equal those of the whole split at once."""
+    from components.evaluate import judge as judge_module
+
+    largest = []
+    real_classify = judge_module.classify
+
+    def spy(model, images, *args, **kwargs):
+        largest.append(len(images))
+        return real_classify(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(judge_module, "classify", spy)
+    cfg = QUICK_CLASSIFIER.model_copy(update={"steps": 20})
+    judge = fit_judge(digit_shards, None, "bicubic", cfg, 10)
+    assert max(largest) <= judge_module.SCORE_BATCH < judge.train_count
+    val_x, val_y = read_split(digit_shards, "val")
+    logits, features = real_classify(judge.model, val_x)
+    mean, covariance = feature_stats(features)
+    assert judge.val.count == len(val_x)
+    assert judge.val.accuracy == pytest.approx(float((logits.argmax(1) == val_y).mean()))
+    np.testing.assert_allclose(judge.val.moments.mean, mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(judge.val.moments.covariance(), covariance, rtol=1e-8, atol=1e-12)
 
 
 # ---------------------------------------------------------------- latentflow sample

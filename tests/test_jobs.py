@@ -11,31 +11,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from ray_nodes import RayNode, free_ports, node_env
 
 pytestmark = pytest.mark.integration
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -44,37 +28,13 @@ def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("head")
     token = home / "token"
     token.write_text(secrets.token_hex(32))
-    gcs, dashboard, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_", "MLFLOW_"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}")
-    temp_dir = Path("/tmp") / f"lf-head-{secrets.token_hex(3)}"  # short: Ray's unix sockets live here
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats"],
-        env=env, stdout=open(home / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    env = node_env(token)
+    head = RayNode(home, env, num_cpus=2, dashboard=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # 401 without the token: the server is up
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray head did not start: {(home / 'head.log').read_text()[-3000:]}")
-                time.sleep(1)
-        yield address, env
+        head.wait_for_dashboard()
+        yield head.dashboard_url, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its processes down with it
-        try:
-            head.wait(5)  # a graceful stop took over 15 s here: the group is killed after 5
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        head.stop()
 
 
 def cli(*args: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:

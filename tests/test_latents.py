@@ -1,5 +1,6 @@
-"""The latents step on the autoencoder trained in tests/test_autoencoder.py (one shared fit), the
-latent shard reader (local and S3) and the in-worker batch iterator."""
+"""The latents step on the autoencoder trained in tests/test_autoencoder.py (one shared fit): its
+Ray Data actor pool against the in-process per-shard encoder, the pool's budget check, the latent
+shard reader (local and S3) and the in-worker batch iterator."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import torch
 import webdataset
 
 from components.autoencoder.load import AE_META, AE_WEIGHTS, decode_scaled, encode_scaled, load_autoencoder
-from components.common.shard_reader import rank_batch_indices, read_image_shards
+from components.common.config import StepResources
+from components.common.parallel import check_pool_fits_cluster
+from components.common.shard_reader import read_image_shards
 from components.common.step import Manifest
+from components.common.storage import Storage
 from components.latents.config import LatentsConfig
-from components.latents.data import latent_batches, load_latent_shards
-from components.latents.run import encode_shard, run
+from components.latents.data import load_latent_shards
+from components.latents.run import ShardEncoder, encode_shard, latent_shard_name, run
 from test_autoencoder import make_ctx, manifest_from, shard_manifest, trained  # noqa: F401 (fixtures)
 
 _CACHE: dict[str, object] = {}
@@ -66,17 +70,90 @@ def test_latents_step_encodes_every_image(latents, trained, shard_manifest):
 
 
 @pytest.mark.integration
-def test_latent_shards_are_deterministic_and_sampling_is_seeded_by_key(latents, trained, shard_manifest, tmp_path):
-    from components.common.storage import Storage
+@pytest.mark.usefixtures("one_thread")
+def test_step_shards_equal_the_in_process_encoder_on_every_shard(latents, trained, shard_manifest, tmp_path):
+    """The actor pool adds nothing to the bytes: each latent shard it wrote is what ``encode_shard``
+    writes for that shard, in this process, at the same batch size; and the step's moments are
+    the sum of the per-shard ones. One thread, as in the actors (Ray sets OMP_NUM_THREADS to their
+    CPUs, here 0.5 -> 1): BLAS rounding depends on the thread count (measured: 2 threads change
+    bytes of val/latents-00000.tar)."""
+    model, meta = load_autoencoder(trained[0])
+    here = Storage.from_uri(str(tmp_path / "here"))
+    results = []
+    for split in ("train", "val"):
+        for index, rel in enumerate(shard_manifest.info[f"{split}_shards"]):
+            results.append(encode_shard(split, index, shard_manifest.location, rel, model, meta,
+                                        LatentsConfig(batch_size=64), here))
+            name = latent_shard_name(split, index)
+            assert results[-1]["file"] == name
+            assert here.read_bytes(name) == latents.storage().read_bytes(name), name
+    train = [r for r in results if r["split"] == "train"]
+    assert [sum(r["count"] for r in results if r["split"] == s) for s in ("train", "val")] == [
+        latents.metrics["num_train"], latents.metrics["num_val"]]
+    mean = sum(r["sum"] for r in train) / sum(r["elements"] for r in train)
+    assert latents.metrics["latent_mean"] == pytest.approx(mean, rel=1e-9)
 
+
+@pytest.mark.integration
+def test_shard_encoder_loads_the_autoencoder_once_per_actor(trained, shard_manifest, tmp_path, monkeypatch):
+    """In-process, outside Ray's pool: one load in the constructor, however many shards follow; each
+    call's row is ``encode_shard``'s result; no GPU given, so the model stays on the CPU."""
+    import components.autoencoder.load as ae_load
+
+    loads, real_load = [], ae_load.load_autoencoder
+
+    def counted_load(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(ae_load, "load_autoencoder", counted_load)
+    cfg, output = LatentsConfig(batch_size=64), Storage.from_uri(str(tmp_path / "actor"))
+    encoder = ShardEncoder(trained[0], shard_manifest.location, cfg, output)
+    assert next(encoder.model.parameters()).device.type == "cpu"
+    rels = shard_manifest.info["val_shards"]
+    rows = [encoder({"split": np.array(["val"]), "index": np.array([i]), "rel": np.array([rel])})
+            for i, rel in enumerate(rels)]
+    assert len(loads) == 1
+    expected = encode_shard("val", 1, shard_manifest.location, rels[1], encoder.model, encoder.meta, cfg,
+                            Storage.from_uri(str(tmp_path / "direct")))
+    assert {key: value[0].item() for key, value in rows[1].items()} == expected
+
+
+@pytest.mark.integration
+def test_pool_larger_than_the_cluster_is_refused_naming_the_setting(trained, shard_manifest, tmp_path, monkeypatch):
+    """The test Ray has 2 CPUs and no GPU: Ray Data would wait for these actors forever."""
+    inputs = {"shard": shard_manifest, "autoencoder": trained[0]}
+    for resources, message in (
+            (StepResources(num_workers=3, cpus_per_worker=1),
+             r"latents\.resources\.num_workers \(3\) x latents\.resources\.cpus_per_worker \(1\) = 3 CPUs, "
+             r"but the Ray cluster has 2"),
+            (StepResources(num_workers=1, cpus_per_worker=0.5, gpus_per_worker=1),
+             r"latents\.resources\.gpus_per_worker \(1\) = 1 GPUs, but the Ray cluster has 0")):
+        ctx = make_ctx(tmp_path, "latents")
+        ctx.resources = resources
+        with pytest.raises(ValueError, match=message):
+            run(LatentsConfig(), inputs, ctx)
+        assert not (tmp_path / "latents").exists()  # refused before any shard was encoded
+    monkeypatch.setenv("LATENTFLOW_AUTOSCALING", "1")  # nodes may still come: not refused
+    check_pool_fits_cluster("latents", StepResources(num_workers=3, cpus_per_worker=1))
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("one_thread")  # the step's actors run one thread; see the test above
+def test_latent_shards_are_deterministic_and_sampling_is_seeded_by_key(latents, trained, shard_manifest, tmp_path):
+    model, meta = load_autoencoder(trained[0])
     rel = shard_manifest.info["train_shards"][0]
     name = "train/latents-00000.tar"
+
+    def encode(cfg: LatentsConfig, output: Storage) -> None:
+        encode_shard("train", 0, shard_manifest.location, rel, model, meta, cfg, output)
+
     again = Storage.from_uri(str(tmp_path / "again"))
-    encode_shard("train", 0, shard_manifest.location, rel, trained[0], LatentsConfig(batch_size=64), again)
+    encode(LatentsConfig(batch_size=64), again)
     assert again.read_bytes(name) == latents.storage().read_bytes(name)  # a re-run is byte-identical
     # Another batch size changes only float rounding (BLAS blocking), never which latent is whose.
     rebatched = Storage.from_uri(str(tmp_path / "rebatched"))
-    encode_shard("train", 0, shard_manifest.location, rel, trained[0], LatentsConfig(batch_size=7), rebatched)
+    encode(LatentsConfig(batch_size=7), rebatched)
     by_key = {}
     for storage in (again, rebatched):
         local = tmp_path / f"{id(storage)}.tar"
@@ -90,16 +167,13 @@ def test_latent_shards_are_deterministic_and_sampling_is_seeded_by_key(latents, 
 
     sampled = Storage.from_uri(str(tmp_path / "sampled"))
     for _ in range(2):
-        encode_shard("train", 0, shard_manifest.location, rel, trained[0],
-                     LatentsConfig(posterior="sample", dtype="float16"), sampled)
+        encode(LatentsConfig(posterior="sample", dtype="float16"), sampled)
         first_bytes = sampled.read_bytes(name) if _ == 0 else first_bytes
     assert sampled.read_bytes(name) == first_bytes and first_bytes != again.read_bytes(name)
 
 
 @pytest.mark.integration
 def test_readers_work_from_s3(latents, trained, s3_bucket):
-    from components.common.storage import Storage
-
     def to_s3(manifest: Manifest, prefix: str) -> Manifest:
         remote = Storage.from_uri(f"s3://{s3_bucket}/{prefix}")
         for record in manifest.files:
@@ -122,24 +196,3 @@ def test_readers_work_from_s3(latents, trained, s3_bucket):
         load_autoencoder(tampered)
 
 
-def test_latent_batches_equal_counts_per_rank_and_seeded_order():
-    z = torch.arange(103, dtype=torch.float32).reshape(103, 1, 1, 1).expand(103, 4, 2, 2).contiguous()
-    y = torch.arange(103)
-
-    def epoch(rank, world, seed=0, number=0):
-        return list(latent_batches(z, y, 8, seed, number, rank, world))
-
-    for world in (1, 2, 3):
-        ranks = [epoch(r, world) for r in range(world)]
-        assert len({len(b) for b in ranks}) == 1 and len(ranks[0]) == (103 // world) // 8
-        seen = torch.cat([b["label"] for batches in ranks for b in batches])
-        assert len(set(seen.tolist())) == len(seen)  # no sample twice in an epoch
-        for batches in ranks:
-            for b in batches:
-                assert b["latent"].shape == (8, 4, 2, 2) and torch.equal(b["latent"][:, 0, 0, 0].long(), b["label"])
-    first = [b["label"] for b in epoch(1, 2)]
-    assert all(torch.equal(a, b["label"]) for a, b in zip(first, epoch(1, 2)))  # same seed, same order
-    assert not torch.equal(first[0], epoch(1, 2, number=1)[0]["label"])  # epochs differ
-    assert not torch.equal(first[0], epoch(1, 2, seed=1)[0]["label"])  # seeds differ
-    with pytest.raises(ValueError):
-        rank_batch_indices(10, 2, 0, 0, rank=2, world_size=2)

@@ -12,7 +12,7 @@ import boto3
 import pytest
 from PIL import Image
 
-from conftest import ARTIFACT_BUCKET, REPO
+from conftest import ARTIFACT_BUCKET, REPO, latentflow
 from components.common.step import Manifest
 from components.common.storage import Storage
 
@@ -31,11 +31,7 @@ EXPECTED_STEPS = {
 }
 
 
-def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}  # no S3/MLflow/Ray from the tests
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**base, **(env or {})})
+cli = latentflow
 
 
 def test_help_explains_the_commands():
@@ -67,15 +63,13 @@ def test_failing_step_exits_nonzero_naming_the_step(tmp_path):
 
 
 @pytest.mark.integration
-def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflow_server, s3_bucket, tmp_path):
-    """The whole smoke pipeline as a user runs it: `latentflow run`, storage on S3 (moto server),
-    tracking on a real mlflow server whose artifacts live in S3; then again, all from cache."""
+def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflow_server, smoke_on_s3, tmp_path):
+    """The whole smoke pipeline as a user runs it (``smoke_on_s3``): `latentflow run`, storage on S3
+    (moto server), tracking on a real mlflow server whose artifacts live in S3; then again, all from cache."""
     from mlflow.tracking import MlflowClient
 
-    s3_env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_S3_"))}
-    root = f"s3://{s3_bucket}/smoke"
+    root, s3_env, first = smoke_on_s3
     args = ("run", str(SMOKE), "--set", f"storage.root={root}", "--set", f"tracking.uri={mlflow_server}")
-    first = cli(*args, "--workflow-id", "wf-one", env=s3_env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.stdout.splitlines()[0] == "workflow id: wf-one"
     storage = Storage.from_uri(root)

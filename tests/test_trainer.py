@@ -83,10 +83,55 @@ class Regression:
         save_file(ema_model.state_dict(), str(out_dir / "ema.safetensors"))
 
 
-class RegressionFromDataset(Regression):
-    """Reads the Ray Dataset named "train" instead of generating batches in the worker."""
+class RegressionStream(Regression):
+    """The same data as a BatchSource (the stages' way): a seeded plan over tensors in memory."""
 
     batches = None
+
+    def batch_source(self, rank, world_size, micro_batch):
+        from components.common.stream import TensorSource
+
+        x, y = regression_data()
+        return TensorSource({"x": x, "y": y}, micro_batch, seed=0, rank=rank, world_size=world_size)
+
+
+class ShardClassifier:
+    """A linear classifier of the 2x2 "latents" of tests/test_stream.py's shards, streamed from them
+    (local or S3) like a stage's data; ``die_at_step`` kills rank 1 once, ``log_dir`` records losses."""
+
+    def __init__(self, location, rels, counts, die_at_step=None, marker=None, log_dir=None):
+        self.location, self.rels, self.counts = location, list(rels), list(counts)
+        self.die_at_step, self.marker, self.log_dir = die_at_step, marker, log_dir
+
+    def build_model(self):
+        return nn.Linear(4, 3)
+
+    def batch_source(self, rank, world_size, micro_batch):
+        from components.common.data import LatentDecoder
+        from components.common.sample_reader import SplitSpec
+        from components.common.stream import LoaderConfig, ShardSource
+
+        spec = SplitSpec(self.location, tuple(self.rels), tuple(self.counts), ("latent.npy",), ("cls",), "fail", "toy")
+        return ShardSource(spec, LatentDecoder(), micro_batch, 0, rank, world_size, LoaderConfig(shuffle_window=32))
+
+    def loss(self, model, batch, step, generator):
+        rank = torch.distributed.get_rank()
+        if self.die_at_step == step and rank == 1 and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            time.sleep(3)  # let Ray Train register the last checkpoint (see Regression.loss)
+            os._exit(1)
+        x = batch["latent"].float().flatten(1) / 500.0
+        loss = nn.functional.cross_entropy(model(x).float(), batch["label"].long())
+        if self.log_dir:
+            with open(Path(self.log_dir) / f"rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+        return loss, {}
+
+    def export(self, model, ema_model, out_dir):
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(out_dir / "model.safetensors"))
+        save_file(ema_model.state_dict(), str(out_dir / "ema.safetensors"))
 
 
 def logged(log_dir, rank=0):
@@ -126,10 +171,13 @@ def ema_updates(path) -> int:
 
 
 def test_config_schedule_and_protocol():
-    cfg = TrainConfig(batch_size=4, grad_accum=3, zero_stage=2, precision="bf16", grad_clip=0.5,
+    cfg = TrainConfig(batch_size=24, grad_accum=3, zero_stage=2, precision="bf16", grad_clip=0.5,
                       deepspeed={"zero_optimization": {"overlap_comm": True}})
-    ds = deepspeed_config(cfg, world_size=2)
-    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    ds = deepspeed_config(cfg, world_size=2)  # the global batch of 24: micro-batches of 4 on 2 workers
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    with pytest.raises(ValueError, match="train.batch_size 24 .* not divisible by 5 workers x grad_accum 3"):
+        cfg.micro_batch_size(5)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["bf16"]["enabled"]
     cosine = TrainConfig(lr_schedule="cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_factor(cosine, 0) == pytest.approx(0.1) and lr_factor(cosine, 9) == 1.0
@@ -145,7 +193,7 @@ def test_local_loop_bf16_zero3_accumulation_and_resume(tmp_path):
     """One process (LocalSession): ZeRO-3 + bf16 + accumulation, a crash at step 5, a resume."""
     from components.common.train_loop import LocalSession, train_loop
 
-    cfg = TrainConfig(max_steps=6, batch_size=8, grad_accum=2, lr=1e-2, zero_stage=3, precision="bf16",
+    cfg = TrainConfig(max_steps=6, batch_size=16, grad_accum=2, lr=1e-2, zero_stage=3, precision="bf16",
                       checkpoint_every=2, log_every=1, ema_decay=0.5, warmup_steps=2)
     with pytest.raises(RuntimeError, match="injected crash at step 5"):
         train_loop(Regression(batch_size=8, fail_at_step=5), cfg, LocalSession(tmp_path / "ckpt"), None)
@@ -166,6 +214,12 @@ def test_local_loop_bf16_zero3_accumulation_and_resume(tmp_path):
     again = train_loop(Regression(batch_size=8, log_dir=tmp_path), cfg, LocalSession(tmp_path / "ckpt"), None)
     assert len(logged(tmp_path)) == 4 and again["step"] == 6 and again["loss"] == final["loss"]  # no new steps
 
+    # Another worker count cannot pick up these data positions and optimizer partitions: refused, named.
+    from components.common.checkpoint import CheckpointError, restore
+
+    with pytest.raises(CheckpointError, match="saved by 1 workers, resuming with 2.*resources.num_workers: 1"):
+        restore(None, None, last, world_size=2)
+
     # The interrupted-and-resumed run ends with exactly the weights of an uninterrupted one.
     reference = LocalSession(tmp_path / "reference")
     train_loop(Regression(batch_size=8), cfg, reference, None)
@@ -179,18 +233,14 @@ def test_local_loop_bf16_zero3_accumulation_and_resume(tmp_path):
 # ---------------------------------------------------------------- Ray Train, 2 workers
 
 
-def test_fit_zero1_dataset_logs_to_mlflow_and_skips_a_nonfinite_loss(ray_cluster, tmp_path):
-    import ray.data
-
-    x, y = regression_data()
-    dataset = ray.data.from_items([{"x": x[i].numpy(), "y": y[i].numpy()} for i in range(ROWS)])
+def test_fit_zero1_stream_logs_to_mlflow_and_skips_a_nonfinite_loss(ray_cluster, tmp_path):
     tracker = sqlite_tracker(tmp_path)
     ctx = make_ctx(tmp_path, tracker)
-    cfg = TrainConfig(max_steps=12, batch_size=16, lr=2e-2, zero_stage=1, checkpoint_every=100,
-                      log_every=1, ema_decay=0.9)
+    cfg = TrainConfig(max_steps=12, batch_size=32, lr=2e-2, zero_stage=1, checkpoint_every=100,
+                      log_every=1, ema_decay=0.9)  # global batch 32: 16 per worker
     # Only rank 1 sees a NaN at step 3: both ranks must agree to skip that micro-batch.
-    task = RegressionFromDataset(nan_at_step=3, nan_rank=1, log_dir=tmp_path)
-    result = fit(task, cfg, ctx, datasets={"train": dataset})
+    task = RegressionStream(nan_at_step=3, nan_rank=1, log_dir=tmp_path)
+    result = fit(task, cfg, ctx)
 
     assert result.metrics["step"] == 12 and result.metrics["nonfinite_skipped"] == 1
     assert result.metrics["samples_seen"] == 12 * 16 * 2  # the skipped batch is not counted
@@ -210,7 +260,7 @@ def test_fit_zero1_dataset_logs_to_mlflow_and_skips_a_nonfinite_loss(ray_cluster
 def test_fit_zero2_nonfinite_streak_fails_then_rerun_resumes(ray_cluster, tmp_path):
     tracker = sqlite_tracker(tmp_path)
     ctx = make_ctx(tmp_path, tracker)
-    cfg = TrainConfig(max_steps=8, batch_size=16, lr=2e-2, zero_stage=2, checkpoint_every=2,
+    cfg = TrainConfig(max_steps=8, batch_size=32, lr=2e-2, zero_stage=2, checkpoint_every=2,
                       log_every=1, ema_decay=0.9, max_nonfinite_in_row=3)
     with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 5"):
         fit(Regression(nan_at_step=5, nan_times=99), cfg, ctx)
@@ -232,21 +282,61 @@ def test_fit_zero2_nonfinite_streak_fails_then_rerun_resumes(ray_cluster, tmp_pa
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_fit_on_s3_restarts_after_a_worker_dies(ray_cluster, s3_bucket, tmp_path):
-    ctx = make_ctx(tmp_path, retries=1, root=f"s3://{s3_bucket}/pipeline")  # checkpoints in (moto) S3
-    cfg = TrainConfig(max_steps=8, batch_size=8, grad_accum=2, lr=2e-2, zero_stage=2, checkpoint_every=2,
-                      log_every=2, ema_decay=0.9)
-    task = Regression(batch_size=8, die_at_step=5, marker=str(tmp_path / "died"), log_dir=tmp_path)
-    result = fit(task, cfg, ctx)
+def audited_keys(output: Storage) -> dict[int, list[str]]:
+    """epoch -> the keys the workers consumed in it, from the train.audit_data files."""
+    by_epoch: dict[int, list[str]] = {}
+    for rel in output.list("_data_audit"):
+        for batch in json.loads(output.read_text(rel))["batches"]:
+            by_epoch.setdefault(batch["epoch"], []).extend(batch["keys"])
+    return by_epoch
+
+
+def last_loss_per_step(log_dir, rank=0) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in logged(log_dir, rank)}  # a re-run step: its last attempt
+
+
+def test_a_worker_killed_mid_epoch_resumes_bit_identically_from_s3_shards(ray_cluster, s3_bucket, tmp_path):
+    """Two workers stream shards from (moto) S3; rank 1 dies mid-epoch; Ray Train restarts both from
+    the last checkpoint, and the run ends with the losses and weights of an uninterrupted run."""
+    from test_stream import write_shards
+
+    counts = (40,) * 8  # 320 samples: 160 per worker, 20 micro-batches of 8 an epoch
+    rels = write_shards(tmp_path / "shards", counts)
+    shards = Storage.from_uri(f"s3://{s3_bucket}/shards")
+    for rel in rels:
+        shards.upload(rel, tmp_path / "shards" / rel)
+    cfg = TrainConfig(max_steps=26, batch_size=16, lr=5e-2, zero_stage=2, checkpoint_every=4, log_every=2,
+                      ema_decay=0.9, audit_data=True)  # 26 steps: all of epoch 0, 6 steps into epoch 1
+
+    crashed_ctx = make_ctx(tmp_path, retries=1, root=f"s3://{s3_bucket}/crashed")  # checkpoints in S3 too
+    (tmp_path / "crashed").mkdir()
+    task = ShardClassifier(shards.uri(), rels, counts, die_at_step=10, marker=str(tmp_path / "died"),
+                           log_dir=tmp_path / "crashed")
+    result = fit(task, cfg, crashed_ctx)
+    (tmp_path / "reference").mkdir()
+    reference = fit(ShardClassifier(shards.uri(), rels, counts, log_dir=tmp_path / "reference"), cfg,
+                    make_ctx(tmp_path / "reference"))
+
     assert (tmp_path / "died").exists()
-    steps = [r["step"] for r in logged(tmp_path)]
-    restart = steps.index(4, steps.index(5) if 5 in steps else 0)  # after the death: back to step 4
-    assert steps[:restart] == [s for s in range(6) for _ in range(2)][: restart]
-    assert steps[restart:] == [s for s in range(4, 8) for _ in range(2)]
-    assert result.metrics["step"] == 8
-    assert result.checkpoint_uri.startswith(f"s3://{s3_bucket}/pipeline/out/_checkpoints/train/checkpoint_")
-    assert result.upload_to(ctx.output) == ["ema.safetensors", "model.safetensors"]
-    assert ctx.output.exists("ema.safetensors")
-    state = json.loads(Storage.from_uri(result.checkpoint_uri).read_text("train_state.json"))
-    # 16 batches of 8 rows make this worker's epoch of 128: all read, the next not yet begun
-    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (8, 0, 16)
+    steps = [r["step"] for r in logged(tmp_path / "crashed")]
+    assert steps[steps.index(10) + 1] == 8  # died in step 10, restarted from the checkpoint of step 8
+    assert result.metrics["step"] == 26 and result.metrics["resumed_from_step"] == 8
+    crashed, uninterrupted = last_loss_per_step(tmp_path / "crashed"), last_loss_per_step(tmp_path / "reference")
+    assert list(crashed) == list(range(26)) and crashed == uninterrupted  # the same loss curve, bit for bit
+    exported = Storage.from_uri(result.checkpoint_uri)
+    for name in ("model.safetensors", "ema.safetensors"):
+        from safetensors.torch import load as load_bytes
+
+        resumed = load_bytes(exported.read_bytes(f"export/{name}"))
+        plain = load_file(str(Path(reference.checkpoint_uri) / "export" / name))
+        for key in plain:
+            assert torch.equal(resumed[key], plain[key]), f"{name} {key}"
+
+    assert result.checkpoint_uri.startswith(f"s3://{s3_bucket}/crashed/out/_checkpoints/train/checkpoint_")
+    state = json.loads(exported.read_text("train_state.json"))
+    assert (state["step"], state["epoch"], state["batches_in_epoch"], state["data_position"]) == (26, 1, 6, 48)
+    # Every sample of epoch 0 was consumed exactly once across the two workers, the restart included.
+    keys = audited_keys(crashed_ctx.output)
+    assert len(keys[0]) == len(set(keys[0])) == 320
+    assert len(keys[1]) == len(set(keys[1])) == 6 * 8 * 2
+    assert result.upload_to(crashed_ctx.output) == ["ema.safetensors", "model.safetensors"]

@@ -359,9 +359,9 @@ def test_latents_step_encodes_pre_quantisation_latents_and_refuses_sampling(vq_s
             make_ctx(tmp_path, "latents"))
 
     output = Storage.from_uri(str(tmp_path / "latents"))
-    result = encode_shard("val", 0, shard.location, shard.info["val_shards"][0], manifest, LatentsConfig(), output)
-    assert result["count"] == 32
     model, meta = load_autoencoder(manifest)
+    result = encode_shard("val", 0, shard.location, shard.info["val_shards"][0], model, meta, LatentsConfig(), output)
+    assert result["count"] == 32
     from components.common.shard_reader import read_image_shards
 
     val, _, _ = read_image_shards(shard.storage(), shard.info["val_shards"], "png")

@@ -167,3 +167,12 @@ def test_each_step_gets_a_nested_mlflow_run(tmp_path):
     upstream = json.loads(b_second.data.tags["latentflow.upstream_run_ids"])
     assert upstream == {"a": first.record("a").mlflow_run_id}  # the run that produced b's input
     assert b_second.data.metrics["length"] == len("a:1[]")
+
+
+def test_only_runs_the_named_steps_and_what_they_need(tmp_path):
+    """``latentflow run --only b``: a and b run; c (after b) and d (beside them) are left out."""
+    result = run(chain().restricted_to(["b"]), tmp_path)
+    assert statuses(result) == {"a": "ran", "b": "ran"}
+    assert runs_of(tmp_path, "c") == runs_of(tmp_path, "d") == 0
+    with pytest.raises(ValueError, match="no step named 'x' in workflow 'toy'; its steps: a, d, b, c"):
+        chain().restricted_to(["x"])

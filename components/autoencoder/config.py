@@ -46,11 +46,6 @@ class AutoencoderConfig(StepConfig):
     # latents are multiplied by 1/std of the encoder's output on this many training images (LDM)
     scale_estimate_samples: int = Field(1024, ge=16)
     val_samples: int = Field(512, ge=8)  # PSNR/MSE on this many validation images
-    # How training images reach the workers. "memory": each worker reads all training shards once
-    # (webdataset, in the worker) and slices seeded batches out of one uint8 array: fastest for
-    # MNIST-scale sets. "ray_data": Ray Data streams and decodes them (shard_dataset): for data
-    # sets that do not fit in a worker's memory.
-    data: Literal["memory", "ray_data"] = "memory"
     # ema_decay 0.99: the exported EMA weights keep 0.99**500 < 1% of the initial weights after
     # 500 steps; 0.999 would keep 61%.
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, batch_size=64, lr=1e-3,

@@ -49,7 +49,7 @@ from components.autoencoder.lpips import check_lpips_file, load_lpips
 from components.autoencoder.model import AUTOENCODER_CLASSES, AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderVQ
 from components.autoencoder.quantize import code_statistics
 from components.common.images import image_grid
-from components.common.shard_reader import rank_batch_indices, read_image_shards
+from components.common.shard_reader import read_image_shards
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
 from components.common.tracking import png_bytes
@@ -118,34 +118,26 @@ def autoencoder_losses(module: AutoencoderTrainModule, images: torch.Tensor, ste
 
 
 class AutoencoderTask:
-    """TrainTask of the step: holds configs and shard URIs; reads the shards inside the worker."""
+    """TrainTask of the step: holds configs and the shard manifest; each worker streams its share of
+    the training images at the base size (or of ``in_memory`` uint8 images: tests, benchmarks)."""
 
-    def __init__(self, cfg: AutoencoderConfig, model_kwargs: dict[str, Any], shard_location: str,
-                 train_shards: list[str], image_key: str, image_size: int | None = None):
+    def __init__(self, cfg: AutoencoderConfig, model_kwargs: dict[str, Any], shard: Manifest | None,
+                 image_size: int | None = None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.cfg, self.model_kwargs, self.image_size = cfg, model_kwargs, image_size
-        self.shard_location, self.train_shards, self.image_key = shard_location, list(train_shards), image_key
-        self._images: torch.Tensor | None = None
+        self.shard_manifest, self.in_memory = shard, in_memory
         self._lpips: nn.Module | None = None
 
     def __getstate__(self):  # ship configs, not caches
-        return {**self.__dict__, "_images": None, "_lpips": None}
+        return {**self.__dict__, "_lpips": None}
 
     def build_model(self) -> nn.Module:
         return AutoencoderTrainModule(self.model_kwargs, self.cfg)
 
-    def images(self) -> torch.Tensor:
-        """All training images of the step, uint8 (N, C, H, W), read once per worker."""
-        if self._images is None:
-            array, _, _ = read_image_shards(Storage.from_uri(self.shard_location), self.train_shards, self.image_key,
-                                            size=self.image_size)
-            self._images = torch.from_numpy(array)
-        return self._images
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
+        from components.common.task_parts import ConvertImages, image_source
 
-    def batches(self, epoch: int, rank: int, world_size: int):
-        images = self.images()
-        train = self.cfg.train
-        for index in rank_batch_indices(len(images), train.batch_size, train.seed, epoch, rank, world_size):
-            yield {"image": to_model_range(images[torch.from_numpy(index)])}
+        return image_source(self.shard_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
+                            size=self.image_size, transform=ConvertImages(to_model_range))
 
     def perceptual(self, device) -> nn.Module | None:
         if self.cfg.lpips_weights is None:
@@ -157,10 +149,6 @@ class AutoencoderTask:
     def loss(self, model, batch, step, generator):
         module = getattr(model, "module", model)  # the DeepSpeed engine's module
         images = batch["image"]
-        if self.image_size and images.shape[-1] != self.image_size:  # Ray Data streams shard-sized images
-            from components.common.resample import resize
-
-            images = resize(images, self.image_size).to(images.dtype)
         return autoencoder_losses(module, images, step, self.cfg, generator, self.perceptual(images.device))
 
     def export(self, model, ema_model, out_dir: Path) -> None:
@@ -168,12 +156,6 @@ class AutoencoderTask:
 
         state = {k: v.detach().float().cpu().contiguous() for k, v in ema_model.ae.state_dict().items()}
         save_file(state, str(out_dir / AE_WEIGHTS), metadata={"preset": self.cfg.preset})
-
-
-class AutoencoderStreamTask(AutoencoderTask):
-    """The same task fed by Ray Data (``data: ray_data``): the trainer reads the "train" dataset."""
-
-    batches = None
 
 
 # ---------------------------------------------------------------- evaluation on the step task
@@ -287,16 +269,9 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
         raise ValueError(f"autoencoder: the shard step wrote {len(train_shards)} train and {len(val_shards)} "
                          "val shards; both are needed (val_fraction > 0)")
 
-    if cfg.data == "memory":
-        task, datasets = AutoencoderTask(cfg, model_kwargs, shard.location, train_shards, image_key, size), None
-    else:
-        from components.common.data import shard_dataset
-
-        task = AutoencoderStreamTask(cfg, model_kwargs, shard.location, train_shards, image_key, size)
-        datasets = {"train": shard_dataset([shard.uri(r) for r in train_shards], image_key=image_key,
-                                           shuffle_seed=cfg.train.seed)}
+    task = AutoencoderTask(cfg, model_kwargs, shard, size)
     started = time.perf_counter()
-    result = fit(task, cfg.train, ctx, datasets=datasets, name="autoencoder")
+    result = fit(task, cfg.train, ctx, name="autoencoder")
     train_wall_s = time.perf_counter() - started
 
     from safetensors.torch import load_file
@@ -335,7 +310,7 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
     metrics = {**quality, "scale_factor": scale_factor, "train_loss": final.get("loss", float("nan")),
                "rec_loss": final.get("rec_loss", float("nan")),
                "images_per_s": final.get("images_per_s", float("nan")),
-               "train_wall_s": train_wall_s, "steps": float(final.get("step", cfg.train.max_steps))}
+               "train_wall_s": train_wall_s, **result.run_metrics()}
     ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("train_loss", "rec_loss", "images_per_s")},
                             step=cfg.train.max_steps)
     log.info("autoencoder: %d steps in %.0f s, val PSNR %.2f dB, scale factor %.4f%s", metrics["steps"],

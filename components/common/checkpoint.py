@@ -37,9 +37,12 @@ class CheckpointError(RuntimeError):
 class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # data position: the epoch being read ...
-    batches_in_epoch: int = 0  # ... and how many of this worker's batches of it were consumed
+    batches_in_epoch: int = 0  # ... how many of this worker's batches of it were consumed ...
+    data_position: int = 0  # ... and where the next one starts in the worker's epoch order (EpochPlan)
     samples_seen: int = 0  # over all workers, finite micro-batches only
     nonfinite_skipped: int = 0  # micro-batches whose loss was not finite on some rank
+    bad_samples: int = 0  # this worker's samples skipped as unreadable (on_bad_sample: skip)
+    resumed_from_step: int = 0  # the step this attempt started from (0: from scratch)
     world_size: int = 1
     last_metrics: dict[str, float] = field(default_factory=dict)  # rank 0's last logged window
 
@@ -89,9 +92,11 @@ def restore(engine, ema: EMA | None, directory: Path, world_size: int, task=None
     state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
     if state.world_size != world_size:
         raise CheckpointError(
-            f"{directory}: saved by {state.world_size} workers, resuming with {world_size}; ZeRO "
-            "optimizer partitions and data positions are per worker. Resume with the same "
-            "num_workers, or delete the step's checkpoints to start over."
+            f"{directory}: saved by {state.world_size} workers, resuming with {world_size}. Each worker's "
+            "data position is a place in its own share of the epoch, and ZeRO partitions the optimizer "
+            f"state by worker, so neither carries over to {world_size} workers: resume with "
+            f"resources.num_workers: {state.world_size}, or delete the step's _checkpoints to start over "
+            "(the global batch, train.batch_size, is the same either way)."
         )
     load_path, _ = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
     if load_path is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -56,6 +56,9 @@ class StepResources(StrictModel):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    # Ray Train's placement of a learned stage's workers: PACK fills a node first, SPREAD puts them on
+    # different nodes where it can (STRICT_* insist, and wait for nodes that can hold them).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class StepConfig(StrictModel):

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 def deepspeed_config(cfg: "TrainConfig", world_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size(world_size),
         "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "train_batch_size": cfg.batch_size,  # global: micro-batch x accumulation x workers
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},

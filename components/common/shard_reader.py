@@ -1,16 +1,14 @@
-"""Read every sample of a set of webdataset shards into memory, local or on S3.
+"""Reading webdataset shards front to back, local or on S3: for passes over a whole split that
+need no training order (the latents step, reference statistics) and for small, bounded reads (a
+validation sample, a grid). Training batches come from ``components.common.stream`` instead.
 
-The in-memory path of small data sets (MNIST-scale images, pre-extracted latents): one process
-reads all of it once, then slices batches out of arrays, with none of Ray Data's per-batch overhead.
-Ray Data (``components.common.data.shard_dataset``) is the streaming alternative for data sets that
-do not fit in a worker's memory.
-
-- ``read_shard_samples(storage, rels, suffixes)``: raw samples (``__key__`` plus one ``bytes``
-  value per kept suffix), shards in the given order, samples in file order. S3 shards are
-  downloaded (a few in parallel) to a temporary directory and deleted after reading.
-- ``read_image_shards(storage, rels, image_key)``: decoded images, uint8 (N, C, H, W), and labels.
-- ``rank_batch_indices(n, batch_size, seed, epoch, rank, world_size)``: this rank's batches of one
-  epoch; every rank gets the same number of full batches.
+- ``iter_shard_samples(storage, rels, suffixes)``: raw samples (``__key__``, ``__shard__`` plus one
+  ``bytes`` value per kept suffix), shards in the given order, samples in file order. S3 shards
+  are downloaded (a few ahead) to a temporary directory and deleted once read.
+- ``iter_image_batches(storage, rels, image_key, batch_size, size, filter)``: a whole split once, in
+  order, as (uint8 images (B, C, H, W), int64 labels (B,)) batches: memory is one batch;
+- ``read_image_shards(storage, rels, image_key, limit=...)``: decoded images, uint8 (N, C, H, W),
+  and labels, all in memory: only with a ``limit``, or for sets known to be small.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.common.data import ShardDataError, decode_image, worker_seed
+from components.common.data import ShardDataError, decode_image, parse_label
 from components.common.storage import Storage
 
 DOWNLOAD_THREADS = 4
@@ -68,21 +66,6 @@ def iter_shard_samples(storage: Storage, rels: Sequence[str],
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def read_shard_samples(storage: Storage, rels: Sequence[str],
-                       suffixes: Sequence[str] | None = None) -> list[dict]:
-    return list(iter_shard_samples(storage, rels, suffixes))
-
-
-def parse_label(value: bytes | None, key: str) -> int:
-    """A ``cls`` field -> int; -1 when the sample has none (unlabelled source)."""
-    if value is None:
-        return -1
-    try:
-        return int(value.decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ShardDataError(f"sample {key!r}: cls is not an integer: {value[:20]!r}") from e
-
-
 def read_image_shards(storage: Storage, rels: Sequence[str], image_key: str = "png",
                       label_key: str = "cls", limit: int | None = None, size: int | None = None
                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -113,17 +96,21 @@ def read_image_shards(storage: Storage, rels: Sequence[str], image_key: str = "p
     return stacked, np.asarray(labels, dtype=np.int64), keys
 
 
-def rank_batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int,
-                       world_size: int) -> list[np.ndarray]:
-    """Row indices of this rank's batches of one epoch.
+def iter_image_batches(storage: Storage, rels: Sequence[str], image_key: str, batch_size: int,
+                       size: int | None = None, filter: str = "bicubic") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every sample of the shards once, in order, decoded (and resized to ``size`` with ``filter``), in
+    batches of ``batch_size`` (the last one shorter)."""
+    from components.common.data import ImageDecoder
 
-    One permutation of ``n`` rows per (seed, epoch), the same on every rank; rank r takes rows
-    r, r + world_size, ... of it and cuts them into full batches. Every rank gets
-    ``(n // world_size) // batch_size`` batches (the remainder is dropped), so no rank waits at the
-    end of an epoch for a collective that another never reaches."""
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad batch_size/rank/world_size: {batch_size}/{rank}/{world_size}")
-    order = np.random.default_rng(worker_seed(seed, epoch, 0)).permutation(n)
-    per_rank = n // world_size
-    mine = order[rank::world_size][:per_rank]
-    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(per_rank // batch_size)]
+    decoder, images, labels = ImageDecoder(image_key, size, filter), [], []
+    for sample in iter_shard_samples(storage, rels, (image_key, "cls")):
+        if image_key not in sample:
+            raise ShardDataError(f"sample {sample['__key__']!r} in {sample['__shard__']} has no {image_key!r} field")
+        decoded = decoder(sample["__key__"], sample)
+        images.append(decoded["image"])
+        labels.append(decoded["label"])
+        if len(images) == batch_size:
+            yield np.stack(images), np.asarray(labels, np.int64)
+            images, labels = [], []
+    if images:
+        yield np.stack(images), np.asarray(labels, np.int64)

@@ -16,13 +16,27 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 CHUNK = 1 << 20
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URI at fault."""
+    """A storage operation failed; the message names the URI at fault. ``transient``: the kind of
+    failure that can pass (an unreachable endpoint, a timeout, throttling, a 5xx), worth retrying;
+    a missing object or denied access is not."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                                "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "500", "502",
+                                "503", "504"})
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -227,7 +241,9 @@ class S3Storage(Storage):
         return join(self.prefix, rel)
 
     def _call(self, what: str, rel: str, fn, *args, **kwargs):
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, EndpointConnectionError,
+                                         NoCredentialsError)
+        from boto3.exceptions import Boto3Error  # s3transfer's "failed after retries"
 
         uri = f"s3://{self.bucket}/{self.key(rel)}"
         try:
@@ -240,11 +256,13 @@ class S3Storage(Storage):
                 raise StorageError(f"{what} {uri}: access denied ({code}); check the AWS credentials") from e
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise StorageError(f"{what} {uri}: not found") from e
-            raise StorageError(f"{what} {uri}: {code or e}") from e
+            raise StorageError(f"{what} {uri}: {code or e}", transient=code in TRANSIENT_S3_CODES) from e
         except NoCredentialsError as e:
             raise StorageError(f"{what} {uri}: no AWS credentials in the environment") from e
         except EndpointConnectionError as e:
-            raise StorageError(f"{what} {uri}: S3 endpoint unreachable ({e})") from e
+            raise StorageError(f"{what} {uri}: S3 endpoint unreachable ({e})", transient=True) from e
+        except (ConnectionError, BotoCoreError, Boto3Error) as e:  # reset, timed out, cut off mid-body
+            raise StorageError(f"{what} {uri}: {type(e).__name__}: {e}", transient=True) from e
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -262,8 +280,8 @@ class S3Storage(Storage):
         return digest
 
     def read_bytes(self, rel: str) -> bytes:
-        response = self._call("read", rel, self.client.get_object, Bucket=self.bucket, Key=self.key(rel))
-        return response["Body"].read()
+        # the body is read inside _call: a connection cut mid-body is a (transient) StorageError too
+        return self._call("read", rel, lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"].read())
 
     def download(self, rel: str, local_path) -> None:
         self._call("download", rel, self.client.download_file, self.bucket, self.key(rel), str(local_path))
@@ -313,3 +331,33 @@ class S3Storage(Storage):
     def delete(self, prefix: str) -> None:
         for rel in self.list(prefix):
             self._call("delete", rel, self.client.delete_object, Bucket=self.bucket, Key=self.key(rel))
+
+
+# ---------------------------------------------------------------- pyarrow, for Ray Train's storage
+
+
+def s3_filesystem() -> "pyarrow.fs.S3FileSystem":
+    """A pyarrow S3 file system from the standard AWS environment. ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` selects an S3-compatible server (MinIO, moto), as boto3 does."""
+    from pyarrow import fs
+
+    kwargs: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, sep, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host.rstrip("/") if sep else endpoint
+        kwargs["scheme"] = scheme if sep else "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def arrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem | None", str]:
+    """(file system, path inside it) for a local path or s3:// URI; None means "local, let the
+    library decide". Ray Train's RunConfig takes this pair."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(), uri.removeprefix("s3://").rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme: {uri!r} (use a local path or s3://)")
+    return None, os.path.abspath(uri.removeprefix("file://"))

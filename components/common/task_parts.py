@@ -1,29 +1,65 @@
-"""Pieces shared by the diffusion training tasks (the DiT, the super-resolution stages): the
-training split of a shard step in memory, and the export of EMA and online weights with a meta file."""
+"""Pieces shared by the training tasks: where a worker's batches come from (the shard step's images or
+the latents step's latents, streamed; or tensors in memory for tests and benchmarks), and the
+export of EMA and online weights with a meta file."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
 
     from components.common.step import Manifest
+    from components.common.stream import BatchSource
+    from components.common.trainer import TrainConfig
 
 
-def train_split_in_memory(shard: "Manifest", size: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(uint8 images (N, C, H, W), int64 labels (N,)) of the shard step's training split, resized
-    to ``size`` when given."""
-    import torch
+def image_source(shard: "Manifest | None", in_memory: "tuple[torch.Tensor, torch.Tensor] | None",
+                 train: "TrainConfig", rank: int, world_size: int, micro_batch: int, size: int | None = None,
+                 filter: str = "bicubic", transform: Callable[[dict], dict] | None = None) -> "BatchSource":
+    """``{"image": uint8 (B, C, size, size), "label": int64 (B,)}`` batches (then ``transform``) of the
+    shard step's training split, streamed; or of ``in_memory`` (images, labels) when given."""
+    from components.common.data import ImageDecoder, image_split
+    from components.common.stream import ShardSource, TensorSource
 
-    from components.common.shard_reader import read_image_shards
+    if in_memory is not None:
+        from components.common.resample import resize_uint8
 
-    info = shard.info
-    images, labels, _ = read_image_shards(shard.storage(), info["train_shards"], info.get("image_format", "png"),
-                                          size=size)
-    return torch.from_numpy(images), torch.from_numpy(labels)
+        images, labels = in_memory
+        images = resize_uint8(images, size, filter) if size is not None else images
+        return TensorSource({"image": images, "label": labels}, micro_batch, train.seed, rank, world_size,
+                            train.loader.shuffle_window, transform)
+    decoder = ImageDecoder(shard.info.get("image_format", "png"), size, filter)
+    return ShardSource(image_split(shard, "train"), decoder, micro_batch, train.seed, rank, world_size, train.loader,
+                       transform)
+
+
+def latent_source(latents: "Manifest | None", in_memory: "tuple[torch.Tensor, torch.Tensor] | None",
+                  train: "TrainConfig", rank: int, world_size: int, micro_batch: int) -> "BatchSource":
+    """``{"latent": float32 (B, c, h, w), "label": int64 (B,)}`` batches of the latents step's
+    training split, streamed; or of ``in_memory`` (latents, labels) when given."""
+    from components.common.data import LatentDecoder, latent_split
+    from components.common.stream import ShardSource, TensorSource
+
+    if in_memory is not None:
+        latents_tensor, labels = in_memory
+        return TensorSource({"latent": latents_tensor, "label": labels}, micro_batch, train.seed, rank, world_size,
+                            train.loader.shuffle_window)
+    return ShardSource(latent_split(latents, "train"), LatentDecoder(), micro_batch, train.seed, rank, world_size,
+                       train.loader)
+
+
+class ConvertImages:
+    """A batch transform: ``convert`` (e.g. uint8 -> the model's range) applied to the ``image``
+    column. A class, not a closure, so that it pickles: it travels to the workers inside the task."""
+
+    def __init__(self, convert: Callable[["torch.Tensor"], "torch.Tensor"]):
+        self.convert = convert
+
+    def __call__(self, batch: dict) -> dict:
+        return {**batch, "image": self.convert(batch["image"])}
 
 
 def export_weights(model: "torch.nn.Module", ema_model: "torch.nn.Module", out_dir: Path, ema_name: str,
@@ -37,17 +73,3 @@ def export_weights(model: "torch.nn.Module", ema_model: "torch.nn.Module", out_d
     save_file(weights(ema_model), str(out_dir / ema_name), metadata={"weights": "ema"})
     save_file(weights(model), str(out_dir / online_name), metadata={"weights": "online"})
     (out_dir / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-
-def image_batches(images: "torch.Tensor", labels: "torch.Tensor", train, epoch: int, rank: int, world_size: int,
-                  transform=None):
-    """This rank's ``{"image", "label"}`` batches of one epoch (``rank_batch_indices``); ``train``
-    is the step's ``TrainConfig``; ``transform`` maps each uint8 image batch (e.g. to [-1, 1])."""
-    import torch
-
-    from components.common.shard_reader import rank_batch_indices
-
-    for index in rank_batch_indices(len(images), train.batch_size, train.seed, epoch, rank, world_size):
-        index = torch.from_numpy(index)
-        batch = images[index]
-        yield {"image": transform(batch) if transform else batch, "label": labels[index]}

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING
 
 from components.common import checkpoint
 from components.common.checkpoint import TrainState
+from components.common.epoch_plan import mix_seed
+from components.common.stream import StreamedBatch
 from components.common.trainer import NonFiniteLossError, TrainConfig, TrainTask
 
 if TYPE_CHECKING:
     import torch
 
+    from components.common.stream import BatchSource
     from components.common.tracking import StepTracker
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class RaySession:
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -55,12 +59,6 @@ class RaySession:
                          delete_local_checkpoint_after_upload=True)
         shutil.rmtree(directory, ignore_errors=True)
 
-    def dataset_batches(self, cfg: TrainConfig, epoch: int, skip: int) -> Iterable[dict]:
-        from components.common import data
-
-        return data.iter_batches("train", cfg.batch_size, seed=cfg.seed, epoch=epoch, skip_batches=skip,
-                                 shuffle_buffer=cfg.shuffle_buffer)
-
 
 class LocalSession(RaySession):
     """One process, no Ray, checkpoints as numbered directories under ``checkpoint_dir``.
@@ -80,7 +78,7 @@ class LocalSession(RaySession):
                 dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
             else:
                 dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-        self.rank, self.world_size = 0, 1
+        self.rank, self.world_size, self.node_id = 0, 1, "local"
         self.root = Path(checkpoint_dir)
         self.reports: list[dict] = []
 
@@ -94,21 +92,20 @@ class LocalSession(RaySession):
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.move(str(directory), self.root / f"checkpoint_{len(list(self.root.glob('checkpoint_*'))):06d}")
 
-    def dataset_batches(self, cfg, epoch, skip):
-        raise ValueError("LocalSession has no Ray Datasets: give the task a batches() method")
 
 
 def ray_worker(config: dict) -> None:
-    train_loop(config["task"], TrainConfig(**config["train"]), RaySession(), config["tracker"])
+    train_loop(config["task"], TrainConfig(**config["train"]), RaySession(), config["tracker"],
+               config.get("audit_uri"))
 
 
-def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker | None") -> dict:
+def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker | None",
+               audit_uri: str | None = None) -> dict:
     """Build, resume, train to ``cfg.max_steps``, export. Returns the final checkpoint's metrics."""
     import torch
 
     from components.common.ema import EMA
-    from components.common.engine import build_engine, grad_norm as own_grad_norm, needs_own_grad_norm
-    from components.common.progress import progress_bar
+    from components.common.engine import build_engine
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world = session.rank, session.world_size
@@ -120,18 +117,34 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
     with session.latest_checkpoint() as found:
         if found is not None:
             state = checkpoint.restore(engine, ema, found, world, task)
-            logger.info("rank %d resumed from %s at step %d", rank, found, state.step)
-    batches = _batch_stream(_batch_source(task, cfg, session), state)
+            state.resumed_from_step = state.step
+            logger.info("rank %d resumed from %s at step %d (epoch %d, data position %d)", rank, found,
+                        state.step, state.epoch, state.data_position)
+    source = _batch_source(task, cfg, session)
+    audit = DataAudit(audit_uri, rank, session.node_id, state.step) if audit_uri else None
+    try:
+        _train_steps(task, cfg, session, tracker, engine, ema, state, _batch_stream(source, state, audit), audit)
+    finally:
+        source.close()
+    return _save(session, engine, ema, state, task, audit, export=lambda out: _export(task, engine, ema, out, rank))
+
+
+def _train_steps(task, cfg: TrainConfig, session, tracker, engine, ema, state: TrainState, batches, audit) -> None:
+    """The loop, top to bottom: batch, forward, loss, finite-check, backward, clip, step, EMA, log."""
+    from components.common.engine import grad_norm as own_grad_norm, needs_own_grad_norm
+    from components.common.progress import progress_bar
+
+    rank, world = session.rank, session.world_size
     window = _Window()
     bar = progress_bar(cfg.max_steps, desc="train", unit="step") if rank == 0 else None
     if bar is not None:
         bar.update(state.step)
     nonfinite_in_row, grad_norm = 0, float("nan")
-
+    keep_fp32 = frozenset(getattr(task, "fp32_inputs", ()))
     while state.step < cfg.max_steps:
         micro = 0
         while micro < cfg.grad_accum:
-            batch = _to_device(next(batches), engine)                                  # batch
+            batch = _to_device(next(batches), engine, keep_fp32)                       # batch
             generator = _step_generator(cfg.seed, state.step, rank, engine.device)
             loss, extras = task.loss(engine, batch, state.step, generator)             # forward, loss
             mean_loss = _agreed_loss(loss, world)                                      # finite-check
@@ -150,8 +163,9 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
                 grad_norm = own_grad_norm(engine)
             engine.step()                                                              # clip, update
             micro += 1
-            state.samples_seen += cfg.batch_size * world
-            window.add(mean_loss, extras, cfg.batch_size * world)
+            rows = len(next(v for v in batch.values() if _is_tensor(v))) * world
+            state.samples_seen += rows
+            window.add(mean_loss, extras, rows)
         state.step += 1
         grad_norm = _float(engine.get_global_grad_norm(), grad_norm)
         with checkpoint.gathered(engine):                                              # EMA
@@ -166,21 +180,22 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
         if bar is not None:
             bar.update(1)
         if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
-            _save(session, engine, ema, state, task)
-
+            _save(session, engine, ema, state, task, audit)
     if bar is not None:
         bar.close()
-    return _save(session, engine, ema, state, task, export=lambda out: _export(task, engine, ema, out, rank))
 
 
-def _save(session, engine, ema, state: TrainState, task: TrainTask,
+def _save(session, engine, ema, state: TrainState, task: TrainTask, audit: "DataAudit | None",
           export: Callable[[Path], None] | None = None) -> dict:
     directory = Path(tempfile.mkdtemp(prefix="latentflow-ckpt-"))
     checkpoint.save(engine, ema, state, directory, session.rank, task)
     if export is not None:
         export(directory / checkpoint.EXPORT_DIR)
     metrics = {**state.last_metrics, "step": state.step, "samples_seen": state.samples_seen,
-               "nonfinite_skipped": state.nonfinite_skipped}
+               "nonfinite_skipped": state.nonfinite_skipped, "bad_samples_skipped": _sum_over_ranks(state.bad_samples),
+               "resumed_from_step": state.resumed_from_step, "peak_rss_mb": _peak_rss_mb_over_ranks()}
+    if audit is not None:
+        audit.commit(state.step)  # what this checkpoint has consumed, before it becomes the latest
     session.report(metrics, directory)
     return metrics
 
@@ -199,33 +214,79 @@ def _export(task: TrainTask, engine, ema, out_dir: Path, rank: int) -> None:
 # ---------------------------------------------------------------- loop helpers
 
 
-def _batch_source(task: TrainTask, cfg: TrainConfig, session) -> Callable[[int, int], Iterable[dict]]:
-    """(epoch, batches to skip) -> this worker's remaining batches of that epoch."""
-    if callable(getattr(task, "batches", None)):
-        return lambda epoch, skip: itertools.islice(task.batches(epoch, session.rank, session.world_size), skip, None)
-    return lambda epoch, skip: session.dataset_batches(cfg, epoch, skip)
+def _batch_source(task: TrainTask, cfg: TrainConfig, session) -> "BatchSource":
+    if callable(getattr(task, "batch_source", None)):
+        return task.batch_source(session.rank, session.world_size, cfg.micro_batch_size(session.world_size))
+    return ReplaySource(task, session.rank, session.world_size)
 
 
-def _batch_stream(source, state: TrainState) -> Iterator[dict]:
+class ReplaySource:
+    """A task's plain ``batches(epoch, rank, world_size)`` as a BatchSource: the position is the
+    batch count, and resuming re-iterates the epoch up to it (fine for small synthetic data only)."""
+
+    def __init__(self, task: TrainTask, rank: int, world_size: int):
+        self.task, self.rank, self.world_size = task, rank, world_size
+
+    def batches_per_epoch(self, epoch: int) -> int | None:
+        return None  # as many as batches() yields
+
+    def epoch(self, epoch: int, position: int, batches_done: int) -> Iterator[StreamedBatch]:
+        batches = self.task.batches(epoch, self.rank, self.world_size)
+        for index, batch in enumerate(itertools.islice(batches, batches_done, None), start=batches_done):
+            yield StreamedBatch(batch, epoch, index + 1)
+
+    def close(self) -> None:
+        pass
+
+
+def _batch_stream(source: "BatchSource", state: TrainState, audit: "DataAudit | None") -> Iterator[dict]:
     """Batches forever, epoch after epoch, keeping the data position in ``state`` current."""
     while True:
         produced = False
-        for batch in source(state.epoch, state.batches_in_epoch):
+        for item in source.epoch(state.epoch, state.data_position, state.batches_in_epoch):
             produced = True
-            state.batches_in_epoch += 1
-            yield batch
+            state.data_position, state.batches_in_epoch = item.position, state.batches_in_epoch + 1
+            state.bad_samples += item.skipped
+            if audit is not None:
+                audit.record(item)
+            yield item.tensors
         if not produced and state.batches_in_epoch == 0:
             raise ValueError(f"epoch {state.epoch} gave this worker no batches: the dataset has fewer "
-                             "rows than num_workers x batch_size")
-        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                             "rows than num_workers x the micro-batch")
+        state.epoch, state.data_position, state.batches_in_epoch = state.epoch + 1, 0, 0
 
 
-def _to_device(batch: dict, engine) -> dict:
+class DataAudit:
+    """``train.audit_data``: the keys of every consumed batch, written at each checkpoint to
+    ``<audit_uri>/rank-<r>/upto-step-<step>.json``. A crash loses only what no checkpoint covers,
+    and the resumed run writes those files again, so the files are exactly what the final weights saw."""
+
+    def __init__(self, uri: str, rank: int, node_id: str, step: int):
+        self.uri, self.rank, self.node_id, self.from_step = uri, rank, node_id, step
+        self.batches: list[dict] = []
+
+    def record(self, item: StreamedBatch) -> None:
+        self.batches.append({"epoch": item.epoch, "position": item.position, "keys": item.keys})
+
+    def commit(self, step: int) -> None:
+        import json
+
+        from components.common.storage import Storage
+
+        record = {"rank": self.rank, "node_id": self.node_id, "from_step": self.from_step, "to_step": step,
+                  "batches": self.batches}
+        Storage.from_uri(self.uri).write_text(f"rank-{self.rank}/upto-step-{step:09d}.json", json.dumps(record))
+        self.batches, self.from_step = [], step
+
+
+def _to_device(batch: dict, engine, keep_fp32: frozenset[str] = frozenset()) -> dict:
+    """Tensors to the engine's device; floating ones cast to the compute dtype, except the task's
+    ``fp32_inputs`` (targets that must not lose precision under bf16)."""
     from components.common.engine import compute_dtype
 
     dtype = compute_dtype(engine)
-    return {k: v.to(engine.device, dtype=dtype if v.is_floating_point() else None) if _is_tensor(v) else v
-            for k, v in batch.items()}
+    return {k: v.to(engine.device, dtype=dtype if v.is_floating_point() and k not in keep_fp32 else None)
+            if _is_tensor(v) else v for k, v in batch.items()}
 
 
 def _is_tensor(value) -> bool:
@@ -237,9 +298,7 @@ def _is_tensor(value) -> bool:
 def _step_generator(seed: int, step: int, rank: int, device) -> "torch.Generator":
     import torch
 
-    from components.common.data import worker_seed
-
-    return torch.Generator(device=device).manual_seed(worker_seed(seed, step, rank))
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, step, rank))
 
 
 def _agreed_loss(loss: "torch.Tensor", world_size: int) -> float | None:
@@ -256,6 +315,29 @@ def _agreed_loss(loss: "torch.Tensor", world_size: int) -> float | None:
     dist.all_reduce(packed)
     total, nonfinite = packed.tolist()
     return None if nonfinite > 0 else total / world_size
+
+
+def _sum_over_ranks(value: int) -> int:
+    """Collective: every rank calls it (from ``_save``)."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _peak_rss_mb_over_ranks() -> float:
+    """The largest peak resident memory of any worker process so far, in MiB (collective). What
+    ``benchmarks/data_scaling.py`` compares across data set sizes: it must not grow with them."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak.item())
 
 
 def _float(value, default: float) -> float:

@@ -8,6 +8,10 @@ clipping, accumulation, EMA, checkpoints, resume, non-finite losses, logging.
   name=...)``, so ``ray.train.get_checkpoint()`` returns the latest checkpoint and the run ends at
   the same ``max_steps``; ``FailureConfig(max_failures=ctx.resources.max_retries)`` restarts
   crashed workers from it within one ``fit``. Resuming needs the same ``num_workers``.
+- Data: ``train.batch_size`` is the global batch; each of W workers takes micro-batches of
+  batch_size / (W x grad_accum) from its ``BatchSource`` (``components.common.stream``), and the
+  checkpoint keeps each worker's data position (epoch, position in its epoch order, batches of the
+  epoch consumed), so a resumed run reads on from there without re-reading what it consumed.
 - Steps count optimizer updates. A micro-batch whose loss is not finite on any rank (ranks agree
   by an all-reduce before backward) is skipped: no backward, no update, the batch is consumed and
   counted, the step and the LR schedule do not advance. ``max_nonfinite_in_row`` of them in a row
@@ -21,7 +25,6 @@ clipping, accumulation, EMA, checkpoints, resume, non-finite losses, logging.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -30,6 +33,7 @@ from pydantic import Field
 
 from components.common import checkpoint
 from components.common.config import StrictModel
+from components.common.stream import LoaderConfig
 
 if TYPE_CHECKING:
     import torch
@@ -42,10 +46,14 @@ if TYPE_CHECKING:
 class TrainConfig(StrictModel):
     """The ``train:`` section of a learned stage's config."""
 
-    cache_exempt: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every"})
+    cache_exempt: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every",
+                                                        "audit_data"})
 
     max_steps: int = Field(1000, ge=1)  # optimizer steps
-    batch_size: int = Field(32, ge=1)  # per worker and micro-batch
+    # The GLOBAL batch: samples per optimizer step over all workers and accumulation micro-batches,
+    # as papers state it (DiT: 256). Each worker's micro-batch is batch_size / (workers x grad_accum),
+    # which must divide exactly; so the batch is in the cache key and the worker count is not.
+    batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -63,16 +71,31 @@ class TrainConfig(StrictModel):
     log_every: int = Field(50, ge=1)
     max_nonfinite_in_row: int = Field(10, ge=1)
     seed: int = 0
-    shuffle_buffer: int | None = Field(None, ge=1)  # rows; None: 8 batches
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)  # how workers stream their shards
+    # Tests and audits: every worker writes the keys of the batches it consumed, per checkpoint
+    # interval, under the step's _data_audit/ (exactly-once checks across workers and restarts).
+    audit_data: bool = False
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # merged last into the DeepSpeed config
+
+    def micro_batch_size(self, num_workers: int) -> int:
+        """Each worker's micro-batch for ``num_workers`` workers; refuses a batch that does not divide."""
+        per_step = num_workers * self.grad_accum
+        if self.batch_size % per_step:
+            raise ValueError(f"train.batch_size {self.batch_size} (the global batch) is not divisible by "
+                             f"{num_workers} workers x grad_accum {self.grad_accum}; choose a multiple of {per_step}")
+        return self.batch_size // per_step
 
 
 @runtime_checkable
 class TrainTask(Protocol):
     """What a stage trains. Pickled to every worker; hold configs, not tensors.
 
-    Optional: ``batches(epoch, rank, world_size) -> Iterable[dict]`` yields this worker's batches
-    of one epoch (the same count on every rank) when the data is not a Ray Dataset named "train".
+    Data (one of): ``batch_source(rank, world_size, micro_batch) -> BatchSource`` (see
+    ``components.common.stream``: batches with a resumable position, the stages' way), or the
+    simple ``batches(epoch, rank, world_size) -> Iterable[dict]`` (the same count on every rank;
+    a resumed run re-iterates the epoch up to its position: for small synthetic data).
+    Floating tensors of a batch reach ``loss`` in the compute dtype, except those named in an
+    optional ``fp32_inputs`` set (targets that must keep full precision under bf16).
     ``after_step(module, step)`` runs on every rank after each optimizer step (whole parameters,
     after the EMA update); ``extra_state() -> dict[str, Tensor]`` is saved with each checkpoint
     (rank 0) and handed back to ``load_extra_state(tensors)`` on every rank at resume: state the
@@ -92,6 +115,9 @@ class TrainTask(Protocol):
         ...
 
 
+DATA_AUDIT_DIR = "_data_audit"
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -106,6 +132,13 @@ class FitResult:
     export_dir: Path  # local copy of what task.export wrote
     checkpoint_uri: str  # the final checkpoint (DeepSpeed state, EMA, train state, export/)
 
+    def run_metrics(self) -> dict[str, float]:
+        """What the run went through, for the step's metrics: steps, the step its last attempt
+        resumed from (0: none), bad samples and non-finite batches skipped over all workers, and the
+        largest peak resident memory of a worker (MiB)."""
+        keys = ("step", "resumed_from_step", "bad_samples_skipped", "nonfinite_skipped", "peak_rss_mb")
+        return {("steps" if k == "step" else k): float(self.metrics.get(k, 0)) for k in keys}
+
     def upload_to(self, storage: "Storage", prefix: str = "") -> list[str]:
         """Copy the exported files into ``storage`` (e.g. ``ctx.output``); their relative paths."""
         written = []
@@ -119,16 +152,14 @@ class FitResult:
 # ---------------------------------------------------------------- driver side
 
 
-def fit(task: TrainTask, cfg: TrainConfig, ctx: "StepContext", datasets: dict | None = None,
-        name: str = "train") -> FitResult:
-    """Train ``task`` on ``ctx.resources.num_workers`` Ray Train workers; see the module docstring.
-    ``datasets``: Ray Datasets, split equally between workers; the loop reads "train"."""
-    import ray
+def fit(task: TrainTask, cfg: TrainConfig, ctx: "StepContext", name: str = "train") -> FitResult:
+    """Train ``task`` on ``ctx.resources.num_workers`` Ray Train workers; see the module docstring."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
-    from components.common import data
+    from components.common.parallel import check_pool_fits_cluster
+    from components.common.storage import arrow_filesystem
     from components.common.train_loop import ray_worker
 
     res = ctx.resources
@@ -136,27 +167,25 @@ def fit(task: TrainTask, cfg: TrainConfig, ctx: "StepContext", datasets: dict | 
     if cfg.precision == "fp16" and not use_gpu:
         raise ValueError("train.precision fp16 needs GPUs (DeepSpeed: 'fp16 is not supported' on CPU); "
                          "use bf16 or fp32")
-    datasets = dict(datasets or {})
-    if "train" not in datasets and not callable(getattr(task, "batches", None)):
-        raise ValueError("fit needs datasets={'train': ...} or a task with a batches() method")
-    if datasets and ray.is_initialized():
-        spare = ray.cluster_resources().get("CPU", 0) - res.num_workers * res.cpus_per_worker
-        if spare < 1:
-            warnings.warn(f"{res.num_workers} workers x {res.cpus_per_worker} CPU leave {spare:g} CPU "
-                          "for Ray Data's readers: training may wait forever for data. Lower "
-                          "cpus_per_worker (fractions are fine) or add CPUs.", stacklevel=2)
+    if not callable(getattr(task, "batch_source", None)) and not callable(getattr(task, "batches", None)):
+        raise ValueError("fit needs a task with a batch_source() or batches() method")
+    cfg.micro_batch_size(res.num_workers)  # refuses an indivisible global batch before any worker starts
+    # the data needs no CPUs of its own: each worker reads and decodes its shards on threads inside
+    # its own cpus_per_worker, so the budget is the workers'
+    check_pool_fits_cluster(ctx.step, res)
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
-    filesystem, storage_path = data.arrow_filesystem(ctx.checkpoint_uri)
+    filesystem, storage_path = arrow_filesystem(ctx.checkpoint_uri)
+    loop_config = {"task": task, "train": cfg.model_dump(), "tracker": ctx.tracker,
+                   "audit_uri": ctx.output.uri(DATA_AUDIT_DIR) if cfg.audit_data else None}
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"task": task, "train": cfg.model_dump(), "tracker": ctx.tracker},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=res.placement_strategy),
         run_config=RunConfig(storage_path=storage_path, storage_filesystem=filesystem, name=name,
                              failure_config=FailureConfig(max_failures=res.max_retries),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-        datasets=datasets, dataset_config=data.ingest_config(deterministic=True),
     )
     try:
         result = trainer.fit()

@@ -1,8 +1,7 @@
 """What the shared trainer trains in the distill step: one progressive-distillation round, or a
 consistency model (distilled from the DiT, or trained without a teacher).
 
-Every task reads the latents step's training latents like the DiT does (each worker holds them,
-``latent_batches``), starts its student from weights in storage (the DiT's EMA weights, or the
+Every task streams the latents step's training latents like the DiT does (``latent_source``), starts its student from weights in storage (the DiT's EMA weights, or the
 previous round's student), and loads a frozen teacher from storage inside each worker. Every
 random choice of a step comes from the trainer's (seed, step, rank) generator, so a resumed run
 repeats the steps of an uninterrupted one.
@@ -40,10 +39,10 @@ class DistillTask:
         self.cfg, self.meta, self.init, self.teacher_ref = cfg, dict(meta), init, teacher
         self.latents_manifest, self.in_memory = latents, in_memory
         self.fail_at_step = fail_at_step  # tests: raise once this step is reached
-        self._schedule = self._data = self._teacher = None
+        self._schedule = self._teacher = None
 
     def __getstate__(self):  # configs and references travel to the workers, not tensors
-        return {**self.__dict__, "_schedule": None, "_data": None, "_teacher": None}
+        return {**self.__dict__, "_schedule": None, "_teacher": None}
 
     @property
     def schedule(self):
@@ -81,22 +80,10 @@ class DistillTask:
         if self.fail_at_step is not None and step >= self.fail_at_step:
             raise RuntimeError(f"injected failure at step {step}")
 
-    def train_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._data is None:
-            if self.in_memory is not None:
-                self._data = self.in_memory
-            else:
-                from components.latents.data import load_latent_shards
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
+        from components.common.task_parts import latent_source
 
-                self._data = load_latent_shards(self.latents_manifest, split="train")
-        return self._data
-
-    def batches(self, epoch: int, rank: int, world_size: int):
-        from components.latents.data import latent_batches
-
-        latents, labels = self.train_latents()
-        return latent_batches(latents, labels, self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
-                              rank=rank, world_size=world_size)
+        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
 
     @staticmethod
     def unpack(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:

@@ -7,11 +7,10 @@ Inputs: ``shard`` (classes, image shape; the images themselves when ``data: pixe
 Training (``DitTask``): t uniform on [0, T), noise and t from the trainer's per-(step, rank)
 generator; L_simple on the configured prediction (eps / v / x0), L_hybrid when ``learn_sigma``;
 label dropout (``class_dropout_prob``) inside the model trains the unconditional branch that
-classifier-free guidance needs. With ``data: latents`` each worker holds the whole latent set in
-memory (MNIST scale: 5,000 x 4x8x8 floats) and reads its equal share of every epoch through
-``latent_batches``; with ``data: pixels`` each worker holds the shard images instead (uint8) and
-encodes every batch with the frozen autoencoder inside the loss: the slower mode that
-``benchmarks/latents_vs_pixels.py`` measures. Both are in-memory paths for MNIST-scale data.
+classifier-free guidance needs. With ``data: latents`` each worker streams its share of the latent
+shards (``components.common.stream``); with ``data: pixels`` it streams the shard images instead
+and encodes every batch with the frozen autoencoder inside the loss: the slower mode that
+``benchmarks/latents_vs_pixels.py`` measures.
 
 Outputs: ``dit.safetensors`` (EMA weights), ``dit_raw.safetensors`` (online weights), ``dit.json``
 (see ``components.dit.load``) and ``samples.png`` (rows: classes, ``grid_per_label`` columns, drawn
@@ -127,46 +126,28 @@ class DitTask:
 
 
 class LatentDitTask(DitTask):
-    """``data: latents``: every worker holds the latent set and reads its share of each epoch."""
+    """``data: latents``: each worker streams its share of the latents step's training latents."""
 
-    def train_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._data is None:
-            if self.in_memory is not None:
-                self._data = self.in_memory
-            else:
-                from components.latents.data import load_latent_shards
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
+        from components.common.task_parts import latent_source
 
-                latents, labels = load_latent_shards(self.latents_manifest, split="train")
-                self._data = (torch.as_tensor(latents), torch.as_tensor(labels))
-        return self._data
-
-    def batches(self, epoch: int, rank: int, world_size: int):
-        from components.latents.data import latent_batches
-
-        latents, labels = self.train_latents()
-        return latent_batches(latents, labels, self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
-                              rank=rank, world_size=world_size)
+        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
 
 
 class PixelDitTask(DitTask):
-    """``data: pixels``: every worker holds the shard images (uint8) and encodes each batch."""
+    """``data: pixels``: each worker streams the shard images (at the base size) and encodes every
+    batch with the frozen autoencoder inside the loss."""
 
     def __init__(self, *args, shard: Manifest | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.shard_manifest = shard
 
-    def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._data is None:
-            from components.common.task_parts import train_split_in_memory
-
-            self._data = train_split_in_memory(self.shard_manifest, size=int(self.meta["image_size"]))
-        return self._data
-
-    def batches(self, epoch: int, rank: int, world_size: int):
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
         from components.autoencoder.load import to_model_range
-        from components.common.task_parts import image_batches
+        from components.common.task_parts import ConvertImages, image_source
 
-        return image_batches(*self.train_images(), self.cfg.train, epoch, rank, world_size, to_model_range)
+        return image_source(self.shard_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
+                            size=int(self.meta["image_size"]), transform=ConvertImages(to_model_range))
 
 
 def resolve_model_kwargs(cfg: DitConfig, latent_shape, num_classes: int) -> dict[str, Any]:
@@ -268,7 +249,7 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
         "images_per_s": images_per_s, "model_flops_per_image": float(meta["flops_per_image"]),
         # training ~ 3x the forward matmuls
         "train_gflops_per_s": images_per_s * 3 * meta["flops_per_image"] / 1e9,
-        "steps": float(final.get("step", cfg.train.max_steps)), "grid_sample_seconds": sample_seconds,
+        **result.run_metrics(), "grid_sample_seconds": sample_seconds,
     }
     if cfg.learn_sigma:
         metrics["vlb"] = float(final.get("vlb", float("nan")))

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from components.common.step import Manifest
 from components.dit.generate import class_grid
 from components.evaluate.config import EvaluateConfig
-from components.evaluate.metrics import frechet_distance_of
+from components.evaluate.metrics import frechet_distance_to
 
 CASCADE_GRID = "cascade_samples.png"
 
@@ -38,36 +37,29 @@ def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images:
                   ) -> tuple[dict[str, float], object, dict]:
     """(metrics prefixed ``cascade_``, grid image, details) for the cascade of the inputs' SR stages.
     ``score_images(images, labels)``, if given, returns more metrics (unprefixed) of the final images."""
-    from components.evaluate.run import classify, read_split, train_classifier
+    from components.evaluate.judge import baseline_distance, classify, fit_judge
     from components.superres.load import load_superres
     from components.superres.sample import cascade
 
     names = stage_names(inputs)
     stages = [load_superres(inputs[name], device=device) for name in names]
     size, filter = int(stages[-1].meta["output_size"]), stages[-1].meta["filter"]
-    train_x, train_y = read_split(inputs["shard"], "train", size, filter)
-    val_x, val_y = read_split(inputs["shard"], "val", size, filter)
     classifier_cfg = cfg.cascade_classifier or cfg.classifier
-    classifier, stats = train_classifier(train_x, train_y, len(classes), classifier_cfg, device,
-                                         log_metrics=log_metrics and (lambda m, s: log_metrics(
-                                             {f"cascade_{k}": v for k, v in m.items()}, s)))
-    val_logits, val_features = classify(classifier, val_x)
-    val_accuracy = float((val_logits.argmax(1) == val_y).mean())
+    judge = fit_judge(inputs["shard"], size, filter, classifier_cfg, len(classes), device,
+                      log_metrics=log_metrics and (lambda m, s: log_metrics({f"cascade_{k}": v for k, v in m.items()}, s)))
 
     chosen = first_per_class(labels, len(classes), cfg.cascade_samples_per_class)
     chosen_labels = labels[chosen]
     images = cascade(base_images[chosen], stages, chosen_labels, seed=cfg.sample.seed, batch_size=cfg.batch_size)
-    logits, features = classify(classifier, images)
+    logits, features = classify(judge.model, images)
     correct = logits.argmax(1) == chosen_labels.numpy()
-    rng = np.random.default_rng(classifier_cfg.seed)
-    baseline = np.sort(rng.choice(len(train_x), size=min(len(images), len(train_x)), replace=False))
-    _, baseline_features = classify(classifier, train_x[baseline])
+    baseline, _ = baseline_distance(judge, inputs["shard"], size, filter, len(images), classifier_cfg.seed)
     metrics = {
-        "cascade_classifier_val_accuracy": val_accuracy,
+        "cascade_classifier_val_accuracy": judge.val.accuracy,
         "cascade_sample_accuracy": float(correct.mean()),
-        "cascade_frechet_distance": frechet_distance_of(val_features, features),
-        "cascade_frechet_distance_real_baseline": frechet_distance_of(val_features, baseline_features),
-        "cascade_classifier_train_seconds": stats["classifier_train_seconds"],
+        "cascade_frechet_distance": frechet_distance_to(judge.val.moments, features),
+        "cascade_frechet_distance_real_baseline": baseline,
+        "cascade_classifier_train_seconds": judge.train_stats["classifier_train_seconds"],
     }
     if score_images is not None:
         metrics.update({f"cascade_{k}": v for k, v in score_images(images, chosen_labels).items()})

@@ -30,6 +30,8 @@ class InceptionConfig(StrictModel):
     # the real-data baseline uses as many validation images per class
     samples_per_class: int = Field(10, ge=1)
     reference_samples: int | None = Field(10_000, ge=2)  # training images for the reference; None: all
+    # of those, the lowest-hash ones whose features are kept for KID (FID needs only μ and Σ)
+    kid_reference_samples: int = Field(10_000, ge=2)
     seed: int = 0  # picks the reference images and the KID subsets
     batch_size: int = Field(50, ge=1)
     kid_subsets: int = Field(100, ge=1)
@@ -89,7 +91,8 @@ class InceptionReferenceConfig(StepConfig):
 
     targets: list[ReferenceTarget]
     samples_per_class: int = Field(..., ge=1)  # size of the real-data baseline, per class
-    reference_samples: int | None = Field(..., ge=2)
+    reference_samples: int | None = Field(..., ge=2)  # μ and Σ are over these; None: the whole train split
+    kid_reference_samples: int = Field(10_000, ge=2)  # features kept for KID: the lowest-hash of those
     seed: int = 0
     batch_size: int = Field(50, ge=1)
     kid_subsets: int = Field(100, ge=1)

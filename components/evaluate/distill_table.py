@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from components.common.step import Manifest
 from components.evaluate.config import EvaluateConfig
-from components.evaluate.metrics import frechet_distance_of
+from components.evaluate.metrics import RunningMoments, frechet_distance_to
 
 QUALITY_TABLE = "quality_vs_steps.json"
 QUALITY_PLOT = "quality_vs_steps.png"
@@ -26,8 +25,8 @@ QUALITY_PLOT = "quality_vs_steps.png"
 log = logging.getLogger(__name__)
 
 
-def score_sampler(name: str, steps: int, nfe: int, draw, classifier, labels: torch.Tensor, val_features) -> dict:
-    from components.evaluate.run import classify
+def score_sampler(name: str, steps: int, nfe: int, draw, classifier, labels: torch.Tensor, val_moments) -> dict:
+    from components.evaluate.judge import classify
 
     started = time.perf_counter()
     images = draw()
@@ -35,14 +34,14 @@ def score_sampler(name: str, steps: int, nfe: int, draw, classifier, labels: tor
     logits, features = classify(classifier, images)
     row = {"sampler": name, "steps": steps, "nfe": nfe, "images": len(images),
            "sample_accuracy": float((logits.argmax(1) == labels.numpy()).mean()),
-           "frechet_distance": frechet_distance_of(val_features, features),
+           "frechet_distance": frechet_distance_to(val_moments, features),
            "seconds": seconds, "images_per_s": len(images) / max(seconds, 1e-9)}
     log.info("evaluate: %s at %d steps (%d NFE): accuracy %.4f, FD %.3f, %.1f img/s", name, steps, nfe,
              row["sample_accuracy"], row["frechet_distance"], row["images_per_s"])
     return row
 
 
-def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, val_features: np.ndarray,
+def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, val_moments: RunningMoments,
                   num_classes: int, device: str) -> tuple[list[dict], dict[str, float]]:
     """(rows, metrics named ``teacher_<s>step_*`` and ``student_<s>step_*``)."""
     from components.autoencoder.load import load_autoencoder
@@ -61,12 +60,12 @@ def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, 
         nfe = steps * (2 if sampling.guidance > 0 else 1)
         rows.append(score_sampler("teacher", steps, nfe, lambda: generate(dit, dit_meta, ae, ae_meta, labels, sampling,
                                                                    batch_size=cfg.batch_size),
-                           classifier, labels, val_features))
+                           classifier, labels, val_moments))
     for steps in supported_steps(student_meta):
         rows.append(score_sampler(f"student ({student_meta['method']})", steps, steps,
                            lambda: generate_student(student, student_meta, ae, ae_meta, labels, steps=steps,
                                                     seed=cfg.sample.seed, batch_size=cfg.batch_size),
-                           classifier, labels, val_features))
+                           classifier, labels, val_moments))
     metrics = {}
     for row in rows:
         prefix = f"{row['sampler'].split(' ')[0]}_{row['steps']}step_"

@@ -7,18 +7,18 @@ Fréchet distance in the judge's feature space.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from components.common.step import Manifest
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.distill_table import score_sampler
+from components.evaluate.metrics import RunningMoments
 
 GUIDANCE_TABLE = "guidance_comparison.json"
 GUIDANCE_GRID = "guidance_comparison.png"  # a class grid per row, left to right in the table's order
 
 
-def guidance_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, val_features: np.ndarray,
+def guidance_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, val_moments: RunningMoments,
                    num_classes: int, device: str) -> tuple[list[dict], dict[str, float], object]:
     """(rows, metrics ``cfg_w<w>_*`` and ``classifier_w<w>_*``: sample_accuracy, frechet_distance,
     a grid: one class grid per row, side by side)."""
@@ -47,7 +47,7 @@ def guidance_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier,
 
         # forward passes per image and step: the DiT twice under CFG; the classifier's gradient ~ 2 of its own
         nfe = sampling.steps * (2 if sampling.guidance > 0 else 1)
-        row = score_sampler(name, sampling.steps, nfe, draw, classifier, labels, val_features)
+        row = score_sampler(name, sampling.steps, nfe, draw, classifier, labels, val_moments)
         grids.append(class_grid(drawn[-1], labels.tolist(), min(8, settings.samples_per_class)))
         row.update(guidance=sampling.guidance, classifier_guidance=sampling.classifier_guidance)
         rows.append(row)

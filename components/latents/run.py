@@ -1,12 +1,23 @@
 """Latents step: encode every image of the shard step once with the trained autoencoder.
 
-One Ray task per input shard (``num_cpus = resources.cpus_per_worker``, at most ``num_workers`` in
-flight) loads the autoencoder, encodes the shard's images in batches of ``batch_size`` (posterior
-mode, or one sample per image seeded by its key), multiplies by the scale factor and writes
-``train/latents-XXXXX.tar`` (XXXXX: the input shard's index in ``info["train_shards"]``; val
-alike) with webdataset's ``TarWriter``: ``<key>.latent.npy`` ((c, h, w), ``dtype``) and
+Ray Data batch inference: one row per input shard (split, index, rel) goes through ``map_batches``
+into a fixed pool of ``ShardEncoder`` actors (``num_workers`` of them, never more than there are
+shards), each with ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs from the step's resources.
+An actor loads the autoencoder once, onto its GPU when Ray gave it one, then encodes one whole shard
+per call: it streams the shard's samples (decode, resize to the autoencoder's base size), encodes
+them in chunks of ``batch_size`` images (posterior mode, or one sample per image seeded by its
+key), multiplies by the scale factor and appends each chunk to the latent shard as it is encoded.
+Memory per actor is the model plus one chunk of ``batch_size`` images, whatever the shard's size.
+Before the pool starts, a pool the cluster can never hold is refused, naming the setting.
+
+The output is ``train/latents-XXXXX.tar`` (XXXXX: the input shard's index in
+``info["train_shards"]``; val alike), written with webdataset's ``TarWriter`` to a scratch file and
+then uploaded (a shard appears whole or not at all): ``<key>.latent.npy`` ((c, h, w), ``dtype``) and
 ``<key>.cls`` when labelled. Bytes are deterministic (fixed mtime/owner/mode, sample order of the
-input shard), so re-running writes identical shards. Read them with ``components.latents.data``.
+input shard, the same chunk boundaries for the same ``batch_size``), so re-running writes identical
+shards, and ``encode_shard`` in one process writes the same bytes as the pool when it runs as many
+torch threads as an actor does (BLAS rounding depends on it). Read them with
+``components.latents.data``.
 
 A VQ autoencoder's latents are its encoder's pre-quantisation outputs (LDM): the codebook is
 applied when they are decoded. Its encoder is deterministic, so ``posterior: sample`` is refused.
@@ -20,6 +31,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -27,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from components.autoencoder.load import AE_META
-from components.common.parallel import bounded_imap
+from components.common.data import bad_sample_policy
+from components.common.parallel import check_pool_fits_cluster
 from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
@@ -36,6 +49,8 @@ from components.latents.data import LABEL_KEY, LATENT_KEY
 
 CODE_VERSION = "1"
 SPLITS = ("train", "val")
+SHARD_LABEL_KEY = "cls"  # the shard step's label field
+RESULT_KEYS = ("split", "index", "file", "count", "sum", "sum_sq", "elements")
 
 log = logging.getLogger(__name__)
 
@@ -54,50 +69,157 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_shard(split: str, index: int, shard_location: str, rel: str, ae_manifest: Manifest,
-                 cfg: LatentsConfig, output: Storage) -> dict[str, Any]:
-    """One Ray task: one image shard -> one latent shard; returns its counts and latent moments."""
+def iter_image_chunks(storage: Storage, rel: str, image_key: str, size: int, batch_size: int
+                      ) -> Iterator[tuple[list[str], np.ndarray, list[int]]]:
+    """(keys, images uint8 (B, C, size, size), labels with -1 for none) of one shard, ``batch_size``
+    samples at a time in file order: only one chunk of the shard is ever decoded in memory."""
+    from components.common.data import ShardDataError, decode_image
+    from components.common.resample import resize_uint8
+    from components.common.shard_reader import iter_shard_samples, parse_label
+
+    keys, images, labels, shape = [], [], [], None
+    for sample in iter_shard_samples(storage, [rel], (image_key, SHARD_LABEL_KEY)):
+        key = sample["__key__"]
+        if image_key not in sample:
+            raise ShardDataError(f"sample {key!r} in {storage.uri(rel)} has no {image_key!r} field")
+        image = decode_image(sample[image_key], key)
+        shape = shape or image.shape
+        if image.shape != shape:  # the shard step writes one size; anything else is a broken shard
+            raise ShardDataError(f"{storage.uri(rel)}: sample {key!r} is {image.shape}, the first one {shape}")
+        keys.append(key)
+        images.append(image)
+        labels.append(parse_label(sample.get(SHARD_LABEL_KEY), key))
+        if len(keys) == batch_size:
+            yield keys, resize_uint8(np.stack(images), size), labels
+            keys, images, labels = [], [], []
+    if keys:
+        yield keys, resize_uint8(np.stack(images), size), labels
+
+
+def encode_chunk(model, images: np.ndarray, keys: list[str], cfg: LatentsConfig, scale: float) -> np.ndarray:
+    """uint8 images (B, C, H, W) -> scaled latents (B, c, h, w) in ``cfg.dtype``, computed on the
+    model's device."""
     import torch
+
+    from components.autoencoder.load import to_model_range
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        posterior = model.encode(to_model_range(images).to(device))
+        if cfg.posterior == "mode":
+            z = posterior.mode()
+        else:  # one draw per image, its noise seeded by the image's key (drawn on the CPU: any device agrees)
+            noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(
+                key_seed(k))) for k in keys])
+            z = posterior.mean + posterior.std * noise.to(device)
+        return (z * scale).cpu().numpy().astype(np.dtype(cfg.dtype))
+
+
+def write_samples(writer, keys: list[str], latents: np.ndarray, labels: list[int]) -> None:
+    for key, latent, label in zip(keys, latents, labels):
+        sample = {"__key__": key, LATENT_KEY: npy_bytes(latent)}
+        if label >= 0:
+            sample[LABEL_KEY] = str(int(label)).encode("ascii")
+        writer.write(sample)
+
+
+def add_moments(moments: dict[str, Any], latents: np.ndarray) -> None:
+    """Running count, sum and sum of squares (float64) for the step's latent mean and std."""
+    as64 = latents.astype(np.float64)
+    moments["count"] += len(latents)
+    moments["sum"] += float(as64.sum())
+    moments["sum_sq"] += float((as64 ** 2).sum())
+    moments["elements"] += int(as64.size)
+
+
+def encode_shard(split: str, index: int, shard_location: str, rel: str, model, meta: dict,
+                 cfg: LatentsConfig, output: Storage) -> dict[str, Any]:
+    """One image shard -> one latent shard, in this process, with an autoencoder already loaded
+    (``load_autoencoder``: ``model``, ``meta``); returns the shard's counts and latent moments.
+    Streams: each chunk of ``cfg.batch_size`` images is written as soon as it is encoded."""
     import webdataset as wds
 
-    from components.autoencoder.load import load_autoencoder, to_model_range
-    from components.common.shard_reader import read_image_shards
+    from components.common.data import ShardDataError
 
-    model, meta = load_autoencoder(ae_manifest)
-    images, labels, keys = read_image_shards(Storage.from_uri(shard_location), [rel], meta["image_format"],
-                                             size=int(meta["image_size"]))
-    scale, dtype = meta["scale_factor"], np.dtype(cfg.dtype)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(images), cfg.batch_size):
-            posterior = model.encode(to_model_range(images[start:start + cfg.batch_size]))
-            if cfg.posterior == "mode":
-                z = posterior.mode()
-            else:  # one draw per image, its noise seeded by the image's key
-                noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(
-                    key_seed(k))) for k in keys[start:start + cfg.batch_size]])
-                z = posterior.mean + posterior.std * noise
-            chunks.append((z * scale).numpy().astype(dtype))
-    latents = np.concatenate(chunks)
-    name = latent_shard_name(split, index)
+    name, storage = latent_shard_name(split, index), Storage.from_uri(shard_location)
+    chunks = iter_image_chunks(storage, rel, meta["image_format"], int(meta["image_size"]), cfg.batch_size)
+    moments: dict[str, Any] = {"count": 0, "sum": 0.0, "sum_sq": 0.0, "elements": 0}
     scratch = Path(tempfile.mkdtemp(prefix="latentflow-latents-"))
     try:
-        path = scratch / "shard.tar"
+        path = scratch / "shard.tar"  # uploaded once complete: a latent shard appears whole or not at all
         with open(path, "wb") as stream:
             # Fixed mtime (an int: a float adds PAX headers), owner and mode: identical bytes on re-runs.
             writer = wds.TarWriter(stream, encoder=False, mtime=0, user="latentflow", group="latentflow", mode=0o444)
-            for key, latent, label in zip(keys, latents, labels):
-                sample = {"__key__": key, LATENT_KEY: npy_bytes(latent)}
-                if label >= 0:
-                    sample[LABEL_KEY] = str(int(label)).encode("ascii")
-                writer.write(sample)
+            for keys, images, labels in chunks:
+                latents = encode_chunk(model, images, keys, cfg, meta["scale_factor"])
+                write_samples(writer, keys, latents, labels)
+                add_moments(moments, latents)
             writer.close()
+        if moments["count"] == 0:
+            raise ShardDataError(f"{storage.uri(rel)}: the shard has no samples")
         output.upload(name, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    as64 = latents.astype(np.float64)
-    return {"split": split, "index": index, "file": name, "count": len(keys),
-            "sum": float(as64.sum()), "sum_sq": float((as64 ** 2).sum()), "elements": int(as64.size)}
+    return {"split": split, "index": index, "file": name, **moments}
+
+
+def actor_device() -> str:
+    """"cuda" when Ray gave this actor a GPU (it sets CUDA_VISIBLE_DEVICES to that one) and torch
+    can use it; else "cpu"."""
+    import ray
+    import torch
+
+    given_gpu = ray.is_initialized() and bool(ray.get_gpu_ids())
+    return "cuda" if given_gpu and torch.cuda.is_available() else "cpu"
+
+
+class ShardEncoder:
+    """``map_batches`` actor: loads the autoencoder once, then encodes one shard per input row
+    (``split``, ``index``, ``rel``) and returns that shard's ``encode_shard`` result as a row."""
+
+    def __init__(self, ae_manifest: Manifest, shard_location: str, cfg: LatentsConfig, output: Storage):
+        from components.autoencoder.load import load_autoencoder
+
+        self.model, self.meta = load_autoencoder(ae_manifest, actor_device())
+        self.shard_location, self.cfg, self.output = shard_location, cfg, output
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [encode_shard(str(split), int(index), self.shard_location, str(rel), self.model, self.meta,
+                                self.cfg, self.output)
+                   for split, index, rel in zip(batch["split"], batch["index"], batch["rel"])]
+        return {key: np.asarray([r[key] for r in results]) for key in RESULT_KEYS}
+
+
+def plain_result(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row from Ray Data (numpy scalars) as ``encode_shard`` returned it."""
+    return {"split": str(row["split"]), "index": int(row["index"]), "file": str(row["file"]),
+            "count": int(row["count"]), "sum": float(row["sum"]), "sum_sq": float(row["sum_sq"]),
+            "elements": int(row["elements"])}
+
+
+def encode_all(jobs: list[tuple[str, int, str]], shard: Manifest, ae: Manifest, cfg: LatentsConfig,
+               ctx: StepContext) -> list[dict[str, Any]]:
+    """Every shard through a pool of ``ShardEncoder`` actors; results in the order they finish."""
+    import ray.data
+
+    res = ctx.resources
+    rows = [{"split": split, "index": index, "rel": rel} for split, index, rel in jobs]
+    # One block per shard: from_items would otherwise pack several shards into a block, and the
+    # actor that gets it would encode them one after another while other actors idle.
+    encoded = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        ShardEncoder, batch_size=1, batch_format="numpy",
+        # A fixed pool, no larger than the work: each actor loads the model once, so idle ones cost.
+        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(rows))),
+        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+        fn_constructor_kwargs={"ae_manifest": ae, "shard_location": shard.location, "cfg": cfg,
+                               "output": ctx.output})
+    total = int(shard.metrics.get("num_train", 0) + shard.metrics.get("num_val", 0)) or None
+    results: list[dict[str, Any]] = []
+    with closing(progress_bar(total, "latents: images encoded", unit="image")) as bar:
+        for row in encoded.iter_rows():
+            results.append(plain_result(row))
+            bar.update(results[-1]["count"])
+    return results
 
 
 def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
@@ -110,15 +232,8 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
     jobs = [(split, i, rel) for split in SPLITS for i, rel in enumerate(shard.info[f"{split}_shards"])]
     if not jobs:
         raise ValueError("latents: the shard step wrote no shards")
-    total = int(shard.metrics.get("num_train", 0) + shard.metrics.get("num_val", 0)) or None
-    results: list[dict[str, Any]] = []
-    with closing(progress_bar(total, "latents: images encoded", unit="image")) as bar:
-        for result in bounded_imap(encode_shard, ((split, index, shard.location, rel, ae, cfg, ctx.output)
-                                                  for split, index, rel in jobs),
-                                   ctx.resources.num_workers, ctx.resources.cpus_per_worker):
-            results.append(result)
-            bar.update(result["count"])
-    results.sort(key=lambda r: (SPLITS.index(r["split"]), r["index"]))
+    check_pool_fits_cluster("latents", ctx.resources)
+    results = sorted(encode_all(jobs, shard, ae, cfg, ctx), key=lambda r: (SPLITS.index(r["split"]), r["index"]))
 
     files = {split: [r["file"] for r in results if r["split"] == split] for split in SPLITS}
     counts = {split: sum(r["count"] for r in results if r["split"] == split) for split in SPLITS}
@@ -128,7 +243,11 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
     std = max(sum(r["sum_sq"] for r in train) / elements - mean ** 2, 0.0) ** 0.5
     info = {"train_shards": files["train"], "val_shards": files["val"], "latent_shape": ae_meta["latent_shape"],
             "scale_factor": ae_meta["scale_factor"], "classes": shard.info.get("classes"), "counts": counts,
-            "posterior": cfg.posterior, "dtype": cfg.dtype}
+            "posterior": cfg.posterior, "dtype": cfg.dtype,
+            # samples per latent shard, which streams plan their epochs with, and the shard step's policy
+            # for samples they cannot read
+            **{f"{split}_counts": [r["count"] for r in results if r["split"] == split] for split in SPLITS},
+            "on_bad_sample": bad_sample_policy(shard)}
     metrics = {"num_train": float(counts["train"]), "num_val": float(counts["val"]),
                "latent_mean": mean, "latent_std": std}
     ctx.tracker.log_metrics(metrics)

@@ -31,15 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class NoisyClassifierTask:
-    """What the trainer trains. Every worker holds the training latents (MNIST scale, like the DiT)."""
+    """What the trainer trains; each worker streams its share of the training latents, like the DiT."""
 
     def __init__(self, cfg: NoisyClassifierConfig, meta: dict[str, Any], latents: Manifest | None = None,
                  in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.cfg, self.meta, self.latents_manifest, self.in_memory = cfg, dict(meta), latents, in_memory
-        self._schedule = self._data = None
+        self._schedule = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_schedule": None, "_data": None}
+        return {**self.__dict__, "_schedule": None}
 
     @property
     def schedule(self):
@@ -54,13 +54,10 @@ class NoisyClassifierTask:
 
         return NoisyClassifier(**self.meta["model"])
 
-    def batches(self, epoch: int, rank: int, world_size: int):
-        from components.latents.data import latent_batches, load_latent_shards
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
+        from components.common.task_parts import latent_source
 
-        if self._data is None:
-            self._data = self.in_memory or tuple(map(torch.as_tensor, load_latent_shards(self.latents_manifest)))
-        return latent_batches(*self._data, self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
-                              rank=rank, world_size=world_size)
+        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
 
     def loss(self, model, batch, step, generator):
         from components.diffusion import q_sample
@@ -143,14 +140,13 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
     files = result.upload_to(ctx.output)
 
     model, _ = load_noisy_classifier(ctx.output)
-    val_x, val_y = load_latent_shards(latents, split="val")
-    val_x, val_y = torch.as_tensor(val_x)[:cfg.val_samples], torch.as_tensor(val_y)[:cfg.val_samples]
+    val_x, val_y = load_latent_shards(latents, split="val", limit=cfg.val_samples)
     task = NoisyClassifierTask(cfg, meta)
     rows = accuracy_by_t(model, task.schedule, val_x, val_y, cfg.t_buckets, seed=cfg.train.seed)
     metrics = {f"val_accuracy_t{r['t_low']}_{r['t_high']}": r["accuracy"] for r in rows}
     metrics.update({"loss": float(result.metrics.get("loss", float("nan"))),
                     "train_accuracy": float(result.metrics.get("accuracy", float("nan"))),
-                    "val_samples": float(len(val_x))})
+                    "val_samples": float(len(val_x)), **result.run_metrics()})
     chart = line_chart({"validation accuracy": [((r["t_low"] + r["t_high"]) / 2, r["accuracy"]) for r in rows]},
                        title="noisy classifier: accuracy against t", x_label="t", y_label="accuracy",
                        log2_x=False)

@@ -90,6 +90,7 @@ class SplitWriter:
         self.scratch, self.output, self.split, self.chunk = scratch, output, split, chunk
         self.max_count, self.max_bytes = max_count, max_bytes
         self.files: list[str] = []
+        self.file_counts: list[int] = []  # samples in each of ``files``: streams plan epochs with them
         self.writer = None
         self.count = self.members_bytes = 0
 
@@ -125,6 +126,7 @@ class SplitWriter:
             return
         self.writer.close()
         self.stream.close()
+        self.file_counts.append(self.count)
         self.output.upload(self.files[-1], self.path)
         self.path.unlink()
         self.writer = None
@@ -174,6 +176,7 @@ def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardC
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"chunk": chunk, "error": None, "files": {s: w.files for s, w in writers.items()},
+            "file_counts": {s: w.file_counts for s, w in writers.items()},
             "counts": {s: dict(c) for s, c in counts.items()}, "skipped": skipped,
             "sheet": picker.picked()}
 
@@ -221,10 +224,12 @@ def run(cfg: ShardConfig, inputs: dict[str, Manifest], ctx: StepContext) -> Step
     class_order = list(source.classes) if source.classes is not None else [UNLABELLED]
     counts = {split: {c: 0 for c in class_order} for split in SPLITS}
     shards: dict[str, list[str]] = {split: [] for split in SPLITS}
+    shard_counts: dict[str, list[int]] = {split: [] for split in SPLITS}
     for result in results:
         skipped.extend(result["skipped"])
         for split in SPLITS:
             shards[split].extend(result["files"][split])
+            shard_counts[split].extend(result["file_counts"][split])
             for name, n in result["counts"][split].items():
                 counts[split][name] = counts[split].get(name, 0) + n
     num = {split: sum(counts[split].values()) for split in SPLITS}
@@ -251,6 +256,9 @@ def run(cfg: ShardConfig, inputs: dict[str, Manifest], ctx: StepContext) -> Step
         "image_format": cfg.image_format,
         "train_shards": shards["train"],
         "val_shards": shards["val"],
+        "train_counts": shard_counts["train"],  # samples per shard, in the order above
+        "val_counts": shard_counts["val"],
+        "on_bad_sample": cfg.on_bad_sample,  # what readers of these shards do with a sample they cannot use
     }
     metrics = {"num_train": num["train"], "num_val": num["val"], "num_skipped": len(skipped),
                "num_shards": len(shards["train"]) + len(shards["val"])}

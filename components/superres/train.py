@@ -46,19 +46,34 @@ def training_pair(images: torch.Tensor, cfg: SuperResConfig) -> tuple[torch.Tens
     return high, resize(high, cfg.input_size, cfg.filter)
 
 
+class PairMaker:
+    """The stream's batch transform: uint8 shard images -> the (high, low) training pair, float32.
+    The conditioning augmentation stays in the loss: its noise comes from the (seed, step, rank)
+    generator, like every random choice of a step, so a resumed run repeats it exactly."""
+
+    def __init__(self, cfg: SuperResConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch: dict) -> dict:
+        high, low = training_pair(batch["image"], self.cfg)
+        return {"high": high, "low": low, "label": batch["label"]}
+
+
 class SuperResTask:
-    """What the trainer trains: model, loss, export; batches from the shard images in memory."""
+    """What the trainer trains: model, loss, export; (high, low) pairs streamed from the shard images."""
+
+    fp32_inputs = frozenset({"high", "low"})  # targets and conditioning stay fp32 under bf16
 
     def __init__(self, cfg: SuperResConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
                  shard: Manifest | None = None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None,
                  init: tuple[str, str] | None = None):
         self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
         self.init = init  # (directory URI, weights file) of a warm start
-        self.shard_manifest, self.in_memory = shard, in_memory
-        self._schedule = self._data = None
+        self.shard_manifest, self.in_memory = shard, in_memory  # in_memory: (uint8 images, labels)
+        self._schedule = None
 
-    def __getstate__(self):  # configs and manifests travel to the workers, not the images
-        return {**self.__dict__, "_schedule": None, "_data": None}
+    def __getstate__(self):  # configs and manifests travel to the workers, not models
+        return {**self.__dict__, "_schedule": None}
 
     @property
     def schedule(self):  # built in each worker, not pickled
@@ -73,24 +88,17 @@ class SuperResTask:
 
         return load_into(EfficientUNet(**self.model_kwargs), self.init)
 
-    def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._data is None:
-            from components.common.task_parts import train_split_in_memory
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
+        from components.common.task_parts import image_source
 
-            self._data = self.in_memory if self.in_memory is not None else train_split_in_memory(self.shard_manifest)
-        return self._data
-
-    def batches(self, epoch: int, rank: int, world_size: int):
-        from components.common.task_parts import image_batches
-
-        # uint8 images: the trainer casts only float tensors to the compute dtype
-        return image_batches(*self.train_images(), self.cfg.train, epoch, rank, world_size)
+        return image_source(self.shard_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
+                            transform=PairMaker(self.cfg))
 
     def loss(self, model, batch, step, generator):
         from components.diffusion import training_losses
         from components.superres.augment import training_conditioning
 
-        high, low = training_pair(batch["image"], self.cfg)
+        high, low = batch["high"], batch["low"]  # fp32 (fp32_inputs), made in the stream by PairMaker
         cond, levels = training_conditioning(low, self.schedule, self.cfg.augmentation, generator)
         n, device = high.shape[0], high.device
         t = torch.randint(0, self.cfg.num_timesteps, (n,), generator=generator, device=device)
@@ -233,7 +241,7 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     final = result.metrics
     metrics = {**quality, "loss": float(final.get("loss", float("nan"))),
                "images_per_s": float(final.get("images_per_s", float("nan"))), "train_wall_s": train_wall_s,
-               "eval_seconds": time.perf_counter() - started, "steps": float(final.get("step", cfg.train.max_steps))}
+               "eval_seconds": time.perf_counter() - started, **result.run_metrics()}
     ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("loss", "images_per_s")},
                             step=int(metrics["steps"]))
     log.info("%s: %d->%d px, %d steps, PSNR %.2f dB (degraded input %.2f, %s %.2f), SSIM %.3f", ctx.step,
