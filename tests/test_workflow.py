@@ -171,7 +171,7 @@ def test_each_step_gets_a_nested_mlflow_run(tmp_path):
 
 def test_only_runs_the_named_steps_and_what_they_need(tmp_path):
     """``latentflow run --only b``: a and b run; c (after b) and d (beside them) are left out."""
-    result = run(chain().restricted_to(["b"]), tmp_path)
+    result, _ = run(chain().restricted_to(["b"]), tmp_path)
     assert statuses(result) == {"a": "ran", "b": "ran"}
     assert runs_of(tmp_path, "c") == runs_of(tmp_path, "d") == 0
     with pytest.raises(ValueError, match="no step named 'x' in workflow 'toy'; its steps: a, d, b, c"):
