@@ -200,7 +200,11 @@ def ray_data_loader(manifests: dict, skip_batches: int = 0, batches: int | None 
 
 
 def compare_ray_data(large: dict) -> None:
+    import logging
+
     import ray
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset progress reports
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
