@@ -105,8 +105,10 @@ def run_pipeline(work: Path, count: int, steps: int) -> dict:
                           cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the pipeline on {count} images failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    from components.common.step import read_manifest_at
+
     summary = json.loads((work / f"out-{count}" / "workflows" / "scale" / "summary.json").read_text())
-    return {s["name"]: json.loads(Path(s["manifest_uri"]).read_text()) for s in summary["steps"]}
+    return {s["name"]: read_manifest_at(s["manifest_uri"]) for s in summary["steps"]}
 
 
 def sr_source(manifests: dict, position_rank: int = 0):
@@ -116,16 +118,10 @@ def sr_source(manifests: dict, position_rank: int = 0):
     from components.superres.config import SuperResConfig
     from components.superres.train import PairMaker
 
-    shard = _manifest(manifests["shard"])
-    cfg = SuperResConfig(**manifests["superres_1"]["config"])
+    shard = manifests["shard"]
+    cfg = SuperResConfig(**manifests["superres_1"].config)
     return ShardSource(image_split(shard, "train"), ImageDecoder(shard.info["image_format"]), 8, cfg.train.seed,
                        position_rank, 2, LoaderConfig(), PairMaker(cfg))
-
-
-def _manifest(data: dict):
-    from components.common.step import FileRecord, Manifest
-
-    return Manifest(**{**data, "files": [FileRecord(**f) for f in data["files"]]})
 
 
 def loader_rate(manifests: dict, batches: int = 40) -> float:
@@ -181,11 +177,11 @@ def ray_data_loader(manifests: dict, skip_batches: int = 0, batches: int | None 
     import ray.data
 
     shard = manifests["shard"]
-    root, image_key = shard["location"], shard["info"]["image_format"]
+    root, image_key = shard.output_uri, shard.info["image_format"]
     started = time.perf_counter()
-    ds = ray.data.read_webdataset([f"{root}/{rel}" for rel in shard["info"]["train_shards"]], decoder=None,
+    ds = ray.data.read_webdataset([f"{root}/{rel}" for rel in shard.info["train_shards"]], decoder=None,
                                   suffixes=[image_key])
-    ds = ds.map_batches(RayDataPairs, fn_constructor_args=(manifests["superres_1"]["config"], image_key),
+    ds = ds.map_batches(RayDataPairs, fn_constructor_args=(manifests["superres_1"].config, image_key),
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
     stream = iter(ds.iter_torch_batches(batch_size=8, drop_last=True))
     for _ in range(skip_batches + 1):  # no position to start from: read and decode the consumed part again
@@ -209,7 +205,7 @@ def compare_ray_data(large: dict) -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
     try:
-        span_batches = (sum(large["shard"]["info"]["train_counts"]) // 2) // 8  # one worker of 2's epoch
+        span_batches = (sum(large["shard"].info["train_counts"]) // 2) // 8  # one worker of 2's epoch
         _, rate = ray_data_loader(large, 0, 40)
         early, _ = ray_data_loader(large, int(0.1 * span_batches))
         late, _ = ray_data_loader(large, int(0.9 * span_batches))
@@ -231,14 +227,14 @@ def main() -> None:
 
     print(f"\n1. peak RSS of the training workers (MiB), {args.n} vs {4 * args.n} images, {args.steps} steps each")
     for step in ("autoencoder", "superres_1"):
-        a, b = small[step]["metrics"]["peak_rss_mb"], large[step]["metrics"]["peak_rss_mb"]
+        a, b = small[step].metrics["peak_rss_mb"], large[step].metrics["peak_rss_mb"]
         print(f"   {step:<12} {a:>8.1f} {b:>8.1f}   ratio {b / a:.3f}   (target <= 1.10)")
 
     import torch
 
     torch.set_num_threads(1)  # as a worker of 1 CPU has
     loader = loader_rate(large)
-    trainer = large["superres_1"]["metrics"]["images_per_s"] / 2  # per worker: 2 workers
+    trainer = large["superres_1"].metrics["images_per_s"] / 2  # per worker: 2 workers
     print(f"\n2. one SR worker: loader {loader:.1f} samples/s alone, trainer consumes {trainer:.1f} samples/s"
           f"   ratio {loader / trainer:.1f}x   (target >= 3)")
 

@@ -42,7 +42,7 @@ def main() -> None:
     print(f"{'total wall':<24}{wall:>9.1f}   (exit {done.returncode})")
     for s in summary["steps"]:
         if (s["name"] in ("autoencoder", "dit", "distill", "evaluate") or s["name"].startswith("superres")) and s["manifest_uri"]:
-            metrics = json.loads(Path(s["manifest_uri"]).read_text())["metrics"]
+            metrics = json.loads(Path(s["manifest_uri"]).read_text())["metrics"]  # a local root: a path
             shown = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("sample_accuracy_class")}
             print(f"{s['name']}: {shown}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from typing import Optional
 
 import typer
@@ -13,6 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from components.common.config import ConfigError
+from components.common.redact import install_log_redaction, install_output_redaction, redact_text
+from components.common.step import IntegrityError
 from components.common.storage import Storage, StorageError, s3_credentials_available
 from components.common.tracking import TrackingConfigError
 
@@ -21,14 +24,40 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Distributed latent diffusion training pipelines on Ray, DeepSpeed and MLflow.",
 )
+
+
+class RedactingConsole(Console):
+    """Errors quote what failed (a tracking URI with its password, a config value): every string
+    printed here is redacted before rich wraps it, since a URL folded across two lines would slip
+    past the redacting stdout/stderr underneath."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
 # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False)
+err = RedactingConsole(stderr=True, highlight=False)
+
+
+def redacted_excepthook(exc_type, exc, tb) -> None:
+    """An unexpected error's traceback, redacted (its message may quote a URL with credentials)."""
+    sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
+
+
+@app.callback()
+def _redact_this_process() -> None:
+    # A callback, not main(): the `latentflow` console script calls `app` directly. It runs after
+    # typer installs its own excepthook, so ours replaces it (typer's folds long lines before any
+    # redaction could see them whole).
+    install_log_redaction()
+    install_output_redaction()  # what bypasses logging: MLflow's "View run at <URI>", Ray's worker lines
+    sys.excepthook = redacted_excepthook
 
 CONFIG_HELP = "Pipeline config YAML, e.g. configs/pipeline/mnist.yaml."
 SET_HELP = "Override a config value, typed like its field: --set dit.optimizer.lr=1e-4 (repeatable)."
 
-STATUS_STYLE = {"ran": "green", "cached": "cyan", "failed": "bold red", "skipped": "yellow",
+STATUS_STYLE = {"ran": "green", "cached": "cyan", "failed": "bold red", "killed": "bold red", "skipped": "yellow",
                 "would_run": "green", "running": "white"}
 
 
@@ -73,14 +102,17 @@ def retrain(
     promotion gate moves the alias `champion` to this workflow's models only if its evaluation beats
     the champion's (config `registry`: gate_metric, gate_mode, margin); the decision is logged."""
     from components.common.tracking import resolve_tracking
-    from pipelines.inspect import read_manifest_at
+    from dataclasses import asdict
+
+    from pipelines.inspect import record_manifest
     from pipelines.registry import promote
 
     cfg = load(config, set_)
     result = run_and_report(cfg, workflow_id)
+    root_uri = Storage.from_uri(cfg.storage.root).uri()
     manifests = {}
     for record in result.steps:
-        manifest = read_manifest_at(record.manifest_uri) if record.manifest_uri else None
+        manifest = record_manifest(root_uri, asdict(record))
         if manifest is not None:
             manifests[record.name] = manifest
     uri, _ = resolve_tracking(cfg.tracking.uri, Storage.from_uri(cfg.storage.root).uri())
@@ -114,11 +146,17 @@ def run_and_report(cfg, workflow_id: str | None, only: list[str] | None = None):
             err.print(f"          [red]{record.error}[/]")
 
     t0 = time.monotonic()
+    from pipelines.runner import WorkflowInterrupted
+
     try:
         result, summary_uri = run_pipeline(cfg, workflow_id, on_event, only)
     except (StorageError, TrackingConfigError) as e:
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(1)
+    except WorkflowInterrupted as e:
+        err.print(f"[bold red]stopped by {e.signal_name}[/]: the finished steps are kept; resume with "
+                  f"--workflow-id {workflow_id}", soft_wrap=True)
+        raise typer.Exit(130 if e.signal_name == "SIGINT" else 143)
 
     table = Table(title=f"workflow {workflow_id} ({time.monotonic() - t0:.1f}s)")
     for column in ("step", "status", "duration", "cache key", "mlflow run"):
@@ -150,13 +188,16 @@ def plan(
     cfg = load(config, set_)
     workflow = build_workflow(cfg)
     root = Storage.from_uri(cfg.storage.root)
-    try:
-        if not root.is_local and not s3_credentials_available():
-            raise StorageError(f"no AWS credentials in this environment to read {root.uri()}")
-        records = {r.name: r for r in plan_steps(workflow, root)}
-    except StorageError as e:  # e.g. an S3 root not reachable from here: still show the DAG
-        err.print(f"[yellow]cannot check the cache ({e}); showing the DAG only[/]")
+    unreadable = None
+    if not root.is_local and not s3_credentials_available():  # validating a recipe away from its cluster
+        err.print(f"[yellow]cannot check the cache (no AWS credentials in this environment to read "
+                  f"{root.uri()}); showing the DAG only[/]")
         records = {}
+    else:
+        try:
+            records = {r.name: r for r in plan_steps(workflow, root)}
+        except StorageError as e:  # unreadable is not "absent": say so, and fail, after the DAG
+            unreadable, records = e, {}
     table = Table(title=f"pipeline {cfg.name}: {len(workflow.steps)} steps, storage {root.uri()}")
     for column in ("#", "step", "inputs", "resources", "would", "cache key"):
         table.add_column(column)
@@ -169,6 +210,13 @@ def plan(
         table.add_row(str(i), s.name, ", ".join(s.inputs) or "-", resources, would,
                       key_prefix(record.cache_key if record else None))
     console.print(table)
+    for record in records.values():
+        if record.note:
+            console.print(escape(f"  {record.name}: {record.note}"), soft_wrap=True)
+    if unreadable is not None:
+        err.print(f"[bold red]error:[/] cannot read the cache, so cannot tell what would run: {escape(str(unreadable))}",
+                  soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -253,7 +301,7 @@ def sample(
     except BadFlag as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2)
-    except (SampleError, StorageError) as e:
+    except (SampleError, StorageError, IntegrityError) as e:  # IntegrityError: a file changed after it was written
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1)
     s = result.sampling

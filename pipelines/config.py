@@ -22,6 +22,8 @@ from components.shard.config import ShardConfig
 from components.superres.config import SuperResConfig
 
 SUPERRES_STEP = "superres_{}"  # the k-th stage's step name, k from 1
+# evaluate metrics that compare a sample's class with the one asked for: meaningless for one class
+CLASS_ACCURACY_METRICS = ("sample_accuracy", "cascade_sample_accuracy")
 
 
 class RegistryConfig(StrictModel):
@@ -62,6 +64,11 @@ class PipelineConfig(StrictModel):
                 raise ValueError(f"section '{section}' needs section(s) {missing}")
         self._check_cascade()
         self._check_global_batches()
+        # Each of these would otherwise fail inside its step, after the steps upstream have trained.
+        self._check_latent_grid()
+        self._check_superres_levels()
+        self._check_fp16_has_gpus()
+        self._check_classes()
         if self.noisy_classifier and self.dit:
             mine, dits = self.noisy_classifier, self.dit
             if (mine.schedule, mine.num_timesteps) != (dits.schedule, dits.num_timesteps):
@@ -95,16 +102,93 @@ class PipelineConfig(StrictModel):
                                      "same schedule and num_timesteps")
             size = stage.output_size
 
-    def _check_global_batches(self) -> None:
-        """Every learned step's global batch must split into equal micro-batches over its workers."""
+    def _learned_sections(self) -> list[tuple[str, Any]]:
+        """(dotted key, section) of every step that trains through the trainer."""
         sections = [(name, getattr(self, name)) for name in ("autoencoder", "dit", "distill", "noisy_classifier")]
         sections += [(f"superres.{k}", stage) for k, stage in enumerate(self.superres or [])]
-        for name, section in sections:
-            if section is not None:
-                try:
-                    section.train.micro_batch_size(section.resources.num_workers)
-                except ValueError as e:
-                    raise ValueError(f"{name}: {e} ({name}.resources.num_workers)") from None
+        return [(name, section) for name, section in sections if section is not None]
+
+    def _check_global_batches(self) -> None:
+        """Every learned step's global batch must split into equal micro-batches over its workers."""
+        for name, section in self._learned_sections():
+            try:
+                section.train.micro_batch_size(section.resources.num_workers)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e} ({name}.resources.num_workers)") from None
+
+    def _check_latent_grid(self) -> None:
+        """The autoencoder's factor f = 2**(levels - 1) must divide the base size, and the DiT's patch
+        the latent grid, base / f (the models' constructors refuse both)."""
+        if self.autoencoder is None:
+            return
+        from components.autoencoder.model import AUTOENCODER_PRESETS
+        from components.dit.model import DIT_PRESETS
+
+        ae, size = self.autoencoder, self.base_size
+        size_key = "autoencoder.image_size" if ae.image_size else "shard.image_size"
+        mult_key = "autoencoder.model.channel_mult" if "channel_mult" in ae.model else "autoencoder.preset"
+        levels = len_or_none({**AUTOENCODER_PRESETS[ae.preset], **ae.model}.get("channel_mult"))
+        if levels is None:  # not a list: the step names it when it builds the model
+            return
+        f = 2 ** (levels - 1)
+        if size % f:
+            raise ValueError(f"{size_key}: {size} px is not divisible by the autoencoder's downsampling factor "
+                             f"f={f} ({levels} levels, from {mult_key}); use a multiple of {f}")
+        if self.dit is None:
+            return
+        grid = size // f
+        patch = {**DIT_PRESETS[self.dit.preset], **self.dit.model}.get("patch_size")
+        patch_key = "dit.model.patch_size" if "patch_size" in self.dit.model else "dit.preset"
+        if isinstance(patch, int) and patch > 0 and grid % patch:
+            raise ValueError(f"{patch_key}: the DiT's patch size {patch} does not divide the latent grid "
+                             f"{grid}x{grid} ({size_key} {size} / f={f}); pick a patch size that divides {grid}")
+
+    def _check_superres_levels(self) -> None:
+        """A stage's U-Net halves its output size at each level but the last (its constructor refuses
+        a size that does not divide)."""
+        if not self.superres:
+            return
+        from components.superres.model import SUPERRES_PRESETS
+
+        for k, stage in enumerate(self.superres):
+            mults_key = f"superres.{k}." + ("model.channel_mults" if "channel_mults" in stage.model else "preset")
+            levels = len_or_none({**SUPERRES_PRESETS[stage.preset], **stage.model}.get("channel_mults"))
+            if levels is not None and stage.output_size % 2 ** (levels - 1):
+                raise ValueError(f"superres.{k}.output_size: {stage.output_size} px is not divisible by "
+                                 f"2^{levels - 1}, the down-sampling of the stage's {levels}-level U-Net "
+                                 f"(from {mults_key})")
+
+    def _check_fp16_has_gpus(self) -> None:
+        """DeepSpeed refuses fp16 on CPU ('fp16 is not supported'); the trainer says so only once the
+        step has started."""
+        for name, section in self._learned_sections():
+            if section.train.precision == "fp16" and section.resources.gpus_per_worker == 0:
+                raise ValueError(f"{name}.train.precision: fp16 needs GPUs, but {name}.resources.gpus_per_worker "
+                                 "is 0 (DeepSpeed refuses fp16 on CPU); use bf16 or fp32, or give its workers GPUs")
+
+    def _check_classes(self) -> None:
+        """The evaluate step needs labels, a class-accuracy gate two classes or more (with one, every
+        sample is "right"), and so does the noisy classifier. Counted only where that is cheap
+        (builtin, a local folder); S3 and webdataset sources are left to the steps: listing a
+        bucket or reading tars at plan time is neither cheap nor always possible from here."""
+        if self.evaluate is None and self.noisy_classifier is None:
+            return
+        from components.shard.sources import planned_class_count
+
+        count = planned_class_count(self.shard.source)
+        if count is None:
+            return
+        found = (f"shard.source {self.shard.source!r} is a flat folder (unlabelled: no class sub-folders)"
+                 if count == 0 else f"shard.source {self.shard.source!r} has {count} class sub-folder(s)")
+        if self.evaluate is not None and count == 0:
+            raise ValueError(f"evaluate: needs a labelled data set (it trains a classifier of the classes), but "
+                             f"{found}; sort the images into class sub-folders or remove the evaluate section")
+        gate = self.registry.gate_metric
+        if self.evaluate is not None and count == 1 and gate.startswith(CLASS_ACCURACY_METRICS):
+            raise ValueError(f"registry.gate_metric: {gate!r} compares classes, but {found}: every sample would "
+                             "score 1.0; gate on a distance (e.g. frechet_distance with registry.gate_mode: min)")
+        if self.noisy_classifier is not None and count < 2:
+            raise ValueError(f"noisy_classifier: needs 2 or more classes, but {found}")
 
     @property
     def base_size(self) -> int:
@@ -135,6 +219,12 @@ class PipelineConfig(StrictModel):
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def len_or_none(value: Any) -> int | None:
+    """The number of levels of a ``channel_mult(s)`` list; None when it is no non-empty list (the
+    step's model constructor then names the problem)."""
+    return len(value) if isinstance(value, (list, tuple)) and value else None
 
 
 def load_pipeline_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:

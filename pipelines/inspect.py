@@ -38,26 +38,33 @@ def tracking_uri(root_uri: str, given: str | None) -> str | None:
     return None
 
 
-def read_manifest_at(uri: str) -> Manifest | None:
-    directory, _, name = uri.rpartition("/")
+def record_manifest(root_uri: str, record: dict) -> Manifest | None:
+    """The manifest a summary record points at, found relative to the root the summary was read
+    from (so a moved root still answers); None when the step left none or it is unreadable."""
+    from components.common.step import ManifestInvalid, read_manifest_at
+
+    path = record.get("manifest_path")
+    uri = f"{root_uri.rstrip('/')}/{path}" if path else record.get("manifest_uri")
+    if not uri:
+        return None
     try:
-        return Manifest.from_json(Storage.from_uri(directory).read_text(name))
-    except (StorageError, ValueError, KeyError, TypeError):
+        return read_manifest_at(uri)
+    except (StorageError, ManifestInvalid):
         return None
 
 
-def step_view(record: dict, client) -> dict[str, Any]:
+def step_view(record: dict, client, root_uri: str) -> dict[str, Any]:
     name = record.get("name", "?")
     view = {"step": name, "status": record.get("status"), "cached": record.get("status") == "cached",
             "duration_s": record.get("duration_s"), "cache_key": record.get("cache_key"),
             "manifest_uri": record.get("manifest_uri"), "mlflow_run_id": record.get("mlflow_run_id"),
             "error": record.get("error")}
-    manifest = read_manifest_at(record["manifest_uri"]) if record.get("manifest_uri") else None
+    manifest = record_manifest(root_uri, record)
     if manifest is not None:
         wanted = SR_METRICS if name.startswith("superres_") else KEY_METRICS.get(name, ())
         view["metrics"] = {k: manifest.metrics[k] for k in wanted if k in manifest.metrics}
         files = [f.path for f in manifest.files]
-        view["location"] = manifest.location
+        view["location"] = manifest.output_uri
         view["artifacts"] = [manifest.uri(p) for p in files[:MAX_FILES]]
         view["artifact_count"] = len(files)
         view["produced_by_run"] = manifest.mlflow_run_id
@@ -85,7 +92,7 @@ def inspect_workflow(workflow_id: str, storage: str | None = None, tracking: str
             "ended_at": summary.get("ended_at"), "summary_uri": summary_uri, "tracking_uri": uri,
             "mlflow_parent_run_id": summary.get("mlflow_parent_run_id"),
             "registered_models": registered_versions(client, summary["steps"]),
-            "steps": [step_view(record, client) for record in summary["steps"]]}
+            "steps": [step_view(record, client, root_uri) for record in summary["steps"]]}
 
 
 def registered_versions(client, steps: list[dict]) -> list[dict[str, Any]]:

@@ -5,6 +5,14 @@ server (the dashboard, port 8265) with this repository as the job's ``working_di
 The job's runtime environment is the config's ``ray.runtime_env`` (pip packages, env vars, ...)
 plus the working directory, minus what must not travel: outputs, virtual environments, caches,
 git metadata. Inside the job RAY_ADDRESS is set, so ``latentflow run`` joins the cluster it runs on.
+
+Secrets never travel in a job: the cluster stores its runtime_env and entrypoint and shows them in
+the dashboard and ``ray job list``. A secret-looking env var in ``ray.runtime_env`` (by name or by
+value, ``components.common.redact``) or a ``--set`` that carries one is refused, naming the key:
+the job gets its secrets from the cluster's own environment, which its driver and workers inherit
+(the ``latentflow-aws`` secretRef in infra/kuberay, or the environment of ``ray start``). Refused
+rather than dropped: a job silently missing a variable it was given would fail on the cluster, far
+from the cause, or fall back to other credentials.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from components.common.redact import find_secrets
+
 REPO = Path(__file__).resolve().parents[1]
 # never uploaded with the working_dir (gitignore-style patterns)
 EXCLUDES = [".git", ".venv", "venv", "outputs", "mlruns", "mlartifacts", "__pycache__", "*.pyc", ".pytest_cache",
@@ -24,6 +34,17 @@ AGENT_WAIT_S = 120  # how long a fresh head may take to start the agent that acc
 
 class JobError(RuntimeError):
     """The job server cannot be reached or refused the request; the message names the address."""
+
+
+SECRET_ADVICE = ("a job's runtime_env and entrypoint are stored by the cluster and shown in its dashboard, "
+                 "so secrets never travel in them; set it in the cluster's environment instead (the "
+                 "latentflow-aws secretRef in infra/kuberay, or the environment of `ray start`), which the "
+                 "job's driver and workers inherit")
+
+
+def refuse_secrets(where: list[str]) -> None:
+    if where:  # names the keys, never the values
+        raise JobError(f"{', '.join(where)}: looks like a secret (by its name or value): {SECRET_ADVICE}")
 
 
 def client(address: str):
@@ -45,6 +66,8 @@ def entrypoint(config: str, overrides: list[str], workflow_id: str | None) -> st
         raise JobError(f"{config}: the config must live inside the repository ({REPO}), which is the job's "
                        "working_dir") from None
     args = ["python", "-m", "pipelines.cli", "run", config]
+    refuse_secrets([f"--set {key}" for key, _, value in (o.partition("=") for o in overrides)
+                    if find_secrets({key: value})])
     for override in overrides:
         args += ["--set", override]
     if workflow_id:
@@ -53,6 +76,7 @@ def entrypoint(config: str, overrides: list[str], workflow_id: str | None) -> st
 
 
 def runtime_env(config_env: dict[str, Any]) -> dict[str, Any]:
+    refuse_secrets(find_secrets(config_env, "ray.runtime_env."))
     env = {**config_env, "working_dir": str(REPO)}
     env["excludes"] = sorted(set(config_env.get("excludes", [])) | set(EXCLUDES))
     return env

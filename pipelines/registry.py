@@ -74,8 +74,8 @@ def register(client, cfg: PipelineConfig, workflow_id: str, manifests: dict[str,
                 "latentflow.cache_key": manifest.cache_key, "latentflow.manifest_uri": manifest.uri("manifest.json"),
                 "latentflow.evaluator": evaluator_digest(evaluate), **metrics}
         if autoencoder is not None and step in ("dit", "distill"):
-            tags["latentflow.autoencoder_location"] = autoencoder.location  # what sampling decodes with
-        versions[name] = client.create_model_version(name, source=manifest.location, run_id=manifest.mlflow_run_id,
+            tags["latentflow.autoencoder_location"] = autoencoder.output_uri  # what sampling decodes with
+        versions[name] = client.create_model_version(name, source=manifest.output_uri, run_id=manifest.mlflow_run_id,
                                                      tags=tags)
     return versions
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from components.common.config import RayConfig, TrackingConfig
-from components.common.storage import Storage
+from components.common.storage import Storage, StorageError
 from components.common.tracking import resolve_tracking
 from pipelines.config import PipelineConfig
 from pipelines.tracking import RunTracker
-from pipelines.workflow import StepRecord, Workflow, WorkflowResult, WorkflowRunner, git_commit
+from pipelines.runner import WorkflowInterrupted, WorkflowRunner
+from pipelines.workflow import StepRecord, Workflow, WorkflowResult, git_commit
 
 log = logging.getLogger("latentflow")
 
@@ -45,18 +49,24 @@ def summary_path(workflow_id: str) -> str:
     return f"workflows/{workflow_id}/summary.json"
 
 
-def write_summary(root: Storage, result: WorkflowResult, pipeline: str, started_at: str) -> str:
+def write_summary(root: Storage, result: WorkflowResult, pipeline: str, started_at: str,
+                  status: str | None = None) -> str:
+    """``status``: "running" while the workflow runs, "killed" when its driver was stopped;
+    otherwise "succeeded" or "failed" from the steps."""
+    from components.common.redact import redact
+
     summary = {
         "workflow_id": result.workflow_id,
         "pipeline": pipeline,
-        "status": "succeeded" if result.ok else "failed",
+        "status": status or ("succeeded" if result.ok else "failed"),
         "started_at": started_at,
-        "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ended_at": None if status == "running" else datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mlflow_parent_run_id": result.parent_run_id,
         "steps": [asdict(r) for r in result.steps],
     }
     rel = summary_path(result.workflow_id)
-    root.write_text(rel, json.dumps(summary, indent=2))
+    # step errors quote what failed (URLs with credentials, config values): redact before writing
+    root.write_text(rel, json.dumps(redact(summary), indent=2))
     return root.uri(rel)
 
 
@@ -66,11 +76,60 @@ def run_workflow(workflow: Workflow, root: Storage, tracking: TrackingConfig, ex
     """Run (or resume) a workflow; returns the result and the URI of its summary.json."""
     workflow_id = workflow_id or new_workflow_id()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    root.exists(summary_path(workflow_id))  # storage unreadable: a StorageError naming it, before any work
     uri, artifact_location = resolve_tracking(tracking.uri, root.uri())
     tracker = RunTracker(uri, experiment, artifact_location, workflow.name, resolved_config, git_commit())
-    runner = WorkflowRunner(workflow, root, workflow_id, tracker, on_event, lambda: ensure_ray(ray_cfg))
-    result = runner.run()
+
+    def progress(event: str, record: StepRecord) -> None:  # the record survives a killed driver
+        if on_event is not None:
+            on_event(event, record)
+        try:
+            write_summary(root, runner.result, workflow.name, started, status="running")
+        except StorageError as e:  # the final write, at the end, is the one that must not fail
+            log.warning("could not update %s (%s)", root.uri(summary_path(workflow_id)), e)
+
+    with stop_on_signals() as stop:
+        # ray.init installs its own SIGTERM handler (it aborts the driver): ours goes back on after it
+        runner = WorkflowRunner(workflow, root, workflow_id, tracker, progress,
+                                lambda: (ensure_ray(ray_cfg), stop.arm()), lambda: stop.requested)
+        try:
+            result = runner.run()
+        except WorkflowInterrupted:
+            write_summary(root, runner.result, workflow.name, started, status="killed")
+            raise
     return result, write_summary(root, result, workflow.name, started)
+
+
+class StopRequest:
+    """Set by SIGTERM (a stopped job, an evicted pod) or SIGINT (Ctrl-C) in the driver: the runner
+    looks at ``requested`` every second and stops cleanly. A handler that raised instead would
+    raise inside Ray's blocking calls, which do not expect it."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    def _note(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def arm(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._note)
+
+
+@contextmanager
+def stop_on_signals():
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop.arm()
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_pipeline(cfg: PipelineConfig, workflow_id: str | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from components.common.images import to_pil
-from components.common.step import MANIFEST_NAME, Manifest
+from components.common.step import MANIFEST_NAME, Manifest, ManifestInvalid, read_manifest_at
 from components.common.storage import Storage, StorageError
 from components.dit.config import SamplingConfig
 from pipelines.runtime import summary_path
@@ -87,14 +87,14 @@ def step_manifest(summary: dict, step: str, summary_uri: str) -> Manifest:
     if record.get("status") not in FINISHED or not record.get("manifest_uri"):
         raise SampleError(f"step {step!r} of workflow {workflow!r} did not finish (status "
                           f"{record.get('status')!r}{': ' + record['error'] if record.get('error') else ''})")
-    uri = record["manifest_uri"]
-    directory, _, name = uri.rpartition("/")
+    root_uri = summary_uri.rsplit("/workflows/", 1)[0]  # the root the summary was read from: it may have moved
+    uri = f"{root_uri}/{record['manifest_path']}" if record.get("manifest_path") else record["manifest_uri"]
     try:
-        return Manifest.from_json(Storage.from_uri(directory).read_text(name or MANIFEST_NAME))
+        return read_manifest_at(uri)
     except StorageError as e:
         raise SampleError(f"manifest of step {step!r} of workflow {workflow!r}: {e}") from None
-    except (ValueError, TypeError, KeyError) as e:
-        raise SampleError(f"manifest of step {step!r} ({uri}) is not a valid manifest: {e}") from None
+    except ManifestInvalid as e:
+        raise SampleError(f"manifest of step {step!r} ({uri}): {e}") from None
 
 
 # ---------------------------------------------------------------- flags
@@ -231,7 +231,7 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     trained_on = dit_manifest.upstream.get(AUTOENCODER_STEP)
     if trained_on is not None and trained_on != ae_manifest.digest:
         raise SampleError(f"step {step!r} of workflow {summary.get('workflow_id')!r} was trained with another "
-                          f"autoencoder than the workflow's {AUTOENCODER_STEP!r} step ({ae_manifest.location})")
+                          f"autoencoder than the workflow's {AUTOENCODER_STEP!r} step ({ae_manifest.output_uri})")
     dit, dit_meta = load_dit(dit_manifest, device=device, ema=True)
     ae, ae_meta = load_autoencoder(ae_manifest, device=device)
     classes = [str(c) for c in (dit_meta.get("classes") or range(int(dit_meta["num_classes"])))]
@@ -297,11 +297,11 @@ def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per
     if step not in ("dit", "distill") or not ae_location:
         raise SampleError(f"{model_uri} is a {step!r} model; sampling needs a dit or distill version with its "
                           "autoencoder (tag latentflow.autoencoder_location)")
-    from components.common.step import read_manifest
-
-    ae_manifest = read_manifest(Storage.from_uri(ae_location))
-    if ae_manifest is None:
-        raise SampleError(f"{model_uri}: its autoencoder at {ae_location} has no manifest")
+    try:
+        ae_manifest = read_manifest_at(f"{ae_location.rstrip('/')}/{MANIFEST_NAME}")
+        source = read_manifest_at(f"{source.rstrip('/')}/{MANIFEST_NAME}")  # loaders verify against it
+    except (StorageError, ManifestInvalid) as e:
+        raise SampleError(f"{model_uri}: {e}") from None
     ae, ae_meta = load_autoencoder(ae_manifest, device=device)
     if step == "distill":
         from components.distill.sample import generate_student, load_student, supported_steps

@@ -8,7 +8,12 @@ Semantics:
 - cache key = sha256(step name, code version, canonical config, upstream manifest digests, and for
   a step that reads an outside source its fingerprint), so a config change, or new data in the
   source, re-runs that step and everything downstream, and nothing upstream;
-- a manifest whose files fail verification is treated as missing: the step re-runs;
+- a manifest whose files fail verification, or that is not a manifest, is an invalid result: the
+  step re-runs, with a note; one that cannot be read (an outage, denied access) stops the run,
+  naming the object: a storage error is never read as "no result" (``pipelines.step_task``);
+- manifests name their directory relative to the root, so a root copied or moved stays a cache;
+- one writer per step: a step's task holds a lease on its directory while it runs; another run of
+  the same step waits for its result (``components.common.lease``);
 - re-running (same or new workflow id) serves every verified step from cache.
 """
 
@@ -18,24 +23,16 @@ import hashlib
 import logging
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from components.common.config import StepConfig
-from components.common.step import (
-    MANIFEST_NAME,
-    FileRecord,
-    Manifest,
-    StepContext,
-    StepOutput,
-    canonical_json,
-    read_manifest,
-)
+from components.common.lease import current_holder
+from components.common.step import MANIFEST_NAME, Manifest, StepContext, StepOutput, canonical_json
 from components.common.storage import Storage
-from components.common.tracking import StepTracker
+from pipelines.step_task import find_cached, step_dir, step_location
 
 log = logging.getLogger("latentflow.workflow")
 
@@ -129,10 +126,6 @@ def cache_key(s: Step, upstream: dict[str, str]) -> str:
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()
 
 
-def step_dir(root: Storage, name: str, key: str) -> Storage:
-    return root.child(f"steps/{name}/{key}")
-
-
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -146,40 +139,6 @@ def git_commit() -> str | None:
         return None
 
 
-def find_cached(root: Storage, s: Step, key: str) -> tuple[Manifest | None, str | None]:
-    """(verified manifest, None) or (None, why the cache could not be used: None if simply absent)."""
-    manifest = read_manifest(step_dir(root, s.name, key))
-    if manifest is None:
-        return None, None
-    problems = manifest.verify()
-    if problems:
-        return None, "manifest present but outputs fail verification: " + "; ".join(problems[:3])
-    return manifest, None
-
-
-def execute_step(s: Step, key: str, inputs: dict[str, Manifest], ctx: StepContext,
-                 upstream: dict[str, str], commit: str | None) -> Manifest:
-    """Body of the Ray task: run the stage, hash its outputs, write the manifest last."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    started = now_iso()
-    try:
-        result = s.entry(s.config, inputs, ctx)
-    finally:
-        ctx.remove_scratch()
-    if not isinstance(result, StepOutput):
-        raise TypeError(f"step {s.name!r} returned {type(result).__name__}, expected StepOutput")
-    files = [FileRecord(path, ctx.output.sha256(path), ctx.output.size(path)) for path in sorted(result.files)]
-    manifest = Manifest(
-        step=s.name, cache_key=key, code_version=s.code_version, location=ctx.output.uri(),
-        config=s.config.model_dump(mode="json"), upstream=upstream, files=files,
-        metrics={k: float(v) for k, v in result.metrics.items()}, info=result.info,
-        mlflow_run_id=ctx.tracker.run_id, workflow_id=ctx.workflow_id,
-        started_at=started, ended_at=now_iso(), git_commit=commit,
-    )
-    ctx.output.write_text(MANIFEST_NAME, manifest.to_json())
-    return manifest
-
-
 @dataclass
 class StepRecord:
     name: str
@@ -187,9 +146,15 @@ class StepRecord:
     cache_key: str | None = None
     duration_s: float = 0.0
     manifest_uri: str | None = None
+    manifest_path: str | None = None  # relative to the storage root: valid wherever the root moves
     mlflow_run_id: str | None = None
     error: str | None = None
     note: str | None = None
+    attempts: int | None = 0  # times its task started in this workflow (retries after a process or node died)
+
+    def found(self, status: str, manifest: Manifest) -> None:
+        self.status, self.manifest_uri = status, manifest.uri(MANIFEST_NAME)
+        self.manifest_path = f"{step_location(manifest.step, manifest.cache_key)}/{MANIFEST_NAME}"
 
 
 @dataclass
@@ -216,119 +181,13 @@ def plan(workflow: Workflow, root: Storage) -> list[StepRecord]:
             records.append(StepRecord(s.name, "would_run", note="after upstream runs"))
             continue
         key = cache_key(s, {i: digests[i] for i in s.inputs})
-        manifest, why = find_cached(root, s, key)
+        manifest, why = find_cached(root, s.name, key)
+        record = StepRecord(s.name, "would_run", key, note=why)
         if manifest is not None:
             digests[s.name] = manifest.digest
-            records.append(StepRecord(s.name, "cached", key, manifest_uri=manifest.uri(MANIFEST_NAME),
-                                      mlflow_run_id=manifest.mlflow_run_id))
-        else:
-            records.append(StepRecord(s.name, "would_run", key, note=why))
+            record.found("cached", manifest)
+            record.mlflow_run_id = manifest.mlflow_run_id
+        elif (holder := current_holder(step_dir(root, s.name, key))) is not None:
+            record.note = f"running now in {holder.describe()}: this run would wait for its result"
+        records.append(record)
     return records
-
-
-class WorkflowRunner:
-    """Runs a Workflow on Ray with MLflow runs (via ``tracking``, a pipelines.tracking.RunTracker)."""
-
-    def __init__(self, workflow: Workflow, root: Storage, workflow_id: str, tracking,
-                 on_event: Callable[[str, StepRecord], None] | None = None,
-                 ensure_ray: Callable[[], None] | None = None):
-        self.workflow = workflow
-        self.root = root
-        self.workflow_id = workflow_id
-        self.tracking = tracking
-        self.on_event = on_event or (lambda event, record: None)
-        self.ensure_ray = ensure_ray or (lambda: None)
-        self.commit = git_commit()
-
-    def run(self) -> WorkflowResult:
-        import ray
-
-        result = WorkflowResult(self.workflow_id)
-        result.parent_run_id = self.tracking.start_parent(self.workflow_id)
-        manifests: dict[str, Manifest] = {}
-        records = {s.name: StepRecord(s.name, "pending") for s in self.workflow.steps}
-        result.steps = list(records.values())
-        running: dict = {}  # ObjectRef -> (step, record, start time)
-        blocked: set[str] = set()
-
-        def launch_ready():
-            for s in self.workflow.steps:
-                rec = records[s.name]
-                if rec.status != "pending" or any(i not in manifests for i in s.inputs):
-                    continue
-                upstream = {i: manifests[i].digest for i in s.inputs}
-                key = rec.cache_key = cache_key(s, upstream)
-                manifest, why = find_cached(self.root, s, key)
-                if why:
-                    log.warning("step %s: %s; re-running", s.name, why)
-                    rec.note = "cache invalid: re-ran"
-                if manifest is not None:
-                    manifests[s.name] = manifest
-                    rec.status, rec.manifest_uri = "cached", manifest.uri(MANIFEST_NAME)
-                    rec.mlflow_run_id = self.tracking.cached_step(s, manifest, manifests)
-                    self.on_event("cached", rec)
-                    return launch_ready()  # its dependents may now be ready
-                self.ensure_ray()
-                run_id = self.tracking.start_step(s, key, upstream_runs(s, manifests))
-                rec.mlflow_run_id = run_id
-                out = step_dir(self.root, s.name, key)
-                ctx = StepContext(s.name, self.workflow_id, key, self.root, out, s.config.resources,
-                                  StepTracker(self.tracking.uri, run_id))
-                inputs = {i: manifests[i] for i in s.inputs}
-                ref = remote_for(s).remote(s, key, inputs, ctx, upstream, self.commit)
-                running[ref] = (s, rec, time.monotonic())
-                rec.status = "running"
-                self.on_event("start", rec)
-
-        try:
-            launch_ready()
-            while running:
-                ready, _ = ray.wait(list(running), num_returns=1)
-                s, rec, t0 = running.pop(ready[0])
-                rec.duration_s = round(time.monotonic() - t0, 2)
-                try:
-                    manifest = ray.get(ready[0])
-                except Exception as e:  # a failed step keeps the rest of the workflow's results
-                    rec.status, rec.error = "failed", describe_failure(e)
-                    self.tracking.end_step(rec.mlflow_run_id, None, failed=True, error=rec.error)
-                    blocked |= self.workflow.downstream_of(s.name)
-                    self.on_event("failed", rec)
-                    continue
-                manifests[s.name] = manifest
-                rec.status, rec.manifest_uri = "ran", manifest.uri(MANIFEST_NAME)
-                self.tracking.end_step(rec.mlflow_run_id, manifest)
-                self.on_event("ran", rec)
-                launch_ready()
-        finally:
-            for rec in records.values():
-                if rec.status in ("pending", "running"):
-                    rec.status = "skipped" if rec.name in blocked or rec.status == "pending" else "failed"
-            self.tracking.end_parent(result)
-        return result
-
-
-def upstream_runs(s: Step, manifests: dict[str, Manifest]) -> dict[str, str | None]:
-    return {i: manifests[i].mlflow_run_id for i in s.inputs}
-
-
-def describe_failure(error: Exception) -> str:
-    """The innermost error of a Ray task failure, one line, plus the task's traceback tail."""
-    cause = getattr(error, "cause", None) or error
-    text = f"{type(cause).__name__}: {cause}".strip()
-    first_line = text.splitlines()[0] if text else type(cause).__name__
-    if len(first_line) > 400:
-        first_line = first_line[:400] + "..."
-    return first_line
-
-
-def remote_for(s: Step):
-    """The step's Ray task, with the resources its config declares."""
-    import ray
-
-    res = s.config.resources
-    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": res.max_retries,
-               "retry_exceptions": res.max_retries > 0, "name": f"step:{s.name}"}
-    if res.memory_gb:
-        options["memory"] = int(res.memory_gb * 2**30)
-    return ray.remote(execute_step).options(**options)
-

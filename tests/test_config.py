@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.common.config import ConfigError, apply_overrides, parse_override, redact
+from components.common.config import ConfigError, apply_overrides, parse_override
+from components.common.redact import redact
 from pipelines.config import load_pipeline_config
 
 PRESETS = sorted(Path(__file__).resolve().parents[1].glob("configs/pipeline/*.yaml"))
@@ -128,3 +129,114 @@ def test_cache_exempt_fields_stay_out_of_cache_keys():
     assert "resources" not in a.cache_relevant() and "log_every" not in a.cache_relevant()["train"]
     b.train.lr = 0.5
     assert a.cache_relevant() != b.cache_relevant()
+
+
+# ---------------------------------------------------------------- refused at plan time, not in the step
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "smoke.yaml"
+
+
+def refusal(*overrides: str, path: Path = SMOKE) -> str:
+    """The ConfigError text of the smoke recipe with ``overrides``; fails if it loads."""
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(path, list(overrides))
+    return str(e.value)
+
+
+def test_the_three_recipes_pass_the_plan_time_checks():
+    names = {p.name for p in PRESETS}
+    assert {"smoke.yaml", "mnist.yaml", "imagenet256.yaml"} <= names
+    for name in ("smoke.yaml", "mnist.yaml", "imagenet256.yaml"):
+        assert load_pipeline_config(SMOKE.parent / name).name == name.removesuffix(".yaml")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("autoencoder.preset", "ae-nope"),
+    ("dit.preset", "DiT-Huge/2"),
+    ("superres.0.preset", "sr-nope"),
+    ("noisy_classifier.preset", "nc-nope"),
+    ("evaluate.classifier.preset", "resnet"),
+    ("evaluate.cascade_classifier.preset", "resnet"),
+])
+def test_unknown_preset_names_the_key_and_the_valid_ones(key, value):
+    text = refusal(f"{key}={value}")
+    assert f"'{key}'" in text and repr(value) in text and "valid presets" in text
+
+
+def test_image_size_the_autoencoder_factor_does_not_divide():
+    # ae-mnist has 3 levels: f = 4; 18 px has no whole latent grid
+    text = refusal("autoencoder.image_size=18", "superres=null")
+    assert "autoencoder.image_size: 18 px" in text and "f=4" in text
+    # without autoencoder.image_size the base is the shards' size
+    text = refusal("autoencoder.image_size=null", "shard.image_size=30", "superres=null")
+    assert "shard.image_size: 30 px" in text
+    # the factor follows autoencoder.model's channel_mult
+    text = refusal("autoencoder.image_size=20", "autoencoder.model.channel_mult=[1, 2, 4, 4]", "superres=null")
+    assert "autoencoder.image_size: 20 px" in text and "f=8" in text and "autoencoder.model.channel_mult" in text
+
+
+def test_dit_patch_that_does_not_divide_the_latent_grid():
+    # smoke: 16 px base / f=4 = a 4x4 latent grid
+    text = refusal("dit.preset=DiT-S/8")
+    assert "dit.preset: the DiT's patch size 8 does not divide the latent grid 4x4" in text
+    text = refusal("dit.model.patch_size=8")
+    assert "dit.model.patch_size" in text
+    assert load_pipeline_config(SMOKE, ["dit.preset=DiT-S/4"]).dit.preset == "DiT-S/4"
+
+
+def test_fp16_on_a_step_without_gpus():
+    text = refusal("dit.train.precision=fp16")
+    assert "dit.train.precision: fp16 needs GPUs" in text and "dit.resources.gpus_per_worker" in text
+    assert "superres.0.train.precision" in refusal("superres.0.train.precision=fp16")
+    cfg = load_pipeline_config(SMOKE, ["dit.train.precision=fp16", "dit.resources.gpus_per_worker=1"])
+    assert cfg.dit.train.precision == "fp16"
+
+
+def test_superres_sizes_that_do_not_chain(tmp_path):
+    assert "superres.0.input_size is 12" in refusal("superres.0.input_size=12")  # the base is 16 px
+    assert "'superres.0.output_size'" in refusal("superres.0.output_size=16")  # not larger than its input
+    data = yaml.safe_load(SMOKE.read_text())
+    data["superres"].append({**data["superres"][0], "input_size": 40, "output_size": 64})
+    assert "superres.1.input_size is 40" in refusal(path=write(tmp_path, data))  # stage 0 gives 32 px
+    # sr-mnist's U-Net has 3 levels: its output size must divide by 4
+    text = refusal("superres.0.preset=sr-mnist", "superres.0.output_size=34")
+    assert "superres.0.output_size: 34 px is not divisible by 2^2" in text and "superres.0.preset" in text
+    # an output larger than the shard images is only a warning of the stage (its targets are upsampled)
+    assert load_pipeline_config(SMOKE, ["superres.0.output_size=64"]).superres[0].output_size == 64
+
+
+def image_folder(root: Path, classes: list[str]) -> Path:
+    """Tiny files stand for images: the plan-time check only looks at the folder's layout."""
+    root.mkdir(parents=True)
+    for name in classes:
+        (root / name).mkdir()
+        (root / name / "a.png").write_bytes(b"x")
+    return root
+
+
+def test_evaluate_on_an_unlabelled_folder(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(b"x")
+    (flat / ".thumbs").mkdir()  # hidden, and an empty sub-folder: neither is a class of the shard step
+    (flat / ".thumbs" / "a.png").write_bytes(b"x")
+    (flat / "empty").mkdir()
+    text = refusal(f"shard.source={flat}")
+    assert "evaluate: needs a labelled data set" in text and "flat folder" in text
+    assert "noisy_classifier: needs 2 or more classes" in refusal(f"shard.source={flat}", "evaluate=null",
+                                                                  "noisy_classifier.preset=nc-tiny")
+    assert load_pipeline_config(SMOKE, [f"shard.source={flat}", "evaluate=null"]).evaluate is None
+
+
+def test_class_accuracy_gate_on_a_one_class_folder(tmp_path):
+    one = image_folder(tmp_path / "one", ["cat"])
+    text = refusal(f"shard.source={one}")
+    assert "registry.gate_metric: 'sample_accuracy' compares classes" in text and "1 class" in text
+    assert "registry.gate_metric" in refusal(f"shard.source={one}", "registry.gate_metric=cascade_sample_accuracy")
+    gated_on_distance = ["registry.gate_metric=frechet_distance", "registry.gate_mode=min"]
+    assert load_pipeline_config(SMOKE, [f"shard.source={one}", *gated_on_distance]).registry.gate_mode == "min"
+    two = image_folder(tmp_path / "two", ["cat", "dog"])
+    assert load_pipeline_config(SMOKE, [f"shard.source={two}"]).shard.source == str(two)
+    # no listing at plan time for S3 or inside shards: those are the steps' to check
+    for source in ("s3://bucket/flat", f"webdataset:{tmp_path / 'shards'}"):
+        assert load_pipeline_config(SMOKE, [f"shard.source={source}"]).shard.source == source

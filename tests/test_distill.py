@@ -218,6 +218,47 @@ def test_sampling_each_method(tmp_path, method, steps):
         generate_student(student, meta, ae, ae_meta, labels, steps=3)
 
 
+# ---------------------------------------------------------------- finished rounds
+
+
+def forge(output, rel: str, data: bytes, claimed: str) -> None:
+    """Overwrite ``rel``; on S3 with metadata claiming the old sha256, as anyone who can write there can."""
+    if output.is_local:
+        output.write_bytes(rel, data)
+    else:
+        output.client.put_object(Bucket=output.bucket, Key=output.key(rel), Body=data, Metadata={"sha256": claimed})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_finished_round_is_kept_only_while_its_files_hash_as_round_json_recorded(tmp_path, request, where):
+    """round.json records each round file's sha256; a later run refuses a round whose file changed,
+    even on S3 where the object's recorded sha256 (metadata) is rewritten along with it."""
+    import hashlib
+
+    from components.common.checkpoint import CheckpointError
+    from components.common.storage import Storage
+    from components.distill.train import ROUND_FILES, finished_round, mark_round_done
+
+    root = f"s3://{request.getfixturevalue('s3_bucket')}/distill" if where == "s3" else str(tmp_path / "distill")
+    output = Storage.from_uri(root)
+    assert finished_round(output, "round_1") is None  # not done
+    for name in ROUND_FILES:
+        output.write_bytes(f"round_1/{name}", f"{name} as round 1 wrote it".encode())
+    mark_round_done(output, "round_1", {"round": 1, "loss": 0.25})
+    recorded = json.loads(output.read_text("round_1/round.json"))["files"]
+    assert recorded == {n: hashlib.sha256(f"{n} as round 1 wrote it".encode()).hexdigest() for n in ROUND_FILES}
+    assert finished_round(output, "round_1")["loss"] == 0.25
+
+    forge(output, "round_1/distill.safetensors", b"someone else's weights", claimed=recorded["distill.safetensors"])
+    assert output.sha256("round_1/distill.safetensors") == recorded["distill.safetensors"] or where == "local"
+    refusal = "round_1/distill.safetensors: sha256 differs from the one round_1/round.json recorded"
+    with pytest.raises(CheckpointError, match=f"{refusal}.*delete .*round_1 and .*_checkpoints/round_1 to train"):
+        finished_round(output, "round_1")
+    output.write_text("round_1/round.json", json.dumps({"round": 1, "loss": 0.25}))  # as older code wrote it
+    with pytest.raises(CheckpointError, match="round_1/round.json: records no sha256 of the round's files"):
+        finished_round(output, "round_1")
+
+
 # ---------------------------------------------------------------- the step: Ray Train, interrupted and resumed
 
 
@@ -287,6 +328,19 @@ def test_progressive_step_resumes_inside_the_round_it_was_in(ray_cluster, tmp_pa
     student, _ = load_student(ctx.output)
     ae, ae_meta = tiny_autoencoder()
     assert generate_student(student, meta, ae, ae_meta, [0, 1], seed=3).shape == (2, 1, 8, 8)
+
+    # A finished round's file changed since its round.json: the next run refuses it, before training.
+    from components.common.checkpoint import CheckpointError
+
+    assert set(json.loads(ctx.output.read_text("round_1/round.json"))["files"]) == \
+        {"distill.safetensors", "distill_raw.safetensors", "distill.json", "samples.png"}
+    weights = bytearray(round_1)
+    weights[len(weights) // 2] ^= 0x01
+    ctx.output.write_bytes("round_1/distill.safetensors", bytes(weights))
+    with pytest.raises(CheckpointError, match="round_1/distill.safetensors: sha256 differs"):
+        distill(cfg, inputs, ctx)
+    assert len(client.search_runs([client.get_run(tracker.run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{tracker.run_id}'")) == 3  # no round started
 
 
 def test_lpips_distance_uses_local_weights_only(tmp_path):

@@ -38,6 +38,7 @@ from components.evaluate.metrics import feature_stats, frechet_distance_of
 from components.evaluate.run import EVALUATION, SAMPLES_GRID
 from conftest import REPO
 from pipelines.cli import app
+from rounding import assert_same_up_to_rounding
 
 # ~20 s on 2 shared cores; ~95 % on held-out digits
 QUICK_CLASSIFIER = ClassifierTrainConfig(preset="cnn-tiny", steps=200, batch_size=64, lr=1e-2, max_shift=1)
@@ -281,7 +282,10 @@ def test_sample_writes_every_image_and_a_grid_deterministically(workflow_root, t
     again = sample_cli("--workflow-id", "wf-1", "--labels", "zero,2", "--per-label", "3", "--seed", "5",
                        "--batch-size", "2", "--out", str(tmp_path / "b"), cwd=workflow_root)
     assert again.exit_code == 0, again.output
-    assert pngs(tmp_path / "b") == files
+    assert sorted(pngs(tmp_path / "b")) == sorted(files)
+    for name in files:  # another batch size: the same images up to rounding (tests/rounding.py)
+        same = [torch.from_numpy(np.array(Image.open(folder / name))) for folder in (tmp_path / "a", tmp_path / "b")]
+        assert_same_up_to_rounding(*same)
     other = sample_cli("--workflow-id", "wf-1", "--labels", "0,2", "--per-label", "3", "--seed", "6",
                        "--sampler", "ddpm", "--steps", "2", "--guidance", "0", "--out", str(tmp_path / "c"),
                        cwd=workflow_root)
@@ -312,3 +316,20 @@ def test_sample_errors_name_what_is_wrong(workflow_root, tmp_path):
     ambiguous = sample_cli("--workflow-id", "wf-2", "--labels", "0", *common, cwd=tmp_path)
     assert ambiguous.exit_code == 1 and "ambiguous" in ambiguous.output and "--storage" in ambiguous.output
     assert not (tmp_path / "out").exists()  # nothing written on any error
+
+
+def test_sample_refuses_weights_changed_after_they_were_written(tmp_path):
+    """Every read verifies its digest: a DiT file overwritten in storage (a valid safetensors file,
+    other weights) is refused with exit 1, naming the file, before anything is sampled."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "outputs" / "mnist"
+    build_workflow(root, "wf-1")
+    weights = root / "steps" / "dit" / "k" / DIT_WEIGHTS
+    tampered = {k: v + 1 for k, v in load_file(str(weights)).items()}
+    save_file(tampered, str(weights))
+    refused = sample_cli("--workflow-id", "wf-1", "--storage", str(root), "--labels", "0", "--per-label", "1",
+                         "--out", str(tmp_path / "x"))
+    assert refused.exit_code == 1, refused.output
+    assert f"{weights}" in " ".join(refused.output.split()) and "sha256" in refused.output
+    assert not (tmp_path / "x").exists()

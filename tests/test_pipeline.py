@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import ARTIFACT_BUCKET, REPO, latentflow
-from components.common.step import Manifest
+from components.common.step import read_manifest_at
 from components.common.storage import Storage
 
 SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
@@ -62,6 +62,42 @@ def test_failing_step_exits_nonzero_naming_the_step(tmp_path):
     assert "step 'shard' failed" in out.stderr and str(missing) in out.stderr
 
 
+def test_unreadable_storage_stops_plan_and_run_naming_the_object(tmp_path):
+    """An S3 endpoint that does not answer is "cannot tell", never "no result": plan and run exit 1
+    naming the object, and run starts no step (before, plan printed "run" for every step)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_DEFAULT_REGION": "us-east-1", "LATENTFLOW_S3_MAX_ATTEMPTS": "1"}
+    args = (str(SMOKE), "--set", "storage.root=s3://lf-unreachable/smoke", "--set",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    planned = cli("plan", *args, env=env)
+    assert planned.returncode == 1, planned.stdout[-2000:] + planned.stderr[-2000:]
+    assert "s3://lf-unreachable/smoke/steps/shard/" in planned.stderr and "unreachable" in planned.stderr
+    assert "[green]run" not in planned.stdout and " run " not in planned.stdout
+    ran = cli("run", *args, env=env)
+    assert ran.returncode == 1 and "s3://lf-unreachable/smoke/" in ran.stderr, ran.stderr[-2000:]
+    assert "unreachable" in ran.stderr and "Traceback" not in ran.stderr
+    assert "start" not in ran.stdout  # no step started
+
+
+def test_an_unreachable_tracking_server_is_a_named_error_before_any_work(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = cli("run", str(SMOKE), "--set", f"storage.root={tmp_path / 'out'}", "--set",
+              f"tracking.uri=http://127.0.0.1:{port}", timeout=120)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr and "start" not in out.stdout  # no step started
+    assert not (tmp_path / "out" / "steps").exists()
+
+
 @pytest.mark.integration
 def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflow_server, smoke_on_s3, tmp_path):
     """The whole smoke pipeline as a user runs it (``smoke_on_s3``): `latentflow run`, storage on S3
@@ -78,8 +114,7 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     steps = {s["name"]: s for s in summary["steps"]}
     assert list(steps) == list(EXPECTED_STEPS) and {s["status"] for s in steps.values()} == {"ran"}
 
-    shard = Manifest.from_json(Storage.from_uri(steps["shard"]["manifest_uri"].rsplit("/", 1)[0])
-                               .read_text("manifest.json"))
+    shard = read_manifest_at(steps["shard"]["manifest_uri"])
     assert shard.metrics["num_train"] + shard.metrics["num_val"] == 600
     assert not shard.verify()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -33,19 +34,11 @@ def make_ctx(root, output: str | None = None, workers: int = 2) -> StepContext:
 
 
 def read_samples(storage: Storage, files: list[str], tmp_path: Path) -> list[dict]:
-    """Every sample of the given shards, read back with webdataset from local copies."""
-    import webdataset as wds
+    """Every sample of the given shards (``__shard__``: the file it came from), read back from
+    local copies with webdataset's tar iterators."""
+    from components.common.shard_reader import iter_shard_samples
 
-    samples = []
-    for rel in files:
-        if storage.is_local:
-            path = str(storage.path(rel))
-        else:
-            path = str(tmp_path / rel.replace("/", "_"))
-            storage.download(rel, path)
-        for sample in wds.WebDataset(path, shardshuffle=False, empty_check=False):
-            samples.append({**sample, "__shard__": rel})
-    return samples
+    return list(iter_shard_samples(storage, files))
 
 
 def shards(out) -> list[str]:
@@ -305,3 +298,95 @@ def test_source_fingerprint_follows_the_source_not_its_listing_order(tmp_path, s
     (folder / "dog" / "newer.png").write_bytes(png_image(np.ones((8, 8), np.uint8)))
     assert key(str(folder)) != before
     assert key(str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------ file names are data, never commands
+
+
+def write_tar_shard(path: Path, keys: list[str], label: int) -> None:
+    """A plain webdataset shard: ``<key>.png`` and ``<key>.cls`` per sample (8x8 grey images)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i, key in enumerate(keys):
+            for suffix, data in (("png", png_image(np.full((8, 8), 40 * i, np.uint8))), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+PIPE_NAME = "x.tar::pipe:touch MARK; cat x.tar #.tar"  # webdataset URL syntax: '::' chains, 'pipe:' a shell
+BRACE_NAME = "y{0..3}.tar"  # webdataset URL syntax: brace expansion into y0.tar .. y3.tar
+
+
+def test_webdataset_source_file_names_never_reach_a_shell(tmp_path):
+    """A ``webdataset:`` folder whose file names are webdataset URL syntax: ``plan`` and ``run`` read
+    each name as a file (the odd names never reach webdataset's URL parser or a shell), shard the
+    valid shards, and count the one that is no tar as a skipped input, naming it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    src, work, home = tmp_path / "src", tmp_path / "cwd", tmp_path / "home"
+    for folder in (src, work, home):
+        folder.mkdir()
+    write_tar_shard(src / "x.tar", ["a0", "a1", "a2"], label=0)
+    (src / PIPE_NAME).write_bytes(b"not a tar archive\n")
+    write_tar_shard(src / BRACE_NAME, ["b0", "b1"], label=1)
+    config = tmp_path / "odd.yaml"
+    config.write_text(f"""
+name: odd
+storage: {{root: {tmp_path / 'out'}}}
+ray: {{num_cpus: 1}}
+shard:
+  resources: {{num_cpus: 0.25, num_workers: 1, cpus_per_worker: 0.5}}
+  source: "webdataset:{src}"
+  image_size: 8
+  channels: 1
+  val_fraction: 0.0
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
+    env |= {"HOME": str(home), "PYTHONPATH": str(REPO)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pipelines.cli", *args, str(config)], cwd=work,
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    def marks():
+        return [p for folder in (tmp_path, REPO) for p in folder.rglob("MARK")]
+
+    planned = cli("plan")
+    assert planned.returncode == 0, planned.stderr
+    assert not marks()
+    ran = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(config), "--only", "shard",
+                          "--workflow-id", "odd"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert not marks(), ran.stdout + ran.stderr
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    summary = json.loads((tmp_path / "out" / "workflows" / "odd" / "summary.json").read_text())
+    manifest = json.loads(Path(summary["steps"][0]["manifest_uri"]).read_text())
+    info = manifest["info"]
+    assert info["num_skipped"] == 1 and info["skipped"][0]["file"].endswith(PIPE_NAME), info["skipped"]
+    assert info["counts"]["train"] == {"0": 3, "1": 2}  # x.tar's three, and the brace-named file's two
+    output = Storage.from_uri(str(tmp_path / "out" / manifest["location"]))  # relative to the storage root
+    samples = read_samples(output, info["train_shards"], tmp_path)
+    sources = {json.loads(s["json"])["source"] for s in samples}
+    assert {f"{BRACE_NAME}#b0", f"{BRACE_NAME}#b1", "x.tar#a0"} <= sources
+
+
+def test_damaged_webdataset_shard_is_a_named_bad_input(tmp_path):
+    """A tar cut short keeps the samples before the cut and is one bad input file, named: skipped
+    and counted, or refused under ``on_bad_sample: fail``."""
+    from components.shard.sources import WebdatasetSource
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tar_shard(src / "whole.tar", ["a0", "a1", "a2"], label=0)
+    (src / "cut.tar").write_bytes((src / "whole.tar").read_bytes()[: 2048 + 520])  # a0 whole, a1.png cut
+    items, rejected = WebdatasetSource(str(src)).list_items()
+    assert [(r.file, r.kind) for r in rejected] == [(str(src / "cut.tar"), "damaged_shard")]
+    assert "cut off" in rejected[0].reason
+    assert sorted((i.ref, i.member) for i in items) == [("cut.tar", "a0"), ("whole.tar", "a0"), ("whole.tar", "a1"),
+                                                       ("whole.tar", "a2")]
+    with pytest.raises(ShardError, match=r"bad input file .*cut\.tar: .*\(on_bad_sample: fail\)"):
+        run(ShardConfig(source=f"webdataset:{src}", on_bad_sample="fail"), {}, make_ctx(tmp_path))

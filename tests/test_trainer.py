@@ -230,6 +230,93 @@ def test_local_loop_bf16_zero3_accumulation_and_resume(tmp_path):
             torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=f"{name} {key}")
 
 
+MODEL_PT = "deepspeed/mp_rank_00_model_states.pt"
+OPTIM_PT = "deepspeed/zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+PART = "checkpoint_manifest.rank-{}.json"
+
+
+def checkpoint_files(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def tampered_copy(saved: Path, root: Path, tamper) -> Path:
+    """A copy of checkpoint ``saved`` as the only checkpoint under ``root``, changed by ``tamper``."""
+    import shutil
+
+    shutil.copytree(saved, root / saved.name)
+    tamper(root / saved.name)
+    return root / saved.name
+
+
+def grow(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"\0")
+
+
+def claim_two_ranks(directory: Path) -> None:
+    part = json.loads((directory / PART.format(0)).read_text())
+    (directory / PART.format(0)).write_text(json.dumps({**part, "world_size": 2}))
+
+
+TAMPERINGS = {  # what is done to a saved checkpoint -> what the refusal must say
+    "a byte changed": (lambda d: flip_a_byte(d / MODEL_PT), f"{MODEL_PT}: sha256 differs from the manifest's"),
+    "a file lost": (lambda d: (d / OPTIM_PT.format(0)).unlink(), f"{OPTIM_PT.format(0)}: missing"),
+    "a .pt added": (lambda d: (d / OPTIM_PT.format(1)).write_bytes((d / OPTIM_PT.format(0)).read_bytes()),
+                    f"{OPTIM_PT.format(1)}: unlisted"),
+    "a file grown": (lambda d: grow(d / "ema.safetensors"), "ema.safetensors: size .* the manifest says"),
+    "a rank's part lost": (claim_two_ranks, f"saved by 2 workers.*{PART.format(1)}: missing"),
+    "no manifest": (lambda d: (d / PART.format(0)).unlink(),
+                    "no checkpoint manifest.*older code.*delete the step's _checkpoints to start over"),
+}
+
+
+def test_resume_verifies_the_checkpoint_against_its_manifest_before_unpickling(tmp_path, monkeypatch):
+    """One process (LocalSession): the manifest part lists every file with its sha256 and size; a
+    checkpoint changed after the save is refused, naming the file, before DeepSpeed unpickles anything."""
+    import re
+
+    import deepspeed
+
+    from components.common.checkpoint import CheckpointError
+    from components.common.ema import EMA
+    from components.common.storage import sha256_file
+    from components.common.train_loop import LocalSession, train_loop
+
+    cfg = TrainConfig(max_steps=2, batch_size=16, lr=1e-2, zero_stage=2, checkpoint_every=1, log_every=1)
+    train_loop(Regression(), cfg, LocalSession(tmp_path / "saved"), None)
+    saved = sorted((tmp_path / "saved").iterdir())[-1]  # the final checkpoint: export/ included
+    part = json.loads((saved / PART.format(0)).read_text())
+    assert (part["rank"], part["world_size"]) == (0, 1)
+    assert set(part["files"]) == checkpoint_files(saved) - {PART.format(0)}
+    assert {MODEL_PT, OPTIM_PT.format(0), "ema.safetensors", "export/model.safetensors"} <= set(part["files"])
+    model_pt = saved / MODEL_PT
+    assert part["files"][MODEL_PT] == {"sha256": sha256_file(model_pt), "size": model_pt.stat().st_size}
+
+    unpickled, loads = [], []  # every torch.load, and every load of the engine or the EMA
+    real_torch_load, real_engine_load, real_ema_load = torch.load, deepspeed.DeepSpeedEngine.load_checkpoint, EMA.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: unpickled.append(str(f)) or real_torch_load(f, *a, **k))
+    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "load_checkpoint",
+                        lambda self, *a, **k: loads.append("engine") or real_engine_load(self, *a, **k))
+    monkeypatch.setattr(EMA, "load", lambda self, path: loads.append("ema") or real_ema_load(self, path))
+
+    for name, (tamper, refusal) in TAMPERINGS.items():
+        copy = tampered_copy(saved, tmp_path / re.sub(r"\W", "_", name), tamper)
+        with pytest.raises(CheckpointError, match=refusal) as refused:
+            train_loop(Regression(), cfg, LocalSession(copy.parent), None)
+        assert str(copy) in str(refused.value), name
+        assert unpickled == [] and loads == [], (name, unpickled, loads)
+
+    # the spies do see a resume: the untouched copy is verified, then unpickled and loaded
+    copy = tampered_copy(saved, tmp_path / "untouched", lambda d: None)
+    assert train_loop(Regression(), cfg, LocalSession(copy.parent), None)["step"] == 2
+    assert str(copy / MODEL_PT) in unpickled and loads == ["engine", "ema"], (unpickled, loads)
+
+
 # ---------------------------------------------------------------- Ray Train, 2 workers
 
 
@@ -269,9 +356,11 @@ def test_fit_zero2_nonfinite_streak_fails_then_rerun_resumes(ray_cluster, tmp_pa
     saved = json.loads((checkpoints[-1] / "train_state.json").read_text())
     assert saved["step"] == 4 and saved["batches_in_epoch"] == 4
     assert sorted(p.name for p in checkpoints[-1].iterdir()) == \
-        ["deepspeed", "ema.safetensors", "latest", "train_state.json", "zero_to_fp32.py", "zero_to_torch.py"]
+        ["checkpoint_manifest.rank-0.json", "checkpoint_manifest.rank-1.json",
+         "deepspeed", "ema.safetensors", "latest", "train_state.json", "zero_to_fp32.py", "zero_to_torch.py"]
     assert {p.name for p in (checkpoints[-1] / "deepspeed").iterdir()} >= \
         {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    check_two_rank_manifest(checkpoints[-1], tmp_path / "copies")
 
     result = fit(Regression(log_dir=tmp_path), cfg, ctx)  # same storage and name: resume
     steps = [r["step"] for r in logged(tmp_path)]
@@ -280,6 +369,29 @@ def test_fit_zero2_nonfinite_streak_fails_then_rerun_resumes(ray_cluster, tmp_pa
     assert ema_updates(Path(result.checkpoint_uri) / "ema.safetensors") == 8  # 4 restored + 4 new
     losses = history(tracker, "loss")
     assert losses[-1] < 0.5 * losses[0], losses
+    from components.common.checkpoint import verify
+
+    verify(Path(result.checkpoint_uri))  # the final checkpoint, export/ included, has both parts too
+
+
+def check_two_rank_manifest(merged: Path, scratch: Path) -> None:
+    """Each of the 2 ranks listed the files it wrote into its own directory, and Ray Train's merge of
+    the directories holds both lists: together exactly its files. A gap in either is refused."""
+    from components.common.checkpoint import CheckpointError, verify
+
+    parts = [json.loads((merged / PART.format(r)).read_text()) for r in (0, 1)]
+    assert [(p["rank"], p["world_size"]) for p in parts] == [(0, 2), (1, 2)]
+    assert OPTIM_PT.format(1) in parts[1]["files"] and OPTIM_PT.format(1) not in parts[0]["files"]
+    assert {OPTIM_PT.format(0), MODEL_PT, "ema.safetensors", "train_state.json"} <= set(parts[0]["files"])
+    listed = set(parts[0]["files"]) | set(parts[1]["files"])
+    assert listed == checkpoint_files(merged) - {PART.format(0), PART.format(1)}
+    verify(merged)
+    lost = tampered_copy(merged, scratch / "lost_part", lambda d: (d / PART.format(1)).unlink())
+    with pytest.raises(CheckpointError, match=f"saved by 2 workers.*{PART.format(1)}: missing"):
+        verify(lost)
+    changed = tampered_copy(merged, scratch / "changed", lambda d: flip_a_byte(d / OPTIM_PT.format(1)))
+    with pytest.raises(CheckpointError, match=f"{OPTIM_PT.format(1)}: sha256 differs .*written by rank 1"):
+        verify(changed)
 
 
 def audited_keys(output: Storage) -> dict[int, list[str]]:

@@ -176,3 +176,74 @@ def test_only_runs_the_named_steps_and_what_they_need(tmp_path):
     assert runs_of(tmp_path, "c") == runs_of(tmp_path, "d") == 0
     with pytest.raises(ValueError, match="no step named 'x' in workflow 'toy'; its steps: a, d, b, c"):
         chain().restricted_to(["x"])
+
+
+def test_a_manifest_that_is_not_one_is_an_invalid_result_rerun_with_a_note(tmp_path):
+    result, _ = run(chain(), tmp_path)
+    broken = {"a": '{"step": "a", "cache_ke', "d": '{"hello": "a foreign json file"}'}
+    for name, text in broken.items():
+        (tmp_path / "steps" / name / result.record(name).cache_key / "manifest.json").write_text(text)
+    planned = {r.name: r for r in plan(chain(), Storage.from_uri(str(tmp_path)))}
+    assert planned["a"].status == planned["d"].status == "would_run"
+    assert "not a latentflow manifest" in planned["a"].note and "manifest.json is unusable" in planned["d"].note
+    again, _ = run(chain(), tmp_path)
+    assert statuses(again) == {"a": "ran", "d": "ran", "b": "cached", "c": "cached"}  # the same bytes again
+    assert "cache invalid, re-ran" in again.record("a").note and runs_of(tmp_path, "a") == 2
+
+
+def test_a_root_copied_elsewhere_and_the_original_deleted_is_still_a_cache(tmp_path):
+    import shutil
+
+    first, _ = run(chain(), tmp_path / "one")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    shutil.rmtree(tmp_path / "one")
+    again, _ = run(chain(), tmp_path / "two")
+    assert set(statuses(again).values()) == {"cached"}
+    assert not (tmp_path / "one").exists()  # nothing reads or writes the old place, MLflow included
+    manifest = json.loads((tmp_path / "two" / again.record("b").manifest_path).read_text())
+    assert manifest["location"] == f"steps/b/{again.record('b').cache_key}"  # relative to the root
+
+
+def test_two_concurrent_runs_of_one_config_train_every_step_once(tmp_path):
+    """Two workflows (different ids, separate MLflow stores) start at once on one root: each step
+    runs in one of them; the other waits for its lease and takes the result from cache."""
+    import threading
+
+    from pipelines.runtime import run_workflow
+
+    results = {}
+
+    def one(name):
+        tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow-{name}.db")
+        results[name], _ = run_workflow(chain(sleep=3.0), Storage.from_uri(str(tmp_path / "root")), tracking,
+                                        "toy-tests", {"name": "toy"}, RayConfig(), f"wf-{name}")
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in ("x", "y")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["x"].ok and results["y"].ok
+    for name in "abcd":
+        assert runs_of(tmp_path / "root", name) == 1, name  # trained exactly once
+        by_run = [results[w].record(name) for w in "xy"]
+        assert sorted(r.status for r in by_run) == ["cached", "ran"], name
+        waited = next(r for r in by_run if r.status == "cached")
+        assert waited.note is None or "produced by" in waited.note
+    assert not list((tmp_path / "root").rglob("_lease.json"))  # released
+
+
+def test_an_expired_lease_is_taken_over_and_a_live_one_shows_in_plan(tmp_path, monkeypatch):
+    import time
+
+    from components.common.lease import LEASE_NAME
+
+    root = Storage.from_uri(str(tmp_path))
+    keys = {r.name: r.cache_key for r in plan(chain(), root)}
+    holder = {"workflow_id": "gone", "attempt": "x", "host": "elsewhere", "pid": 1, "expires_at": time.time() + 300}
+    root.write_text(f"steps/a/{keys['a']}/{LEASE_NAME}", json.dumps(holder))
+    planned = {r.name: r for r in plan(chain(), root)}
+    assert "running now in workflow 'gone' (host elsewhere" in planned["a"].note
+    root.write_text(f"steps/a/{keys['a']}/{LEASE_NAME}", json.dumps({**holder, "expires_at": time.time() - 1}))
+    result, _ = run(chain(), tmp_path)  # its holder died long ago: taken over, the step runs
+    assert statuses(result)["a"] == "ran" and runs_of(tmp_path, "a") == 1

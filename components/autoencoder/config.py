@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from components.common.config import StepConfig, StrictModel
 from components.common.trainer import TrainConfig
@@ -50,6 +50,16 @@ class AutoencoderConfig(StepConfig):
     # 500 steps; 0.999 would keep 61%.
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, batch_size=64, lr=1e-3,
                                                                    ema_decay=0.99))
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # the model module (and torch) is imported when a config is validated, not with this module
+        from components.autoencoder.model import AUTOENCODER_PRESETS
+
+        if value not in AUTOENCODER_PRESETS:
+            raise ValueError(f"unknown autoencoder preset {value!r}; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
+        return value
 
     def cache_relevant(self) -> dict[str, Any]:
         """Only the chosen regularizer's settings: a kl config keeps the cache key it had before

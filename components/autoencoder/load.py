@@ -21,7 +21,6 @@ autoencoder ``z`` is the continuous pre-quantisation latent, and decoding quanti
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import TYPE_CHECKING
 
@@ -47,18 +46,16 @@ def load_autoencoder(manifest: "Manifest", device: str | torch.device = "cpu"
     on S3. The weights' sha256 is checked against the manifest; nothing is unpickled."""
     from safetensors.torch import load as load_safetensors
 
-    storage = manifest.storage()
-    meta = json.loads(storage.read_text(AE_META))
-    data = storage.read_bytes(AE_WEIGHTS)
+    from components.common.step import read_output
+
     try:
-        expected = manifest.file(AE_WEIGHTS).sha256
+        meta = json.loads(read_output(manifest, AE_META))
+        data = read_output(manifest, AE_WEIGHTS)  # checked against the manifest's sha256
     except KeyError as e:
-        raise AutoencoderLoadError(f"{manifest.location}: the manifest does not list {AE_WEIGHTS}") from e
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise AutoencoderLoadError(f"{storage.uri(AE_WEIGHTS)}: sha256 differs from the manifest's")
+        raise AutoencoderLoadError(f"{manifest.output_uri}: the manifest does not list {e}") from e
     regularizer = meta.get("regularizer", "kl")
     if regularizer not in AUTOENCODER_CLASSES:
-        raise AutoencoderLoadError(f"{storage.uri(AE_META)}: unknown regularizer {regularizer!r}")
+        raise AutoencoderLoadError(f"{manifest.uri(AE_META)}: unknown regularizer {regularizer!r}")
     model = AUTOENCODER_CLASSES[regularizer](**meta["model"])
     model.load_state_dict(load_safetensors(data), strict=True)
     return model.to(device).eval(), meta

@@ -173,18 +173,3 @@ def load_config(model: type[M], path: str | os.PathLike, overrides: list[str] | 
     data = apply_overrides(read_yaml(path), overrides)
     source = str(path) + (" (with --set overrides)" if overrides else "")
     return validate(model, data, source)
-
-
-SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "api_key")
-
-
-def redact(value: Any) -> Any:
-    """A copy of a resolved config with anything that looks like a secret replaced."""
-    if isinstance(value, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) else redact(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value

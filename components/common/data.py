@@ -107,13 +107,13 @@ def bad_sample_policy(manifest: "Manifest") -> str:
 
 def image_split(manifest: "Manifest", split: str) -> SplitSpec:
     """The shard step's images of one split."""
-    return SplitSpec(manifest.location, tuple(manifest.info.get(f"{split}_shards") or ()),
+    return SplitSpec(manifest.output_uri, tuple(manifest.info.get(f"{split}_shards") or ()),
                      tuple(split_counts(manifest, split)), (manifest.info.get("image_format", "png"),),
                      (LABEL_KEY,), bad_sample_policy(manifest), f"{manifest.step} {split}")
 
 
 def latent_split(manifest: "Manifest", split: str) -> SplitSpec:
     """The latents step's latents of one split."""
-    return SplitSpec(manifest.location, tuple(manifest.info.get(f"{split}_shards") or ()),
+    return SplitSpec(manifest.output_uri, tuple(manifest.info.get(f"{split}_shards") or ()),
                      tuple(split_counts(manifest, split)), (LATENT_KEY,), (LABEL_KEY,),
                      bad_sample_policy(manifest), f"{manifest.step} {split}")

@@ -33,11 +33,49 @@ class FileRecord:
     size: int
 
 
+class IntegrityError(RuntimeError):
+    """A step's output file is not what its manifest recorded; the message names the file."""
+
+
+class ManifestInvalid(ValueError):
+    """A manifest.json that is there but is not a manifest (truncated, foreign, hand-edited)."""
+
+
 def as_storage(source: "Manifest | Storage | str") -> Storage:
     """A step's outputs given as its manifest, its output directory (Storage) or that directory's URI."""
     if isinstance(source, str):
         return Storage.from_uri(source)
     return source if isinstance(source, Storage) else source.storage()
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One output file of a step by its directory URI, name and the sha256 its manifest recorded:
+    small and picklable, what a worker reads weights through (a warm start, a teacher); verified."""
+
+    directory: str
+    name: str
+    sha256: str
+
+    @classmethod
+    def of(cls, manifest: "Manifest", name: str) -> "FileRef":
+        return cls(manifest.output_uri, name, manifest.file(name).sha256)
+
+    def read(self) -> bytes:
+        data = Storage.from_uri(self.directory).read_bytes(self.name)
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise IntegrityError(f"{self.directory}/{self.name}: its sha256 is not the one recorded when it "
+                                 "was written: the file was changed; restore it or re-run the step that wrote it")
+        return data
+
+
+def read_output(source: "Manifest | Storage | str", name: str) -> bytes:
+    """The bytes of a step's output file. From a manifest they are checked against its sha256
+    (``IntegrityError`` naming the file when they differ); a Storage or URI is a step's own fresh
+    output (nothing recorded yet to check against)."""
+    if isinstance(source, Manifest):
+        return source.read_verified(name)
+    return as_storage(source).read_bytes(name)
 
 
 @dataclass
@@ -47,7 +85,9 @@ class Manifest:
     step: str
     cache_key: str
     code_version: str
-    location: str  # URI of the step's output directory
+    # The step's output directory, relative to the storage root ("steps/<step>/<key>"), so that a
+    # root copied or moved elsewhere stays valid; manifests from before held an absolute URI.
+    location: str
     config: dict[str, Any]
     upstream: dict[str, str]  # upstream step name -> its manifest digest
     files: list[FileRecord]
@@ -58,6 +98,7 @@ class Manifest:
     started_at: str = ""
     ended_at: str = ""
     git_commit: str | None = None
+    root: str = field(default="", repr=False, compare=False)  # the root it was read from; not saved
 
     @property
     def digest(self) -> str:
@@ -71,7 +112,24 @@ class Manifest:
         return self.storage().uri(name)
 
     def storage(self) -> Storage:
-        return Storage.from_uri(self.location)
+        if "://" in self.location or self.location.startswith("/") or not self.root:
+            return Storage.from_uri(self.location)  # an absolute location (older manifests, tests)
+        return Storage.from_uri(self.root).child(self.location)
+
+    @property
+    def output_uri(self) -> str:
+        """The output directory's URI (``location`` resolved against the root)."""
+        return self.storage().uri()
+
+    def read_verified(self, name: str) -> bytes:
+        """An output file's bytes, checked against the sha256 this manifest recorded at write time."""
+        record = self.file(name)
+        data = self.storage().read_bytes(name)
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise IntegrityError(f"{self.uri(name)}: its sha256 is not the one step {self.step!r} recorded "
+                                 f"({len(data)} bytes, {record.size} recorded): the file was changed after "
+                                 "it was written; re-run the step (delete its manifest) or restore the file")
+        return data
 
     def file(self, name: str) -> FileRecord:
         for record in self.files:
@@ -83,17 +141,25 @@ class Manifest:
         return [f for f in self.files if f.path.startswith(prefix) and f.path.endswith(suffix)]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+        data = asdict(self)
+        data.pop("root")
+        return json.dumps(data, indent=2, sort_keys=True, default=str)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
-        data["files"] = [FileRecord(**f) for f in data["files"]]
-        return cls(**data)
+    def from_json(cls, text: str, root: str = "") -> "Manifest":
+        """Parse a manifest; ``ManifestInvalid`` (naming what is wrong) if it is not one."""
+        try:
+            data = json.loads(text)
+            data["files"] = [FileRecord(**f) for f in data["files"]]
+            data.pop("root", None)
+            return cls(**data, root=root)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ManifestInvalid(f"not a latentflow manifest ({type(e).__name__}: {str(e)[:200]})") from e
 
     def verify(self) -> list[str]:
         """Problems with the files this manifest names (missing, wrong size, wrong digest); [] if none.
-        Local roots are re-hashed; S3 objects are checked against the digest recorded at upload."""
+        Local roots are re-hashed; S3 objects are checked against the digest recorded at upload.
+        A storage error other than "not found" is raised, not reported: it says nothing about the files."""
         storage, problems = self.storage(), []
         for record in self.files:
             try:
@@ -102,16 +168,35 @@ class Manifest:
                     problems.append(f"{record.path}: size {size} != {record.size}")
                 elif storage.sha256(record.path) != record.sha256:
                     problems.append(f"{record.path}: sha256 mismatch")
-            except (StorageError, OSError) as e:
-                problems.append(f"{record.path}: {e}")
+            except StorageError as e:
+                if not e.missing:
+                    raise
+                problems.append(f"{record.path}: missing")
         return problems
 
 
-def read_manifest(step_dir: Storage) -> Manifest | None:
+def read_manifest(root: Storage, location: str) -> Manifest | None:
+    """The manifest of the step directory ``location`` (relative to ``root``): None only when there
+    is none. A storage error that is not "not found" propagates (``StorageError``), and a file that
+    is not a manifest raises ``ManifestInvalid``: neither may be read as "no result"."""
     try:
-        return Manifest.from_json(step_dir.read_text(MANIFEST_NAME))
-    except StorageError:
-        return None
+        text = root.child(location).read_text(MANIFEST_NAME)
+    except StorageError as e:
+        if e.missing:
+            return None
+        raise
+    return Manifest.from_json(text, root=root.uri())
+
+
+def read_manifest_at(uri: str) -> Manifest:
+    """A manifest from its URI, ``<root>/steps/<step>/<key>/manifest.json``, resolved against that root."""
+    directory = uri.rsplit("/", 1)[0]
+    root, sep, _ = directory.rpartition("/steps/")
+    storage = Storage.from_uri(directory)
+    manifest = Manifest.from_json(storage.read_text(MANIFEST_NAME), root=root if sep else "")
+    if not sep and "://" not in manifest.location and not manifest.location.startswith("/"):
+        raise ManifestInvalid(f"{uri}: a relative manifest outside a storage root's steps/ folder")
+    return manifest
 
 
 @dataclass

@@ -25,13 +25,16 @@ CHUNK = 1 << 20
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URI at fault. ``transient``: the kind of
-    failure that can pass (an unreachable endpoint, a timeout, throttling, a 5xx), worth retrying;
-    a missing object or denied access is not."""
+    """A storage operation failed; the message names the URI at fault.
 
-    def __init__(self, message: str, transient: bool = False):
+    ``missing``: the object is not there (and the storage said so): the one answer a cache check
+    may read as "no result". Every other error (unreachable, denied, throttled) means "cannot tell".
+    ``transient``: the kind of failure that can pass (an unreachable endpoint, a timeout,
+    throttling, a 5xx), worth retrying; a missing object or denied access is not."""
+
+    def __init__(self, message: str, transient: bool = False, missing: bool = False):
         super().__init__(message)
-        self.transient = transient
+        self.transient, self.missing = transient, missing
 
 
 TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
@@ -111,6 +114,22 @@ class Storage(ABC):
     def delete(self, prefix: str) -> None:
         """Remove one object or everything under a prefix."""
 
+    # Conditional writes, for leases (components/common/lease.py): of two writers, exactly one wins.
+
+    @abstractmethod
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        """Write ``data`` only if nothing is at ``rel``: the new object's version, or None when
+        something already is (O_EXCL-style locally, ``If-None-Match: *`` on S3)."""
+
+    @abstractmethod
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        """(the object's bytes, its version) for a later ``replace_if``."""
+
+    @abstractmethod
+    def replace_if(self, rel: str, data: bytes, version: str) -> str | None:
+        """Overwrite only if the object is still at ``version``: the new version, or None
+        (``If-Match`` on S3; locally under a lock on a sidecar file)."""
+
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode())
 
@@ -154,22 +173,32 @@ class LocalStorage(Storage):
         try:
             return self.path(rel).read_bytes()
         except FileNotFoundError as e:
-            raise StorageError(f"not found: {self.path(rel)}") from e
+            raise StorageError(f"not found: {self.path(rel)}", missing=True) from e
+        except OSError as e:  # denied, a directory, an I/O error: cannot tell, never "absent"
+            raise StorageError(f"read {self.path(rel)}: {e.strerror or e}") from e
 
     def download(self, rel: str, local_path) -> None:
         try:
             shutil.copyfile(self.path(rel), local_path)
         except FileNotFoundError as e:
-            raise StorageError(f"not found: {self.path(rel)}") from e
+            raise StorageError(f"not found: {self.path(rel)}", missing=True) from e
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).is_file()
 
     def size(self, rel: str) -> int:
-        return self.path(rel).stat().st_size
+        return self._local("stat", rel, lambda: self.path(rel).stat().st_size)
 
     def sha256(self, rel: str) -> str:
-        return sha256_file(self.path(rel))
+        return self._local("read", rel, lambda: sha256_file(self.path(rel)))
+
+    def _local(self, what: str, rel: str, fn):
+        try:
+            return fn()
+        except FileNotFoundError as e:
+            raise StorageError(f"not found: {self.path(rel)}", missing=True) from e
+        except OSError as e:
+            raise StorageError(f"{what} {self.path(rel)}: {e.strerror or e}") from e
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.path(prefix)
@@ -196,6 +225,46 @@ class LocalStorage(Storage):
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
+
+    def _version(self, rel: str) -> str:
+        stat = self._local("stat", rel, lambda: self.path(rel).stat())
+        return f"{stat.st_ino}:{stat.st_mtime_ns}"  # a replace is a new inode: a new version
+
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        target = self.path(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, target)  # atomic, fails if the target exists, and never shows it half-written
+        except FileExistsError:
+            return None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return self._version(rel)
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        version = self._version(rel)
+        return self.read_bytes(rel), version
+
+    def replace_if(self, rel: str, data: bytes, version: str) -> str | None:
+        import fcntl
+
+        lock_path = self.path(rel).with_name(f".{self.path(rel).name}.lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # every replace_if of this object takes it
+            try:
+                if self._version(rel) != version:
+                    return None
+            except StorageError as e:
+                if e.missing:
+                    return None
+                raise
+            self.write_bytes(rel, data)
+            return self._version(rel)
 
 
 def s3_client():
@@ -241,28 +310,34 @@ class S3Storage(Storage):
         return join(self.prefix, rel)
 
     def _call(self, what: str, rel: str, fn, *args, **kwargs):
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, EndpointConnectionError,
-                                         NoCredentialsError)
-        from boto3.exceptions import Boto3Error  # s3transfer's "failed after retries"
-
-        uri = f"s3://{self.bucket}/{self.key(rel)}"
         try:
             return fn(*args, **kwargs)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
+        except Exception as e:  # noqa: BLE001 - mapped to a StorageError naming the object, or re-raised
+            raise self._storage_error(what, rel, e) from e
+
+    def _storage_error(self, what: str, rel: str, error: Exception) -> Exception:
+        """The StorageError, naming the object, that a boto3/botocore error means (others unchanged)."""
+        from boto3.exceptions import Boto3Error  # s3transfer's "failed after retries"
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, EndpointConnectionError,
+                                         NoCredentialsError)
+
+        uri = f"s3://{self.bucket}/{self.key(rel)}"
+        if isinstance(error, ClientError):
+            code = error.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchBucket",):
-                raise StorageError(f"{what} {uri}: bucket {self.bucket!r} does not exist") from e
+                return StorageError(f"{what} {uri}: bucket {self.bucket!r} does not exist")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise StorageError(f"{what} {uri}: access denied ({code}); check the AWS credentials") from e
+                return StorageError(f"{what} {uri}: access denied ({code}); check the AWS credentials")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageError(f"{what} {uri}: not found") from e
-            raise StorageError(f"{what} {uri}: {code or e}", transient=code in TRANSIENT_S3_CODES) from e
-        except NoCredentialsError as e:
-            raise StorageError(f"{what} {uri}: no AWS credentials in the environment") from e
-        except EndpointConnectionError as e:
-            raise StorageError(f"{what} {uri}: S3 endpoint unreachable ({e})", transient=True) from e
-        except (ConnectionError, BotoCoreError, Boto3Error) as e:  # reset, timed out, cut off mid-body
-            raise StorageError(f"{what} {uri}: {type(e).__name__}: {e}", transient=True) from e
+                return StorageError(f"{what} {uri}: not found", missing=True)
+            return StorageError(f"{what} {uri}: {code or error}", transient=code in TRANSIENT_S3_CODES)
+        if isinstance(error, NoCredentialsError):
+            return StorageError(f"{what} {uri}: no AWS credentials in the environment")
+        if isinstance(error, EndpointConnectionError):
+            return StorageError(f"{what} {uri}: S3 endpoint unreachable ({error})", transient=True)
+        if isinstance(error, (ConnectionError, BotoCoreError, Boto3Error)):  # reset, timed out, cut off mid-body
+            return StorageError(f"{what} {uri}: {type(error).__name__}: {error}", transient=True)
+        return error
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -294,7 +369,7 @@ class S3Storage(Storage):
             self._head(rel)
             return True
         except StorageError as e:
-            if "not found" in str(e):
+            if e.missing:
                 return False
             raise
 
@@ -327,6 +402,39 @@ class S3Storage(Storage):
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted((obj["Key"][strip:], int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
                       for obj in self.iter_objects(prefix))
+
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        return self._conditional_put(rel, data, IfNoneMatch="*")
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        def get():
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))
+            return response["Body"].read(), response["ETag"]
+
+        return self._call("read", rel, get)
+
+    def replace_if(self, rel: str, data: bytes, version: str) -> str | None:
+        try:
+            return self._conditional_put(rel, data, IfMatch=version)
+        except StorageError as e:
+            if e.missing:
+                return None
+            raise
+
+    def _conditional_put(self, rel: str, data: bytes, **condition) -> str | None:
+        from botocore.exceptions import ClientError
+
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            response = self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data,
+                                              Metadata={"sha256": digest}, **condition)
+        except ClientError as e:  # lost the race: the condition did not hold, or a concurrent write won
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return None
+            raise self._storage_error("write", rel, e) from e
+        except Exception as e:  # noqa: BLE001 - the same mapping to StorageError as every other call
+            raise self._storage_error("write", rel, e) from e
+        return response["ETag"]
 
     def delete(self, prefix: str) -> None:
         for rel in self.list(prefix):

@@ -51,11 +51,12 @@ class RaySession:
                 yield Path(directory)
 
     def report(self, metrics: dict, directory: Path) -> None:
-        """Every rank reports (a barrier); Ray Train merges their files into one checkpoint."""
+        """Every rank reports (a barrier); Ray Train merges their files into one checkpoint. Every
+        rank has files to report, its checkpoint manifest part at least: resume needs all of them
+        to tell a rank that wrote nothing from one whose files were lost."""
         import ray.train
 
-        files = any(directory.iterdir())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if files else None,
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                          delete_local_checkpoint_after_upload=True)
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -95,6 +96,12 @@ class LocalSession(RaySession):
 
 
 def ray_worker(config: dict) -> None:
+    import os
+
+    # This worker process only: MLflow's default HTTP retries (7, doubling) would stall training
+    # for minutes at a log step while a tracking server is down; the tracker buffers instead.
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+        os.environ.setdefault(name, value)
     train_loop(config["task"], TrainConfig(**config["train"]), RaySession(), config["tracker"],
                config.get("audit_uri"))
 
@@ -188,9 +195,7 @@ def _train_steps(task, cfg: TrainConfig, session, tracker, engine, ema, state: T
 def _save(session, engine, ema, state: TrainState, task: TrainTask, audit: "DataAudit | None",
           export: Callable[[Path], None] | None = None) -> dict:
     directory = Path(tempfile.mkdtemp(prefix="latentflow-ckpt-"))
-    checkpoint.save(engine, ema, state, directory, session.rank, task)
-    if export is not None:
-        export(directory / checkpoint.EXPORT_DIR)
+    checkpoint.save(engine, ema, state, directory, session.rank, task, export)  # export/ goes into the manifest
     metrics = {**state.last_metrics, "step": state.step, "samples_seen": state.samples_seen,
                "nonfinite_skipped": state.nonfinite_skipped, "bad_samples_skipped": _sum_over_ranks(state.bad_samples),
                "resumed_from_step": state.resumed_from_step, "peak_rss_mb": _peak_rss_mb_over_ranks()}

@@ -6,8 +6,14 @@ clipping, accumulation, EMA, checkpoints, resume, non-finite losses, logging.
 
 - Resume: re-running a step uses the same Ray Train ``RunConfig(storage_path=ctx.checkpoint_uri,
   name=...)``, so ``ray.train.get_checkpoint()`` returns the latest checkpoint and the run ends at
-  the same ``max_steps``; ``FailureConfig(max_failures=ctx.resources.max_retries)`` restarts
-  crashed workers from it within one ``fit``. Resuming needs the same ``num_workers``.
+  the same ``max_steps``. Within one ``fit``, a worker group that lost a worker (its process or
+  node died, was OOM-killed or preempted: ``system_failure``) is started again from the latest
+  checkpoint, up to ``resources.max_retries`` times; any other error is deterministic and fails at
+  once (Ray Train's own ``FailureConfig`` would retry both). Resuming needs the same ``num_workers``, and a
+  checkpoint that matches its manifest (``components.common.checkpoint``: each rank records the
+  sha256 and size of the files it saved): any file changed, lost or added since the save, or a
+  checkpoint from before manifests, is refused with a ``CheckpointError`` naming the file, before
+  anything is deserialised (DeepSpeed's files are pickles).
 - Data: ``train.batch_size`` is the global batch; each of W workers takes micro-batches of
   batch_size / (W x grad_accum) from its ``BatchSource`` (``components.common.stream``), and the
   checkpoint keeps each worker's data position (epoch, position in its epoch order, batches of the
@@ -25,6 +31,7 @@ clipping, accumulation, EMA, checkpoints, resume, non-finite losses, logging.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -117,6 +124,8 @@ class TrainTask(Protocol):
 
 DATA_AUDIT_DIR = "_data_audit"
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -136,7 +145,7 @@ class FitResult:
         """What the run went through, for the step's metrics: steps, the step its last attempt
         resumed from (0: none), bad samples and non-finite batches skipped over all workers, and the
         largest peak resident memory of a worker (MiB)."""
-        keys = ("step", "resumed_from_step", "bad_samples_skipped", "nonfinite_skipped", "peak_rss_mb")
+        keys = ("step", "resumed_from_step", "bad_samples_skipped", "nonfinite_skipped", "peak_rss_mb", "train_attempts")
         return {("steps" if k == "step" else k): float(self.metrics.get(k, 0)) for k in keys}
 
     def upload_to(self, storage: "Storage", prefix: str = "") -> list[str]:
@@ -177,25 +186,73 @@ def fit(task: TrainTask, cfg: TrainConfig, ctx: "StepContext", name: str = "trai
     filesystem, storage_path = arrow_filesystem(ctx.checkpoint_uri)
     loop_config = {"task": task, "train": cfg.model_dump(), "tracker": ctx.tracker,
                    "audit_uri": ctx.output.uri(DATA_AUDIT_DIR) if cfg.audit_data else None}
-    trainer = TorchTrainer(
-        ray_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=res.placement_strategy),
-        run_config=RunConfig(storage_path=storage_path, storage_filesystem=filesystem, name=name,
-                             failure_config=FailureConfig(max_failures=res.max_retries),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-    )
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as e:
-        failures = getattr(e, "worker_failures", None) if isinstance(e, WorkerGroupError) else None
-        first = next(iter(failures.values())) if failures else e
-        raise TrainingError(f"step {ctx.step!r}: training failed: {first}") from e
+    def new_trainer():
+        # max_failures=0: Ray Train would retry every worker error, a ValueError as readily as a dead
+        # node; the loop below retries only the failures a retry can cure (see system_failure)
+        return TorchTrainer(
+            ray_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                         placement_strategy=res.placement_strategy),
+            run_config=RunConfig(storage_path=storage_path, storage_filesystem=filesystem, name=name,
+                                 failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        )
+
+    retries = retries_left(ctx)
+    for attempt in range(1, retries + 2):
+        try:
+            result = new_trainer().fit()  # the same storage path and name: resumes from the latest checkpoint
+            break
+        except TrainingFailedError as e:
+            failures = getattr(e, "worker_failures", None) if isinstance(e, WorkerGroupError) else None
+            first = next(iter(failures.values())) if failures else e
+            if not system_failure(e) or attempt > retries:
+                raise TrainingError(f"step {ctx.step!r}: training failed (attempt {attempt}): {first}") from e
+            log.warning("step %s: a training worker was lost (%s: %s); restarting from the latest checkpoint "
+                        "(attempt %d of %d)", ctx.step, type(first).__name__, str(first)[:300], attempt + 1,
+                        retries + 1)
     final = result.checkpoint
     uri = f"s3://{final.path}" if ctx.checkpoint_uri.startswith("s3://") else final.path
-    return FitResult(metrics=dict(result.metrics or {}), export_dir=_fetch_export(result, ctx), checkpoint_uri=uri)
+    metrics = {**dict(result.metrics or {}), "train_attempts": attempt}
+    return FitResult(metrics=metrics, export_dir=_fetch_export(result, ctx), checkpoint_uri=uri)
+
+
+def retries_left(ctx: "StepContext") -> int:
+    """One budget for both layers of retry: ``resources.max_retries`` less the times the step's own
+    task was already restarted (its node died: ``pipelines.step_task`` leaves a marker per attempt),
+    so a step never makes more than max_retries + 1 attempts in all."""
+    from components.common.storage import StorageError
+
+    try:
+        task_attempts = len(ctx.output.list(f"_attempts/{ctx.workflow_id}"))
+    except StorageError:
+        task_attempts = 1
+    return max(0, ctx.resources.max_retries - max(0, task_attempts - 1))
+
+
+SYSTEM_FAILURES = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+                   "OutOfMemoryError", "LocalRayletDiedError", "ObjectLostError", "OwnerDiedError",
+                   "WorkerGroupStartupTimeoutError", "WorkerHealthCheckTimeoutError", "WorkerHealthCheckFailedError")
+
+
+def system_failure(error: BaseException) -> bool:
+    """Whether a failed fit lost a worker (its process or node died, was OOM-killed or preempted):
+    worth a restart from the checkpoint. A deterministic error raised by the training code (a
+    ValueError, a ConfigError, NonFiniteLossError, a checkpoint refused) would fail the same way
+    again, so it fails the step at once."""
+    failures = getattr(error, "worker_failures", None) or {}
+    pending, visited = [error, *failures.values()], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in visited:
+            continue
+        visited.add(id(current))
+        if any(cls.__name__ in SYSTEM_FAILURES for cls in type(current).__mro__):
+            return True
+        pending += [c for c in (current.__cause__, getattr(current, "cause", None)) if isinstance(c, BaseException)]
+    return False
 
 
 def _fetch_export(result, ctx: "StepContext") -> Path:

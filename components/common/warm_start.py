@@ -12,7 +12,10 @@ merely because the champion moved.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from components.common.step import FileRef
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,9 @@ def resolve_registered(tracking_uri: str, model_uri: str):
 
 
 def warm_start_source(tracking_uri: str | None, model_uri: str | None, weights_name: str
-                      ) -> tuple[tuple[str, str] | None, dict[str, Any]]:
-    """((directory URI, weights file) to initialise from, or None; what to record)."""
+                      ) -> tuple["FileRef | None", dict[str, Any]]:
+    """(the weights file to initialise from, with the sha256 its step's manifest recorded, or None;
+    what to record)."""
     if not model_uri:
         return None, {}
     if not tracking_uri:
@@ -49,24 +53,28 @@ def warm_start_source(tracking_uri: str | None, model_uri: str | None, weights_n
     if version is None:
         log.warning("warm_start: %s is not in the registry (yet): training from scratch", model_uri)
         return None, {"warm_start": model_uri, "warm_start_version": "none: trained from scratch"}
+    from components.common.step import FileRef, read_manifest_at
+
     log.info("warm_start: initialising from %s = %s v%s (%s)", model_uri, version.name, version.version, version.source)
-    return (version.source, weights_name), {"warm_start": model_uri, "warm_start_version": f"{version.name}/{version.version}",
-                                            "warm_start_source": version.source}
+    try:
+        ref = FileRef.of(read_manifest_at(f"{version.source.rstrip('/')}/manifest.json"), weights_name)
+    except KeyError:
+        raise ValueError(f"warm_start {model_uri}: its step's manifest ({version.source}) lists no {weights_name}") from None
+    return ref, {"warm_start": model_uri, "warm_start_version": f"{version.name}/{version.version}",
+                 "warm_start_source": version.source}
 
 
-def load_into(model, ref: tuple[str, str] | None):
-    """``model`` with the weights at ``ref`` loaded (shapes must match the registered model's)."""
+def load_into(model, ref: "FileRef | None"):
+    """``model`` with the weights at ``ref`` loaded, verified against their recorded sha256 (shapes
+    must match the registered model's)."""
     if ref is None:
         return model
     import safetensors.torch
 
-    from components.common.storage import Storage
-
-    directory, name = ref
-    weights = safetensors.torch.load(Storage.from_uri(directory).read_bytes(name))
+    weights = safetensors.torch.load(ref.read())
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ValueError(f"warm_start: the weights at {directory}/{name} do not fit this model "
+        raise ValueError(f"warm_start: the weights at {ref.directory}/{ref.name} do not fit this model "
                          f"(architecture changed?): {str(e)[:300]}") from None
     return model

@@ -26,16 +26,16 @@ PROGRESSIVE = "progressive"
 
 
 def load_student(source, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(student DiT in eval mode, meta) from a distill step's manifest, output Storage or URI."""
+    """(student DiT in eval mode, meta) from a distill step's manifest (files checked against their
+    sha256), or its own output Storage or URI."""
     import safetensors.torch
 
-    from components.common.step import as_storage
+    from components.common.step import read_output
     from components.dit.model import DiT
 
-    storage = as_storage(source)
-    meta = json.loads(storage.read_text(STUDENT_META))
+    meta = json.loads(read_output(source, STUDENT_META))
     model = DiT(**meta["model"])
-    model.load_state_dict(safetensors.torch.load(storage.read_bytes(STUDENT_WEIGHTS)))
+    model.load_state_dict(safetensors.torch.load(read_output(source, STUDENT_WEIGHTS)))
     return model.to(device).eval(), meta
 
 

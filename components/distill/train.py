@@ -9,7 +9,8 @@ Inputs: ``dit`` (the teacher: its EMA weights and meta), ``autoencoder`` (decode
   student); its student starts as a copy of its teacher. Each round is its own ``fit`` (its own
   checkpoints under ``_checkpoints/round_k``: an interrupted step resumes inside the round it was
   in, finished rounds are kept), its own MLflow child run with a sample grid, and its own
-  ``round_k/`` outputs; ``round_k/round.json`` is written last and marks the round done.
+  ``round_k/`` outputs; ``round_k/round.json`` is written last and marks the round done. It records
+  the sha256 of the round's files, and a later run keeps the round only if they still match.
 - ``consistency_distillation`` / ``consistency_training`` (Song et al. 2023): one ``fit`` of a
   ``ConsistencyTask``; grids at 1 and 2 steps.
 
@@ -24,11 +25,16 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from components.common.step import Manifest, StepContext, StepOutput
+from components.common.checkpoint import CheckpointError
+from components.common.step import CHECKPOINT_DIR, Manifest, StepContext, StepOutput
+from components.common.storage import sha256_file
 from components.distill.config import DistillConfig
 from components.distill.sample import (PROGRESSIVE, STUDENT_META, STUDENT_WEIGHTS, generate_student, load_student,
                                        supported_steps)
@@ -39,6 +45,10 @@ FAIL_AT_ENV = "LATENTFLOW_TEST_DISTILL_FAIL_AT"
 SPACING = "trailing"
 ROUND_DONE = "round.json"
 STUDENT_FILES = (STUDENT_WEIGHTS, "distill_raw.safetensors", STUDENT_META)
+ROUND_FILES = (*STUDENT_FILES, "samples.png")  # what round_k/ holds besides round.json
+
+if TYPE_CHECKING:
+    from components.common.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +99,7 @@ def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifes
     from components.dit.load import DIT_WEIGHTS
 
     files, metrics = [], {}
-    teacher = (inputs["dit"].location, DIT_WEIGHTS)
+    teacher = (inputs["dit"].output_uri, DIT_WEIGHTS)
     levels = spaced_timesteps(int(meta["num_timesteps"]), cfg.progressive.start_steps, SPACING)
     for k, steps in enumerate(cfg.progressive.rounds, start=1):
         folder = f"round_{k}"
@@ -97,10 +107,10 @@ def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifes
         round_meta = {**meta, "round": k, "teacher_steps": steps, "native_steps": steps // 2,
                       "teacher_levels": levels.tolist(), "levels": student_levels.tolist(),
                       "teacher_cfg_weight": meta["guidance"] if k == 1 else 0.0}
-        names = [f"{folder}/{n}" for n in (*STUDENT_FILES, "samples.png", ROUND_DONE)]
-        if ctx.output.exists(f"{folder}/{ROUND_DONE}"):
+        names = [f"{folder}/{n}" for n in (*ROUND_FILES, ROUND_DONE)]
+        summary = finished_round(ctx.output, folder)
+        if summary is not None:
             log.info("distill: round %d (%d -> %d steps) already done", k, steps, steps // 2)
-            summary = json.loads(ctx.output.read_text(f"{folder}/{ROUND_DONE}"))
         else:
             child = ctx.tracker.child(f"round {k}: {steps} -> {steps // 2} steps",
                                       tags={"latentflow.round": k, "latentflow.student_steps": steps // 2})
@@ -120,13 +130,59 @@ def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifes
             child.log_metrics({"grid_sample_seconds": seconds}, step=cfg.train.max_steps)
             child.log_dict(round_meta, STUDENT_META)
             child.end()
-            ctx.output.write_text(f"{folder}/{ROUND_DONE}", json.dumps(summary, indent=2))
+            mark_round_done(ctx.output, folder, summary)
         metrics[f"round_{k}_loss"] = summary["loss"]
         files += names
         teacher, levels = (ctx.output.uri(folder), STUDENT_WEIGHTS), student_levels
     for name in STUDENT_FILES:  # the last round's student is the step's student
         ctx.output.write_bytes(name, ctx.output.read_bytes(f"{folder}/{name}"))
     return files, metrics
+
+
+def mark_round_done(output: "Storage", folder: str, summary: dict) -> None:
+    """Write ``folder/round.json``, last: the round's summary and the sha256 of each of its files.
+    A later run keeps the round only if its files still hash to these (``finished_round``): the
+    step's manifest hashes whatever is there at the end, so it would vouch for a changed file."""
+    files = {name: _content_sha256(output, f"{folder}/{name}") for name in ROUND_FILES}
+    output.write_text(f"{folder}/{ROUND_DONE}", json.dumps({**summary, "files": files}, indent=2))
+
+
+def finished_round(output: "Storage", folder: str) -> dict | None:
+    """The summary in ``folder/round.json`` if the round is done (None if not), once every round
+    file hashes to the sha256 recorded there; refuses, naming the file, if one does not."""
+    marker = f"{folder}/{ROUND_DONE}"
+    if not output.exists(marker):
+        return None
+    try:
+        summary = json.loads(output.read_text(marker))
+        recorded = summary["files"]
+    except (ValueError, KeyError, TypeError):
+        recorded = None
+    start_over = (f"delete {output.uri(folder)} and {output.uri(f'{CHECKPOINT_DIR}/{folder}')} to train "
+                  f"round {folder.rsplit('_', 1)[-1]} again")
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{output.uri(marker)}: records no sha256 of the round's files (written by older "
+                              f"code), so they cannot be checked; {start_over}")
+    for name in ROUND_FILES:
+        rel = f"{folder}/{name}"
+        if name not in recorded:
+            raise CheckpointError(f"{output.uri(rel)}: not recorded in {marker}; {start_over}")
+        if not output.exists(rel):
+            raise CheckpointError(f"{output.uri(rel)}: missing, though {marker} marks the round done; {start_over}")
+        if _content_sha256(output, rel) != recorded[name]:
+            raise CheckpointError(f"{output.uri(rel)}: sha256 differs from the one {marker} recorded when the "
+                                  f"round finished: the file changed since; {start_over}")
+    return summary
+
+
+def _content_sha256(output: "Storage", rel: str) -> str:
+    """The sha256 of the bytes themselves: ``Storage.sha256`` of an S3 object may be the digest
+    recorded in its metadata, which whoever rewrites the object can rewrite too."""
+    if output.is_local:
+        return output.sha256(rel)
+    with tempfile.TemporaryDirectory(prefix="latentflow-round-") as tmp:
+        output.download(rel, Path(tmp) / "file")
+        return sha256_file(Path(tmp) / "file")
 
 
 def consistency_run(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest], ctx: StepContext
@@ -146,7 +202,7 @@ def consistency_run(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest],
                  "teacher_cfg_weight": meta["guidance"] if distilling else 0.0}
     if not distilling:
         full_meta["guidance"] = 0.0  # no teacher: nothing is folded in
-    dit = (inputs["dit"].location, DIT_WEIGHTS)
+    dit = (inputs["dit"].output_uri, DIT_WEIGHTS)
     if cfg.consistency.distance == "lpips":
         from components.autoencoder.lpips import check_lpips_file
 

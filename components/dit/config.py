@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from components.common.config import StrictModel, StepConfig
 from components.common.trainer import TrainConfig
@@ -78,3 +78,13 @@ class DitConfig(StepConfig):
     grid_per_label: int = Field(8, ge=1)  # columns of samples.png
     # rows of samples.png: this many classes, evenly spaced over all of them (all when fewer)
     grid_classes: int = Field(10, ge=1)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # the model module (and torch) is imported when a config is validated, not with this module
+        from components.dit.model import DIT_PRESETS
+
+        if value not in DIT_PRESETS:
+            raise ValueError(f"unknown DiT preset {value!r}; valid presets: {', '.join(DIT_PRESETS)}")
+        return value

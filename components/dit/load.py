@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from components.common.step import as_storage
+from components.common.step import read_output
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
@@ -24,19 +24,19 @@ DIT_META = "dit.json"
 
 
 def load_dit_meta(source: "Manifest | Storage | str") -> dict[str, Any]:
-    return json.loads(as_storage(source).read_text(DIT_META))
+    return json.loads(read_output(source, DIT_META))
 
 
 def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: bool = True) -> tuple["DiT", dict]:
-    """(DiT in eval mode on ``device``, meta) from a DiT step's manifest (or its output directory
-    as a Storage or URI). ``ema=False`` loads the online weights instead of the EMA."""
+    """(DiT in eval mode on ``device``, meta) from a DiT step's manifest (every file checked against
+    its sha256; or the step's own output directory as a Storage or URI, before it has a manifest).
+    ``ema=False`` loads the online weights instead of the EMA."""
     import safetensors.torch
 
     from components.dit.model import DiT
 
-    storage = as_storage(manifest)
-    meta = load_dit_meta(storage)
+    meta = load_dit_meta(manifest)
     model = DiT(**meta["model"])
-    weights = safetensors.torch.load(storage.read_bytes(DIT_WEIGHTS if ema else DIT_RAW_WEIGHTS))
+    weights = safetensors.torch.load(read_output(manifest, DIT_WEIGHTS if ema else DIT_RAW_WEIGHTS))
     model.load_state_dict(weights)
     return model.to(device).eval(), meta

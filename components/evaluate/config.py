@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.common.config import StrictModel, StepConfig
 from components.dit.config import SamplingConfig
@@ -19,6 +19,16 @@ class ClassifierTrainConfig(StrictModel):
     # augmentation: every training image is shifted by a random whole number of pixels in
     # [-max_shift, max_shift] along each axis (0: off); generated digits are rarely centred exactly
     max_shift: int = Field(2, ge=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # the model module (and torch) is imported when a config is validated, not with this module
+        from components.evaluate.classifier import CLASSIFIER_PRESETS
+
+        if value not in CLASSIFIER_PRESETS:
+            raise ValueError(f"unknown classifier preset {value!r}; valid presets: {', '.join(CLASSIFIER_PRESETS)}")
+        return value
 
 
 class InceptionConfig(StrictModel):

@@ -236,7 +236,7 @@ def fit_judge(shard: Manifest, size: int | None, filter: str, cfg: ClassifierTra
 
     val_count = sum(split_counts(shard, "val"))
     if val_count < 2:
-        raise EvaluateError(f"evaluate needs at least 2 validation images; the shard step ({shard.location}) wrote "
+        raise EvaluateError(f"evaluate needs at least 2 validation images; the shard step ({shard.output_uri}) wrote "
                             f"{val_count} (raise shard.val_fraction)")
     with closing(training_batches(shard, size, filter, cfg.batch_size, cfg.seed)) as batches:
         model, stats = train_classifier(batches, num_classes, cfg, device, log_metrics)
@@ -285,8 +285,9 @@ def load_classifier(manifest: Manifest, device: str = "cpu") -> tuple[EvalClassi
     classes, image_size, val_accuracy, input range ("uint8 / 127.5 - 1")."""
     from safetensors.torch import load as load_safetensors
 
-    storage = manifest.storage()
-    meta = json.loads(storage.read_text(CLASSIFIER_META))
+    from components.common.step import read_output
+
+    meta = json.loads(read_output(manifest, CLASSIFIER_META))  # checked against the manifest's sha256
     model = build_classifier(meta["preset"], meta["in_channels"], meta["num_classes"])
-    model.load_state_dict(load_safetensors(storage.read_bytes(CLASSIFIER_WEIGHTS)))
+    model.load_state_dict(load_safetensors(read_output(manifest, CLASSIFIER_WEIGHTS)))
     return model.to(device).eval(), meta

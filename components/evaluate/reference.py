@@ -266,7 +266,7 @@ def run(cfg: InceptionReferenceConfig, inputs: dict[str, Manifest], ctx: StepCon
     subset = reference_subset(shard, cfg.reference_samples, cfg.seed, cfg.kid_reference_samples)
     if subset.size < 2:  # before pass 2, which is the expensive one
         raise ValueError(f"inception_reference needs at least 2 training images; the shard step "
-                         f"({shard.location}) has {subset.size}")
+                         f"({shard.output_uri}) has {subset.size}")
     references = reference_moments(shard, subset, cfg.targets, extractor, cfg.batch_size)
     baseline_encoded = baseline_subset(shard, cfg.samples_per_class, num_classes)
     for target in cfg.targets:

@@ -72,7 +72,7 @@ def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling
     dit, dit_meta = load_dit(inputs["dit"], device=device, ema=True)
     dit_classes = dit_meta.get("classes") or [str(i) for i in range(int(dit_meta["num_classes"]))]
     if list(dit_classes) != list(classes):
-        raise EvaluateError(f"the dit step ({inputs['dit'].location}) was trained on classes {dit_classes}, "
+        raise EvaluateError(f"the dit step ({inputs['dit'].output_uri}) was trained on classes {dit_classes}, "
                             f"the shard step has {classes}")
     ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
     return generate(dit, dit_meta, ae, ae_meta, labels, sampling, batch_size=batch_size, progress=True)

@@ -211,7 +211,7 @@ def encode_all(jobs: list[tuple[str, int, str]], shard: Manifest, ae: Manifest, 
         # A fixed pool, no larger than the work: each actor loads the model once, so idle ones cost.
         compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(rows))),
         num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
-        fn_constructor_kwargs={"ae_manifest": ae, "shard_location": shard.location, "cfg": cfg,
+        fn_constructor_kwargs={"ae_manifest": ae, "shard_location": shard.output_uri, "cfg": cfg,
                                "output": ctx.output})
     total = int(shard.metrics.get("num_train", 0) + shard.metrics.get("num_val", 0)) or None
     results: list[dict[str, Any]] = []

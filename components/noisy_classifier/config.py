@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from components.common.config import StepConfig
 from components.common.trainer import TrainConfig
@@ -20,3 +20,14 @@ class NoisyClassifierConfig(StepConfig):
                                                                    ema_decay=0.999))
     t_buckets: int = Field(4, ge=1, le=20)  # validation accuracy reported over this many equal ranges of t
     val_samples: int | None = Field(2000, ge=1)  # validation latents scored per bucket (None: all)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # the model module (and torch) is imported when a config is validated, not with this module
+        from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS
+
+        if value not in NOISY_CLASSIFIER_PRESETS:
+            raise ValueError(f"unknown noisy classifier preset {value!r}; valid presets: "
+                             f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")
+        return value

@@ -78,16 +78,16 @@ class NoisyClassifierTask:
 
 
 def load_noisy_classifier(source, device: str = "cpu", ema: bool = True) -> tuple[torch.nn.Module, dict]:
-    """(classifier in eval mode, meta) from the step's manifest, Storage or URI; safetensors only."""
+    """(classifier in eval mode, meta) from the step's manifest (files checked against their sha256),
+    Storage or URI; safetensors only."""
     import safetensors.torch
 
-    from components.common.step import as_storage
+    from components.common.step import read_output
     from components.noisy_classifier.model import NoisyClassifier
 
-    storage = as_storage(source)
-    meta = json.loads(storage.read_text(META))
+    meta = json.loads(read_output(source, META))
     model = NoisyClassifier(**meta["model"])
-    model.load_state_dict(safetensors.torch.load(storage.read_bytes(WEIGHTS if ema else RAW_WEIGHTS)))
+    model.load_state_dict(safetensors.torch.load(read_output(source, WEIGHTS if ema else RAW_WEIGHTS)))
     return model.to(device).eval(), meta
 
 
@@ -124,7 +124,7 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
     classes = latents.info.get("classes")
     if not classes or len(classes) < 2:
         raise ValueError(f"noisy_classifier needs a labelled dataset with 2 or more classes; the latents step "
-                         f"({latents.location}) has classes {classes}")
+                         f"({latents.output_uri}) has classes {classes}")
     if cfg.preset not in NOISY_CLASSIFIER_PRESETS:
         raise ValueError(f"noisy_classifier.preset: unknown preset {cfg.preset!r}; valid: "
                          f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")

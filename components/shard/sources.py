@@ -8,9 +8,13 @@ bytes of a chunk of them (inside a Ray task, possibly in another process or on a
   names starting with ``.`` (files or folders) are ignored. If any file sits in a sub-folder, the
   first path component is the class (classes sorted by name -> index) and files directly in the
   root are rejected ("not in a class sub-folder"); a flat folder is unlabelled.
-- ``webdataset:PATH`` / ``webdataset:s3://...``: every ``.tar`` below PATH (or PATH itself), read
-  with the webdataset library from local files; S3 shards are first downloaded to a scratch dir.
-  Labels come from ``cls``, class names from the ``json`` field ``class`` when present.
+- ``webdataset:PATH`` / ``webdataset:s3://...``: every ``.tar`` below PATH (or PATH itself), opened
+  as a plain file and read by member offsets (``components.common.tar_index``); S3 shards are first
+  downloaded to a scratch dir. A name is never handed to webdataset's URL parsing (``a::b`` chains,
+  ``{0..9}`` expands, ``pipe:`` runs a shell), so a file called ``x.tar::pipe:cmd #.tar`` is only a
+  file. Labels come from ``cls``, class names from the ``json`` field ``class`` when present. A tar
+  that cannot be read to its end is a bad input file (kind ``damaged_shard``), named and counted
+  like a corrupt image; the samples before the damage are kept.
 
 Keys are webdataset-safe (only ``[A-Za-z0-9_-]``: webdataset splits a key at its first dot) and
 unique; sanitised names that collide, or are long, get a hash of the original name appended.
@@ -21,17 +25,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 from PIL import Image
 
 from components.common.storage import LocalStorage, Storage, StorageError
+from components.common.tar_index import index_tar, read_member
 from components.shard.images import IMAGE_EXTENSIONS, BadSample
 
 MAX_KEY_CHARS = 80  # tar (ustar) member names are limited to 100 characters, extension included
@@ -154,6 +161,38 @@ def source_fingerprint(spec: str) -> str:
     return f"{spec}@{len(entries)}-files-{digest[:32]}"
 
 
+MNIST_CLASSES = 10  # the digits; MnistSource.list_items finds as many in the labels
+
+
+def planned_class_count(spec: str) -> int | None:
+    """The number of classes the shard step will find, where that is cheap to know before it runs:
+    10 for ``builtin:mnist``; for a local image folder its visible sub-folders that hold a visible
+    file (0: a flat folder, unlabelled), found by a walk that stops at each one's first file, so a
+    folder of a million images costs one directory read per class. None where only the step can
+    tell: S3 (no listing at plan time), webdataset shards (labels are inside the tars), a folder
+    that is not there (the step names it)."""
+    if spec == "builtin:mnist":
+        return MNIST_CLASSES
+    if spec.startswith(("builtin:", "webdataset:")) or "://" in spec.removeprefix("file://"):
+        return None
+    root = Path(spec.removeprefix("file://"))
+    if not root.is_dir():
+        return None
+    with os.scandir(root) as entries:
+        folders = [e.path for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+    return sum(holds_visible_file(folder) for folder in folders)
+
+
+def holds_visible_file(folder: str) -> bool:
+    """Whether ``FolderSource`` would list a file below ``folder`` (hidden names and ``.tmp`` files
+    are never listed); stops at the first one."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") and not f.endswith(".tmp") for f in files):
+            return True
+    return False
+
+
 # ------------------------------------------------------------------ builtin
 
 
@@ -243,6 +282,15 @@ def image_field(sample: dict) -> str | None:
     return None
 
 
+def image_member(members: dict) -> list[str]:
+    field = image_field(members)
+    return [field] if field else []
+
+
+def label_members(members: dict) -> list[str]:
+    return [f for f in ("cls", "json") if f in members]
+
+
 def read_json(raw: bytes | None) -> dict:
     try:
         value = json.loads(raw) if raw else {}
@@ -268,24 +316,38 @@ class WebdatasetSource(Source):
             return [self.single]
         return [n for n in listing(self.storage, self.uri) if n.endswith(".tar")]
 
-    def samples(self, rel: str) -> Iterator[dict]:
-        """The samples of one tar, read by webdataset from a local file."""
-        import webdataset as wds
-
-        scratch = None
+    @contextmanager
+    def local_tar(self, rel: str) -> Iterator[Path]:
+        """The tar as a local file: the file itself, or a scratch copy of an S3 object."""
         if isinstance(self.storage, LocalStorage):
-            path = str(self.storage.path(rel))
-        else:
-            scratch = tempfile.mkdtemp(prefix="latentflow-shard-in-")
-            path = str(Path(scratch) / "input.tar")
-            self.storage.download(rel, path)
+            yield self.storage.path(rel)
+            return
+        scratch = tempfile.mkdtemp(prefix="latentflow-shard-in-")
         try:
-            yield from wds.WebDataset(path, shardshuffle=False, empty_check=False)
-        except Exception as e:  # a corrupt tar: not one sample's fault, stop with its name
-            raise ShardError(f"cannot read webdataset shard {self.storage.uri(rel)}: {e}") from e
+            path = Path(scratch) / "input.tar"
+            self.storage.download(rel, path)
+            yield path
         finally:
-            if scratch:
-                shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def read_tar(self, rel: str, fields: Callable[[dict], list[str]], keys: set[str] | None = None
+                 ) -> tuple[list[tuple[str, dict[str, bytes]]], list[str]]:
+        """([(sample key, {suffix: bytes of the suffixes ``fields`` picks})], problems) of one tar,
+        every sample or those in ``keys``. Opened with ``open()`` and read at member offsets: the
+        name reaches no URL parser and no shell, and only the wanted members are read."""
+        with self.local_tar(rel) as path:
+            try:
+                index = index_tar(path, self.storage.uri(rel))
+                with open(path, "rb") as handle:
+                    samples = [(key, {f: read_member(handle, *members[f]) for f in fields(members)})
+                               for key, members in zip(index.keys, index.members) if keys is None or key in keys]
+            except OSError as e:  # vanished or unreadable since listing: not one sample's fault
+                raise ShardError(f"cannot read webdataset shard {self.storage.uri(rel)}: {e}") from e
+        return samples, index.problems
+
+    def rejected(self, rel: str, problems: list[str]) -> Rejected:
+        prefix = f"{self.storage.uri(rel)}: "
+        return Rejected(self.storage.uri(rel), "damaged_shard", "; ".join(p.removeprefix(prefix) for p in problems))
 
     def list_items(self):
         tars = self.tars()
@@ -293,13 +355,20 @@ class WebdatasetSource(Source):
             raise ShardError(f"source has no .tar shards: {self.uri}")
         found: list[tuple[str, str, int | None, str | None]] = []
         names: dict[int, str] = {}
+        rejected: list[Rejected] = []
         for rel in tars:
-            for sample in self.samples(rel):
+            samples, problems = self.read_tar(rel, label_members)
+            if problems:
+                rejected.append(self.rejected(rel, problems))
+            for key, sample in samples:
                 label = int(sample["cls"]) if "cls" in sample else None
                 class_name = read_json(sample.get("json")).get("class")
                 if label is not None and isinstance(class_name, str):
                     names.setdefault(label, class_name)
-                found.append((rel, sample["__key__"], label, class_name))
+                found.append((rel, key, label, class_name))
+        if not found and rejected:
+            raise ShardError(f"source shards hold no readable samples: {self.uri} (e.g. {rejected[0].file}: "
+                             f"{rejected[0].reason})")
         if not found:
             raise ShardError(f"source shards hold no samples: {self.uri}")
         labels = [f[2] for f in found if f[2] is not None]
@@ -312,7 +381,7 @@ class WebdatasetSource(Source):
         items = [SourceItem(key=k, ref=rel, member=key, label=label,
                             class_name=(self.classes[label] if label is not None and self.classes else None))
                  for k, (rel, key, label, _) in zip(keys, found)]
-        return items, []
+        return items, rejected
 
     def read_chunk(self, items):
         by_tar: dict[str, set[str]] = {}
@@ -320,9 +389,8 @@ class WebdatasetSource(Source):
             by_tar.setdefault(item.ref, set()).add(item.member)
         loaded: dict[tuple[str, str], dict] = {}
         for rel, wanted in by_tar.items():
-            for sample in self.samples(rel):
-                if sample["__key__"] in wanted:
-                    loaded[(rel, sample["__key__"])] = sample
+            samples, _ = self.read_tar(rel, image_member, wanted)
+            loaded.update(((rel, key), sample) for key, sample in samples)  # problems: counted by list_items
         for item in items:
             name = f"{self.storage.uri(item.ref)}#{item.member}"
             sample = loaded.get((item.ref, item.member))

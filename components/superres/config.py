@@ -87,3 +87,13 @@ class SuperResConfig(StepConfig):
         if low is not None and value <= low:
             raise ValueError(f"output_size {value} must be larger than input_size {low}")
         return value
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # the model module (and torch) is imported when a config is validated, not with this module
+        from components.superres.model import SUPERRES_PRESETS
+
+        if value not in SUPERRES_PRESETS:
+            raise ValueError(f"unknown super-resolution preset {value!r}; valid presets: {', '.join(SUPERRES_PRESETS)}")
+        return value

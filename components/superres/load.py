@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from components.common.step import as_storage
+from components.common.step import read_output
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
@@ -32,10 +32,9 @@ def load_superres(source: "Manifest | Storage | str", device: str = "cpu", ema: 
     from components.superres.model import EfficientUNet
     from components.superres.sample import SrStage
 
-    storage = as_storage(source)
-    meta = json.loads(storage.read_text(SR_META))
+    meta = json.loads(read_output(source, SR_META))  # from a manifest: checked against its sha256
     model = EfficientUNet(**meta["model"])
-    model.load_state_dict(safetensors.torch.load(storage.read_bytes(SR_WEIGHTS if ema else SR_RAW_WEIGHTS)))
+    model.load_state_dict(safetensors.torch.load(read_output(source, SR_WEIGHTS if ema else SR_RAW_WEIGHTS)))
     overrides = {k: v for k, v in sampling_overrides.items() if v is not None}
     sampling = SuperResSamplingConfig(**{**meta["sampling"], **overrides})
     return SrStage(model.to(device).eval(), meta, sampling)
