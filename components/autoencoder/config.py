@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from components.common.config import StepConfig, StrictModel
+from components.common.config import StepConfig, StrictModel, known_preset
 from components.common.trainer import TrainConfig
 
 
@@ -54,12 +54,7 @@ class AutoencoderConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        # the model module (and torch) is imported when a config is validated, not with this module
-        from components.autoencoder.model import AUTOENCODER_PRESETS
-
-        if value not in AUTOENCODER_PRESETS:
-            raise ValueError(f"unknown autoencoder preset {value!r}; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
-        return value
+        return known_preset(value, "components.autoencoder.model", "AUTOENCODER_PRESETS", "autoencoder")
 
     def cache_relevant(self) -> dict[str, Any]:
         """Only the chosen regularizer's settings: a kl config keeps the cache key it had before

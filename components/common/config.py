@@ -173,3 +173,14 @@ def load_config(model: type[M], path: str | os.PathLike, overrides: list[str] | 
     data = apply_overrides(read_yaml(path), overrides)
     source = str(path) + (" (with --set overrides)" if overrides else "")
     return validate(model, data, source)
+
+
+def known_preset(value: str, module: str, table: str, what: str) -> str:
+    """A ``preset`` field's validator: ``value`` must be a key of ``module.table``. The model module
+    (and torch) is imported when a config is validated, not when the config module is."""
+    import importlib
+
+    presets = getattr(importlib.import_module(module), table)
+    if value not in presets:
+        raise ValueError(f"unknown {what} preset {value!r}; valid presets: {', '.join(presets)}")
+    return value

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from components.common.config import StrictModel, StepConfig
+from components.common.config import StrictModel, StepConfig, known_preset
 from components.common.trainer import TrainConfig
 
 
@@ -82,9 +82,4 @@ class DitConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        # the model module (and torch) is imported when a config is validated, not with this module
-        from components.dit.model import DIT_PRESETS
-
-        if value not in DIT_PRESETS:
-            raise ValueError(f"unknown DiT preset {value!r}; valid presets: {', '.join(DIT_PRESETS)}")
-        return value
+        return known_preset(value, "components.dit.model", "DIT_PRESETS", "DiT")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from components.common.config import StrictModel, StepConfig
+from components.common.config import StrictModel, StepConfig, known_preset
 from components.dit.config import SamplingConfig
 
 
@@ -23,12 +23,7 @@ class ClassifierTrainConfig(StrictModel):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        # the model module (and torch) is imported when a config is validated, not with this module
-        from components.evaluate.classifier import CLASSIFIER_PRESETS
-
-        if value not in CLASSIFIER_PRESETS:
-            raise ValueError(f"unknown classifier preset {value!r}; valid presets: {', '.join(CLASSIFIER_PRESETS)}")
-        return value
+        return known_preset(value, "components.evaluate.classifier", "CLASSIFIER_PRESETS", "classifier")
 
 
 class InceptionConfig(StrictModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from components.common.config import StepConfig
+from components.common.config import StepConfig, known_preset
 from components.common.trainer import TrainConfig
 
 
@@ -24,10 +24,4 @@ class NoisyClassifierConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        # the model module (and torch) is imported when a config is validated, not with this module
-        from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS
-
-        if value not in NOISY_CLASSIFIER_PRESETS:
-            raise ValueError(f"unknown noisy classifier preset {value!r}; valid presets: "
-                             f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")
-        return value
+        return known_preset(value, "components.noisy_classifier.model", "NOISY_CLASSIFIER_PRESETS", "noisy classifier")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from components.common.config import StepConfig, StrictModel
+from components.common.config import StepConfig, StrictModel, known_preset
 from components.common.trainer import TrainConfig
 
 
@@ -91,9 +91,4 @@ class SuperResConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        # the model module (and torch) is imported when a config is validated, not with this module
-        from components.superres.model import SUPERRES_PRESETS
-
-        if value not in SUPERRES_PRESETS:
-            raise ValueError(f"unknown super-resolution preset {value!r}; valid presets: {', '.join(SUPERRES_PRESETS)}")
-        return value
+        return known_preset(value, "components.superres.model", "SUPERRES_PRESETS", "super-resolution")
