@@ -116,6 +116,7 @@ def test_a_killed_driver_resumes_where_it_stopped_with_the_same_workflow_id(smok
         "shard": "cached", "autoencoder": "cached", "latents": "cached", "dit": "ran"}
     dit = step_manifest(root, records["dit"])
     assert dit.metrics["steps"] == 200 and dit.metrics["resumed_from_step"] >= 20
+    assert records["dit"]["attempts"] == 2 and records["latents"]["attempts"] == 0  # counted in summary.json
 
 
 def test_sigterm_ends_the_summary_and_the_mlflow_runs_as_killed(tmp_path):

@@ -306,3 +306,20 @@ def test_decode_image_keeps_grayscale_one_channel_and_rgb_three():
     assert decode_image(png("L", (4, 6))).shape == (1, 4, 6)
     assert decode_image(png("RGB", (4, 6, 3))).shape == (3, 4, 6)
     assert decode_image(png("L", (4, 6))).flags.writeable
+
+
+def test_a_shard_changed_after_it_was_written_is_refused_naming_it(tmp_path):
+    from components.common.step import IntegrityError
+    from components.common.storage import sha256_file
+
+    rels = write_shards(tmp_path)
+    digests = tuple(sha256_file(tmp_path / rel) for rel in rels)
+    spec = SplitSpec(str(tmp_path), tuple(rels), COUNTS, ("latent.npy",), ("cls",), "skip", "toy train", digests)
+    assert len(list(source(spec, world=1).epoch(0, 0, 0))) == sum(COUNTS) // 4  # intact: read
+    data = bytearray((tmp_path / rels[2]).read_bytes())
+    data[600] ^= 1  # one bit, inside a sample's bytes: it would decode
+    (tmp_path / rels[2]).write_bytes(bytes(data))
+    src = source(spec, world=1)
+    with pytest.raises(IntegrityError, match=rf"{tmp_path}/s2.tar: its sha256 is not the one its step recorded"):
+        list(src.epoch(0, 0, 0))
+    src.close()

@@ -105,15 +105,21 @@ def bad_sample_policy(manifest: "Manifest") -> str:
     return manifest.info.get("on_bad_sample") or manifest.config.get("on_bad_sample") or "fail"
 
 
+def shard_digests(manifest: "Manifest", rels: tuple[str, ...]) -> tuple[str, ...]:
+    """The sha256 the step recorded for each shard: every read of a shard is checked against it."""
+    return tuple(manifest.file(rel).sha256 for rel in rels)
+
+
 def image_split(manifest: "Manifest", split: str) -> SplitSpec:
     """The shard step's images of one split."""
-    return SplitSpec(manifest.output_uri, tuple(manifest.info.get(f"{split}_shards") or ()),
-                     tuple(split_counts(manifest, split)), (manifest.info.get("image_format", "png"),),
-                     (LABEL_KEY,), bad_sample_policy(manifest), f"{manifest.step} {split}")
+    rels = tuple(manifest.info.get(f"{split}_shards") or ())
+    return SplitSpec(manifest.output_uri, rels, tuple(split_counts(manifest, split)),
+                     (manifest.info.get("image_format", "png"),), (LABEL_KEY,), bad_sample_policy(manifest),
+                     f"{manifest.step} {split}", shard_digests(manifest, rels))
 
 
 def latent_split(manifest: "Manifest", split: str) -> SplitSpec:
     """The latents step's latents of one split."""
-    return SplitSpec(manifest.output_uri, tuple(manifest.info.get(f"{split}_shards") or ()),
-                     tuple(split_counts(manifest, split)), (LATENT_KEY,), (LABEL_KEY,),
-                     bad_sample_policy(manifest), f"{manifest.step} {split}")
+    rels = tuple(manifest.info.get(f"{split}_shards") or ())
+    return SplitSpec(manifest.output_uri, rels, tuple(split_counts(manifest, split)), (LATENT_KEY,), (LABEL_KEY,),
+                     bad_sample_policy(manifest), f"{manifest.step} {split}", shard_digests(manifest, rels))

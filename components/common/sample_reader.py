@@ -37,10 +37,12 @@ class SplitSpec:
     optional: tuple[str, ...] = ()  # suffixes read when present (e.g. "cls" of an unlabelled set)
     on_bad_sample: str = "fail"  # the shard step's policy: "skip" (count, log) or "fail"
     name: str = "shards"  # what to call it in messages
+    digests: tuple[str, ...] = ()  # each shard's sha256 as its step recorded it; () reads unverified
 
     def __post_init__(self):
-        if len(self.shards) != len(self.counts):
-            raise ValueError(f"{self.name}: {len(self.shards)} shards but {len(self.counts)} counts")
+        if len(self.shards) != len(self.counts) or (self.digests and len(self.digests) != len(self.shards)):
+            raise ValueError(f"{self.name}: {len(self.shards)} shards but {len(self.counts)} counts and "
+                             f"{len(self.digests)} digests")
 
 
 @dataclass
@@ -74,7 +76,8 @@ class SampleReader:
 
     def __init__(self, spec: SplitSpec, cache_dir: str | None = None, retries: int = 3):
         self.spec = spec
-        self.files = ShardFiles(Storage.from_uri(spec.location), list(spec.shards), cache_dir, retries)
+        self.files = ShardFiles(Storage.from_uri(spec.location), list(spec.shards), cache_dir, retries,
+                                digests=list(spec.digests) or None)
         self._handles: dict[int, object] = {}
         self._warned_counts: set[int] = set()
 

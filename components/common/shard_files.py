@@ -6,6 +6,9 @@ shard file is read in place; from S3 it is downloaded whole into the worker's ca
 (atomically: a temporary name, renamed when complete) and deleted once no window needs it. The
 next window's shards download in the background while this one is read.
 
+Each shard's sha256 is checked against the one its step recorded (``digests``), once per fetch and
+before any sample of it is read: a changed shard is an ``IntegrityError`` naming it, not bad data.
+
 A transient storage error (timeout, reset, throttling, 5xx) is retried ``retries`` times with
 backoff, on top of boto3's own retries; then the step fails with the error, which names the
 object. A missing object or denied access fails at once.
@@ -46,8 +49,9 @@ class ShardFiles:
     """Local, indexed copies of the shards ``rels`` of ``storage``, fetched on demand."""
 
     def __init__(self, storage: Storage, rels: list[str], cache_dir: str | None = None, retries: int = 3,
-                 download_threads: int = 2):
+                 download_threads: int = 2, digests: list[str] | None = None):
         self.storage, self.rels, self.retries = storage, list(rels), retries
+        self.digests = digests  # each shard's recorded sha256: checked once per fetch, before any sample is read
         self._scratch = None if storage.is_local else Path(tempfile.mkdtemp(prefix="latentflow-shards-",
                                                                             dir=cache_dir))
         self._pool = None if storage.is_local else ThreadPoolExecutor(download_threads,
@@ -79,11 +83,22 @@ class ShardFiles:
         else:
             self.prefetch([shard])
             path = self._pending[shard].result()
+        self._verify(shard, path)
         held = (path, index_tar(path, self.name(shard)))
         with self._lock:
             self._pending.pop(shard, None)
             self._held[shard] = held
         return held
+
+    def _verify(self, shard: int, path: Path) -> None:
+        if self.digests is None:
+            return
+        from components.common.step import IntegrityError
+        from components.common.storage import sha256_file
+
+        if sha256_file(path) != self.digests[shard]:
+            raise IntegrityError(f"{self.name(shard)}: its sha256 is not the one its step recorded: the shard was "
+                                 "changed after it was written; re-run the step that wrote it, or restore the file")
 
     def keep_only(self, shards: set[int]) -> None:
         """Forget (and delete, if downloaded) every held shard not in ``shards``."""
