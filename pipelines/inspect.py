@@ -14,7 +14,7 @@ from typing import Any
 
 from components.common.step import Manifest
 from components.common.storage import Storage, StorageError
-from pipelines.sample import SampleError, find_summary, parse_summary
+from pipelines.sample import SampleError, find_summary, local_roots, parse_summary
 
 # the metrics worth a glance per step; the manifest keeps all of them
 KEY_METRICS = {
@@ -115,9 +115,15 @@ def registered_versions(client, steps: list[dict]) -> list[dict[str, Any]]:
                   key=lambda v: (v["name"], int(v["version"])))
 
 
-def list_workflows(storage: str) -> list[dict[str, Any]]:
-    """Every workflow under the storage root, newest first."""
-    root = Storage.from_uri(storage)
+def list_workflows(storage: str | None = None, search_base: str | os.PathLike = ".") -> list[dict[str, Any]]:
+    """Every workflow under the storage root, newest first; None: under every root that ``inspect``
+    and ``sample`` search without --storage (the demo's ./outputs/mnist among them)."""
+    roots = [storage] if storage is not None else local_roots(search_base)
+    rows = [row for root in roots for row in workflows_under(Storage.from_uri(root))]
+    return sorted(rows, key=lambda r: r["started_at"] or "", reverse=True)
+
+
+def workflows_under(root: Storage) -> list[dict[str, Any]]:
     rows = []
     for rel in root.list("workflows"):
         if not rel.endswith("/summary.json"):
@@ -129,9 +135,9 @@ def list_workflows(storage: str) -> list[dict[str, Any]]:
         statuses = [s.get("status") for s in summary["steps"]]
         rows.append({"workflow_id": summary.get("workflow_id"), "pipeline": summary.get("pipeline"),
                      "status": summary.get("status"), "started_at": summary.get("started_at"),
-                     "ended_at": summary.get("ended_at"),
+                     "ended_at": summary.get("ended_at"), "storage": root.uri(),
                      **{status: statuses.count(status) for status in ("ran", "cached", "failed")}})
-    return sorted(rows, key=lambda r: r["started_at"] or "", reverse=True)
+    return rows
 
 
 def as_json(value: Any) -> str:

@@ -18,8 +18,10 @@ from the cause, or fall back to other credentials.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,11 +49,41 @@ def refuse_secrets(where: list[str]) -> None:
         raise JobError(f"{', '.join(where)}: looks like a secret (by its name or value): {SECRET_ADVICE}")
 
 
+class NoAddress(JobError):
+    """No job server named anywhere: the CLI's usage error."""
+
+
+# `ray job submit`'s order (ray.dashboard.utils.get_address_for_submission_client): the API server
+# variable, then the cluster one. A flag beats both, as flags do.
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+def resolve_address(given: str | None) -> str:
+    """``--address``, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS."""
+    for address in (given, *(os.environ.get(name) for name in ADDRESS_VARIABLES)):
+        if address:
+            return address
+    raise NoAddress("no Ray job server: pass --address, or set RAY_API_SERVER_ADDRESS or RAY_ADDRESS "
+                    "(e.g. http://127.0.0.1:8265, the head's dashboard)")
+
+
+@contextmanager
+def address_variables_unset():
+    """Ray's client lets those variables override the address it is given (ray-project/ray#41590,
+    open), which would send a job meant for --address to whatever the shell last exported."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        with address_variables_unset():
+            return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, by version
         raise JobError(f"cannot reach the Ray job server at {address}: {e} (is the dashboard running? "
                        "`ray start --head` starts it on port 8265)") from None

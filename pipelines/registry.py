@@ -1,8 +1,10 @@
 """The model registry and the promotion gate of ``latentflow retrain``.
 
 Registration: every trained component of a finished workflow (autoencoder, dit, distill,
-superres_k) becomes a version of the registered model ``<prefix>-<step>``, its source the step's
-output location, tagged with the workflow id, step, cache key and manifest URI, the evaluate step's
+superres_k) becomes a version of the registered model ``<prefix>-<step>`` whose source is the
+MLflow model the step was logged as (``models:/<model id>``, see ``pipelines.models``: the DiT and
+the student are pyfunc generators, loadable with ``mlflow.pyfunc.load_model`` and servable with
+``mlflow models serve``), tagged with the workflow id, step, cache key and manifest URI, the evaluate step's
 metrics (``eval.<name>``) and an ``evaluator`` digest (the evaluate step's config). A component
 whose cache key already has a version (nothing re-ran) reuses it.
 
@@ -53,10 +55,11 @@ def register(client, cfg: PipelineConfig, workflow_id: str, manifests: dict[str,
     """{model name: ModelVersion} of this workflow's trained components."""
     from mlflow.exceptions import MlflowException
 
+    from pipelines.models import ensure_logged
+
     evaluate = manifests.get("evaluate")
     metrics = {f"eval.{k}": repr(float(v)) for k, v in (evaluate.metrics if evaluate else {}).items()
                if not k.startswith("sample_accuracy_class")}
-    autoencoder = manifests.get("autoencoder")
     versions = {}
     for step, manifest in manifests.items():
         if step not in REGISTERED_STEPS and not step.startswith("superres_"):
@@ -70,13 +73,12 @@ def register(client, cfg: PipelineConfig, workflow_id: str, manifests: dict[str,
         if existing:
             versions[name] = max(existing, key=lambda v: int(v.version))
             continue
+        model_id = ensure_logged(client, manifest, manifests)
         tags = {"latentflow.workflow_id": workflow_id, "latentflow.step": step,
                 "latentflow.cache_key": manifest.cache_key, "latentflow.manifest_uri": manifest.uri("manifest.json"),
                 "latentflow.evaluator": evaluator_digest(evaluate), **metrics}
-        if autoencoder is not None and step in ("dit", "distill"):
-            tags["latentflow.autoencoder_location"] = autoencoder.output_uri  # what sampling decodes with
-        versions[name] = client.create_model_version(name, source=manifest.output_uri, run_id=manifest.mlflow_run_id,
-                                                     tags=tags)
+        versions[name] = client.create_model_version(name, source=f"models:/{model_id}", run_id=manifest.mlflow_run_id,
+                                                     tags=tags, model_id=model_id)
     return versions
 
 

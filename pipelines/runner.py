@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Callable
 
+from components.common.progress import ProgressChannel
 from components.common.step import Manifest, StepContext
 from components.common.storage import Storage
 from components.common.tracking import StepTracker
@@ -95,9 +96,10 @@ class WorkflowRunner:
             self.on_event("cached", rec)
             return True
         self.ensure_ray()
-        rec.mlflow_run_id = self.tracking.start_step(s, key, upstream_runs(s, self.manifests))
+        rec.mlflow_run_id = self.tracking.start_step(s, key, upstream_runs(s, self.manifests), self.manifests)
         ctx = StepContext(s.name, self.workflow_id, key, self.root, step_dir(self.root, s.name, key),
-                          s.config.resources, StepTracker(self.tracking.uri, rec.mlflow_run_id))
+                          s.config.resources,
+                          StepTracker(self.tracking.uri, rec.mlflow_run_id, ProgressChannel(self.workflow_id, s.name)))
         inputs = {i: self.manifests[i] for i in s.inputs}
         ref = remote_for(s).remote(s, key, inputs, ctx, upstream, self.commit)
         self.running[ref] = (s, rec, time.monotonic())

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from components.common.config import RayConfig, TrackingConfig
+from components.common.progress import start_board
 from components.common.storage import Storage, StorageError
 from components.common.tracking import resolve_tracking
 from pipelines.config import PipelineConfig
@@ -88,10 +89,15 @@ def run_workflow(workflow: Workflow, root: Storage, tracking: TrackingConfig, ex
         except StorageError as e:  # the final write, at the end, is the one that must not fail
             log.warning("could not update %s (%s)", root.uri(summary_path(workflow_id)), e)
 
+    board = []  # the steps' progress board (components/common/progress.py), held while the workflow runs
+
+    def start_ray() -> None:
+        ensure_ray(ray_cfg)
+        stop.arm()  # ray.init installs its own SIGTERM handler (it aborts the driver): ours goes back on
+        board[:] = board or [start_board(workflow_id)]
+
     with stop_on_signals() as stop:
-        # ray.init installs its own SIGTERM handler (it aborts the driver): ours goes back on after it
-        runner = WorkflowRunner(workflow, root, workflow_id, tracker, progress,
-                                lambda: (ensure_ray(ray_cfg), stop.arm()), lambda: stop.requested)
+        runner = WorkflowRunner(workflow, root, workflow_id, tracker, progress, start_ray, lambda: stop.requested)
         try:
             result = runner.run()
         except WorkflowInterrupted:

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from components.common.images import to_pil
-from components.common.step import MANIFEST_NAME, Manifest, ManifestInvalid, read_manifest_at
+from components.common.step import Manifest, ManifestInvalid, read_manifest_at
 from components.common.storage import Storage, StorageError
 from components.dit.config import SamplingConfig
 from pipelines.runtime import summary_path
@@ -42,6 +42,18 @@ class BadFlag(SampleError):
 # ---------------------------------------------------------------- finding the workflow
 
 
+# Where a storage root is looked for without --storage: the presets' default roots, ./outputs (a
+# config without storage.root) and ./outputs/<name> (configs/pipeline/<name>.yaml, the demo's included).
+SEARCH_ROOTS = ("outputs", "outputs/*")
+
+
+def local_roots(search_base: str | os.PathLike = ".") -> list[str]:
+    """The storage roots under ``search_base`` (of ``SEARCH_ROOTS``) that hold workflows."""
+    base = Path(search_base)
+    found = {Path(p).parent.absolute() for pattern in SEARCH_ROOTS for p in glob.glob(str(base / pattern / "workflows"))}
+    return sorted(str(root) for root in found)
+
+
 def find_summary(workflow_id: str, storage: str | None = None, search_base: str | os.PathLike = ".") -> tuple[str, dict]:
     """(URI of the summary, its content). ``storage``: the pipeline's storage root (local or
     s3://); None searches ``./outputs/workflows/<id>`` and ``./outputs/*/workflows/<id>``."""
@@ -54,9 +66,8 @@ def find_summary(workflow_id: str, storage: str | None = None, search_base: str 
             raise SampleError(f"workflow {workflow_id!r} not found: no {root.uri(rel)}") from None
         return root.uri(rel), parse_summary(text, root.uri(rel))
     base = Path(search_base)
-    patterns = [f"outputs/{rel}", f"outputs/*/{rel}"]
-    found = sorted({str(Path(p).absolute()) for pattern in patterns for p in glob.glob(str(base / pattern))})
-    searched = " and ".join(str(base / p) for p in patterns)
+    found = [str(Path(root) / rel) for root in local_roots(base) if (Path(root) / rel).is_file()]
+    searched = " and ".join(str(base / pattern / rel) for pattern in SEARCH_ROOTS)
     if not found:
         raise SampleError(f"workflow {workflow_id!r} not found: searched {searched}; "
                           f"pass --storage ROOT (the pipeline's storage.root)")
@@ -277,57 +288,84 @@ def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per
                       seed: int | None, batch_size: int, device: str,
                       sampler_options: dict[str, Any] | None = None) -> SampleResult:
     """``sample`` with a registered model: ``models:/NAME@ALIAS`` (e.g. ``@champion``) or
-    ``models:/NAME/VERSION`` of a DiT or a distilled student, decoded with the autoencoder of the
-    workflow that trained it (the version's ``latentflow.autoencoder_location`` tag)."""
-    import torch
+    ``models:/NAME/VERSION`` of a DiT or a distilled student: the pyfunc generator it was logged
+    as (``components.serving``), downloaded from the registry, its files checked against their
+    manifests' sha256."""
+    import tempfile
 
-    from components.autoencoder.load import load_autoencoder
-    from pipelines.registry import resolve_model
+    import torch
 
     if (sampler_options or {}).get("classifier_guidance"):
         raise BadFlag("--classifier-guidance needs the workflow's noisy_classifier step: use --workflow-id")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise SampleError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    try:
-        source, tags = resolve_model(uri, model_uri)
-    except ValueError as e:
-        raise SampleError(str(e)) from None
-    step, ae_location = tags.get("latentflow.step"), tags.get("latentflow.autoencoder_location")
-    if step not in ("dit", "distill") or not ae_location:
-        raise SampleError(f"{model_uri} is a {step!r} model; sampling needs a dit or distill version with its "
-                          "autoencoder (tag latentflow.autoencoder_location)")
-    try:
-        ae_manifest = read_manifest_at(f"{ae_location.rstrip('/')}/{MANIFEST_NAME}")
-        source = read_manifest_at(f"{source.rstrip('/')}/{MANIFEST_NAME}")  # loaders verify against it
-    except (StorageError, ManifestInvalid) as e:
-        raise SampleError(f"{model_uri}: {e}") from None
-    ae, ae_meta = load_autoencoder(ae_manifest, device=device)
-    if step == "distill":
-        from components.distill.sample import generate_student, load_student, supported_steps
+    with tempfile.TemporaryDirectory(prefix="latentflow-sample-") as tmp:
+        generator = registered_generator(uri, model_uri, Path(tmp), device)
+    if generator.kind == "distill":
+        from components.distill.sample import supported_steps
 
-        student, meta = load_student(source, device=device)
-        steps = int(meta["native_steps"]) if steps is None else steps
-        if steps not in supported_steps(meta):
-            raise BadFlag(f"--steps {steps}: this student samples with {supported_steps(meta)} steps")
+        steps = int(generator.meta["native_steps"]) if steps is None else steps
+        if steps not in supported_steps(generator.meta):
+            raise BadFlag(f"--steps {steps}: this student samples with {supported_steps(generator.meta)} steps")
         sampling = SamplingConfig(steps=steps, guidance=0.0, seed=0 if seed is None else seed)
     else:
-        from components.dit.load import load_dit
-
-        dit, meta = load_dit(source, device=device)
-        sampling = sampling_config(meta.get("sampling"), sampler=sampler, steps=steps, guidance=guidance, eta=eta,
-                                   seed=seed, **(sampler_options or {}))
-    classes = [str(c) for c in (meta.get("classes") or range(int(meta["num_classes"])))]
+        sampling = sampling_config(generator.sampling().model_dump(), sampler=sampler, steps=steps,
+                                   guidance=guidance, eta=eta, seed=seed, **(sampler_options or {}))
+    classes = generator.classes
     label_ids = parse_labels(labels, classes)
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
-    if step == "distill":
-        images = generate_student(student, meta, ae, ae_meta, label_tensor, steps=steps, seed=sampling.seed,
-                                  batch_size=batch_size)
+    if generator.kind == "distill":
+        images = generator.images(label_tensor.tolist(), seed=sampling.seed, steps=steps, batch_size=batch_size)
     else:
         from components.dit.generate import generate
 
-        images = generate(dit, meta, ae, ae_meta, label_tensor, sampling, batch_size=batch_size)
+        images = generate(generator.denoiser, generator.meta, generator.ae, generator.ae_meta, label_tensor,
+                          sampling, batch_size=batch_size)
     return finish(images, label_ids, per_label, out, classes, sampling, model_uri)
+
+
+def model_artifacts(tracking_uri: str, source: str) -> str:
+    """Where a version's LoggedModel (``models:/<model id>``) keeps its files. Resolved here with
+    this tracking URI: MLflow would resolve a models:/ URI against the process's registry URI."""
+    from components.common.tracking import client_for
+
+    if not source.startswith("models:/"):
+        return source  # a version registered before models were logged: its files' location
+    return client_for(tracking_uri).get_logged_model(source[len("models:/"):]).artifact_location
+
+
+def registered_generator(tracking_uri: str, model_uri: str, into: Path, device: str):
+    """The ``components.serving.generator.Generator`` a registered version points at, downloaded
+    into ``into`` (loaded before it is removed)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from components.common.step import IntegrityError
+    from components.serving.generator import AUTOENCODER_ARTIFACT, DENOISER_ARTIFACT, load_generator
+    from pipelines.registry import resolve_model
+
+    try:
+        source, tags = resolve_model(tracking_uri, model_uri)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+    if tags.get("latentflow.step") not in ("dit", "distill"):
+        raise SampleError(f"{model_uri} is a {tags.get('latentflow.step')!r} model; sampling needs a dit or distill "
+                          "version")
+    try:
+        import mlflow.artifacts
+
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_artifacts(tracking_uri, source),
+                                                         dst_path=str(into), tracking_uri=tracking_uri))
+        artifacts = Model.load(str(local)).flavors["python_function"]["artifacts"]
+    except (MlflowException, OSError, KeyError) as e:
+        raise SampleError(f"{model_uri}: not a latentflow generator model ({type(e).__name__}: {e}); register "
+                          "it again with `latentflow retrain`") from None
+    try:
+        return load_generator(local / artifacts[AUTOENCODER_ARTIFACT]["path"],
+                              local / artifacts[DENOISER_ARTIFACT]["path"], device=device)
+    except (IntegrityError, KeyError) as e:
+        raise SampleError(f"{model_uri}: {e}") from None
 
 
 def sample_student(summary: dict, summary_uri: str, labels: str, per_label: int, out, stages: list | None,

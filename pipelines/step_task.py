@@ -25,6 +25,7 @@ from components.common.redact import redact_config
 from components.common.step import (MANIFEST_NAME, FileRecord, Manifest, ManifestInvalid, StepContext, StepOutput,
                                     read_manifest)
 from components.common.storage import Storage
+from pipelines.models import try_log_step_model
 
 ATTEMPTS_DIR = "_attempts"
 POLL_S = 2.0  # how often a run waiting on another's lease looks for the result
@@ -81,6 +82,7 @@ def execute_step(s, key: str, inputs: dict[str, Manifest], ctx: StepContext, ups
             return StepResult(cached, produced=False, note="produced by another run")
         lease.start_renewing()
         manifest = run_stage(s, key, inputs, ctx, upstream, commit)
+        try_log_step_model(ctx.tracker.tracking_uri, manifest, inputs)  # its model id goes into the manifest
         lease.check()  # a run whose lease was taken over writes no manifest
         ctx.output.write_text(MANIFEST_NAME, manifest.to_json())
         return StepResult(manifest, produced=True)

@@ -19,6 +19,8 @@ from components.common.tracking import StepTracker, check_reachable, client_for,
 from pipelines.workflow import Step, WorkflowResult
 
 TAG_PREFIX = "latentflow."
+DATASET_STEPS = ("shard", "latents")  # steps whose output is a data set (images; their latents)
+EVALUATION_STEPS = ("evaluate", "inception_reference")  # read data sets to score, not to train
 
 log = logging.getLogger("latentflow")
 
@@ -38,7 +40,8 @@ class RunTracker:
         self.workflow_id = ""
 
     def _tags(self, **extra) -> dict[str, str]:
-        tags = {f"{TAG_PREFIX}workflow_id": self.workflow_id, f"{TAG_PREFIX}pipeline": self.pipeline}
+        tags = {f"{TAG_PREFIX}workflow_id": self.workflow_id, f"{TAG_PREFIX}pipeline": self.pipeline,
+                **source_tags()}
         if self.git_commit:
             tags["mlflow.source.git.commit"] = self.git_commit
         tags.update({k if k.startswith("mlflow.") else TAG_PREFIX + k: str(v) for k, v in extra.items()})
@@ -72,15 +75,27 @@ class RunTracker:
         tracker.log_dict(config, "config.json")
         return run.info.run_id
 
-    def start_step(self, s: Step, key: str, upstream_runs: dict[str, str | None]) -> str:
-        return self._child(s, key, upstream_runs, cache_hit="false")
+    def start_step(self, s: Step, key: str, upstream_runs: dict[str, str | None],
+                   manifests: dict[str, Manifest] | None = None) -> str:
+        run_id = self._child(s, key, upstream_runs, cache_hit="false")
+        self.log_datasets(run_id, s, manifests or {})
+        return run_id
 
     def cached_step(self, s: Step, manifest: Manifest, manifests: dict[str, Manifest]) -> str:
         upstream_runs = {i: manifests[i].mlflow_run_id for i in s.inputs}
         run_id = self._child(s, manifest.cache_key, upstream_runs, cache_hit="true",
                              source_run_id=manifest.mlflow_run_id or "")
+        self.log_datasets(run_id, s, manifests)
         self.end_step(run_id, manifest)
         return run_id
+
+    def log_datasets(self, run_id: str | None, s: Step, manifests: dict[str, Manifest]) -> None:
+        """The data sets the step reads (the shard step's images, the latents), as run inputs."""
+        context = "eval" if s.name in EVALUATION_STEPS else "train"
+        names = [name for name in s.inputs if name in DATASET_STEPS and name in manifests]
+        if run_id is not None and names:
+            StepTracker(self.uri, run_id)._safely("log_inputs", lambda: self.client.log_inputs(run_id, [
+                dataset_input(self.pipeline, name, manifests[name], context) for name in names]))
 
     def end_step(self, run_id: str | None, manifest: Manifest | None, failed: bool = False,
                  error: str | None = None, status: str | None = None) -> None:
@@ -106,3 +121,41 @@ class RunTracker:
         tracker.log_dict({"steps": [r.__dict__ for r in result.steps]}, "summary.json")
         tracker.end(status=status or ("FINISHED" if result.ok else "FAILED"))
 
+
+
+def source_tags() -> dict[str, str]:
+    """Who ran it and from what: MLflow's own user and source tags (a Ray job's driver says JOB)."""
+    import getpass
+    import os
+    import sys
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    command = " ".join(["latentflow", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "latentflow"
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job supervisor for a job's driver
+    return {"mlflow.user": user, "mlflow.source.name": redact_text(command)[:500],
+            "mlflow.source.type": "JOB" if in_job else "LOCAL"}
+
+
+def dataset_input(pipeline: str, step: str, manifest: Manifest, context: str):
+    """A step's output as an MLflow data set: its location as the source, its manifest digest (which
+    names the exact bytes) as the digest, the sample counts of its manifest as the profile."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    uri = manifest.output_uri
+    with warnings.catch_warnings():  # MLflow registers its local source twice and warns about it
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(uri if "://" in uri else f"file://{uri}")
+    dataset = MetaDataset(source, name=f"{pipeline}-{step}", digest=manifest.digest[:16])
+    entity = dataset._to_mlflow_entity()
+    counts = {k: int(v) for k, v in manifest.metrics.items() if k.startswith("num_")}
+    entity = Dataset(entity.name, entity.digest, entity.source_type, entity.source, entity.schema,
+                     json.dumps(counts) if counts else None)
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])

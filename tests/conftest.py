@@ -145,7 +145,8 @@ def smoke_on_s3(mlflow_server, s3_server):
     bucket = f"lf-smoke-{uuid.uuid4().hex[:10]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/smoke"
-    env = s3_environment()
+    # MLflow samples system metrics every 10 s; the smoke steps train for seconds
+    env = {**s3_environment(), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     first = latentflow("run", str(REPO / "configs" / "pipeline" / "smoke.yaml"), "--set", f"storage.root={root}",
                        "--set", f"tracking.uri={mlflow_server}", "--workflow-id", "wf-one", env=env, timeout=600)
     return root, env, first

@@ -110,6 +110,32 @@ def test_credentials_never_in_storage_uri(tmp_path):
         load_pipeline_config(write(tmp_path, data))
 
 
+def test_mlflow_environment_overrides_the_file_and_set_overrides_both(tmp_path, monkeypatch):
+    """The order --help states: file, then MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME, then --set."""
+    from pipelines.jobs import entrypoint, runtime_env
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(tmp_path, {**base(), "tracking": {"uri": "http://file:5000", "experiment": "from-file"}})
+    assert load_pipeline_config(path).tracking.model_dump() == {"uri": "http://file:5000", "experiment": "from-file"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ops:hunter2pass@env:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "2026")  # a name, not YAML: stays a string
+    cfg = load_pipeline_config(path)
+    assert (cfg.tracking.uri, cfg.experiment_name) == ("http://ops:hunter2pass@env:5000", "2026")
+    cfg = load_pipeline_config(path, ["tracking.uri=http://set:5000"])
+    assert (cfg.tracking.uri, cfg.tracking.experiment) == ("http://set:5000", "2026")
+    (tmp_path / "bare").mkdir()
+    no_section = load_pipeline_config(write(tmp_path / "bare", base()))  # no tracking section
+    assert no_section.tracking.uri == "http://ops:hunter2pass@env:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # empty is unset, as MLflow reads it
+    assert load_pipeline_config(path).tracking.uri == "http://file:5000"
+    # the environment's password reaches the tracking client, never what leaves the process
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ops:hunter2pass@env:5000")
+    assert "hunter2pass" not in str(redact(load_pipeline_config(SMOKE).resolved()))
+    job = entrypoint(str(SMOKE), ["dit.train.max_steps=3"], "wf") + str(runtime_env({}))
+    assert "hunter2pass" not in job and "MLFLOW_TRACKING_URI" not in job
+
+
 def test_redact_hides_secret_looking_keys():
     assert redact({"a": {"api_token": "x", "lr": 1}, "password": "p"}) == {"a": {"api_token": "***", "lr": 1},
                                                                            "password": "***"}

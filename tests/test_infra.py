@@ -39,6 +39,7 @@ K8S_KINDS = {
     ("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"), ("ray.io/v1", "RayCronJob"),
     ("v1", "ConfigMap"), ("v1", "ServiceAccount"), ("batch/v1", "CronJob"),
     ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("apps/v1", "Deployment"), ("v1", "Service"),
 }
 LAUNCHER = "ray-cluster-launcher"  # a `ray up` config: no kind, but cluster_name and provider
 # What the known files must hold (embedded documents count for the file that embeds them).
@@ -48,6 +49,7 @@ REQUIRED_KINDS = {
     "kuberay/raycronjob.yaml": {"RayCronJob"},
     "kubernetes/cronjob-rayjob.yaml": {"CronJob", "ConfigMap", "RayJob", "ServiceAccount", "Role", "RoleBinding"},
     "ray/aws-autoscaler.yaml": {LAUNCHER},
+    "kubernetes/mlflow.yaml": {"Deployment", "Service"},
 }
 
 
@@ -244,19 +246,22 @@ def output(result: subprocess.CompletedProcess) -> str:
 
 @functools.cache
 def dockerfile() -> dict[str, Any]:
-    workdir, copied, entrypoint = None, set(), None
+    workdir, copied, entrypoint, args = None, set(), None, {}
     for line in DOCKERFILE.read_text().splitlines():
         words = line.split()
         if not words:
             continue
-        if words[0] == "WORKDIR":
+        if words[0] == "ARG":
+            name, _, default = words[1].partition("=")
+            args[name] = default
+        elif words[0] == "WORKDIR":
             workdir = words[1]
         elif words[0] == "COPY":
             sources = [w for w in words[1:-1] if not w.startswith("--")]
             copied |= {s.rstrip("/") for s in sources}
         elif words[0] == "ENTRYPOINT":
             entrypoint = line
-    return {"workdir": workdir, "copied": copied, "entrypoint": entrypoint}
+    return {"workdir": workdir, "copied": copied, "entrypoint": entrypoint, "args": args}
 
 
 def ray_floor() -> tuple[int, ...]:
@@ -313,6 +318,51 @@ def pod_templates(spec: dict) -> list[tuple[str, dict]]:
     groups = [("head", spec.get("headGroupSpec") or {})]
     groups += [(f"worker group {g.get('groupName')}", g) for g in spec.get("workerGroupSpecs") or []]
     return [(name, (group.get("template") or {}).get("spec") or {}) for name, group in groups]
+
+
+# KubeRay 1.6's RayJob deletionRules (ray-operator/apis/ray/v1/rayjob_types.go and
+# controllers/ray/utils/validation.go at v1.6.0): the enums, and the order the TTLs must keep.
+DELETION_ORDER = ("DeleteWorkers", "DeleteCluster", "DeleteSelf")
+DELETION_POLICIES = {*DELETION_ORDER, "DeleteNone"}
+DELETION_CONDITIONS = {"jobStatus": {"SUCCEEDED", "FAILED"}, "jobDeploymentStatus": {"Failed"}}
+JOB_ENDS = [("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")]
+
+
+def deletion_rules(spec: dict) -> dict[tuple[str, str], dict[str, int]]:
+    """(condition field, value) -> {policy: ttlSeconds} of a RayJob spec's deletionRules."""
+    rules: dict[tuple[str, str], dict[str, int]] = {}
+    for rule in (spec.get("deletionStrategy") or {}).get("deletionRules") or []:
+        condition = dict(rule.get("condition") or {})
+        ttl = condition.pop("ttlSeconds", 0)
+        (field, value), = condition.items()  # the CRD: exactly one of jobStatus, jobDeploymentStatus
+        rules.setdefault((field, value), {})[rule["policy"]] = ttl
+    return rules
+
+
+def cleanup_problems(where: str, spec: dict) -> list[str]:
+    """A RayJob deletes its cluster when it ends: shutdownAfterJobFinishes with a TTL, or deletionRules
+    (KubeRay >= 1.5) for every end, never both (the operator refuses the mix), each rule as the CRD
+    and the operator's validation accept it."""
+    if not (spec.get("deletionStrategy") or {}).get("deletionRules"):
+        shuts_down = spec.get("shutdownAfterJobFinishes") is True and isinstance(spec.get("ttlSecondsAfterFinished"), int)
+        return [] if shuts_down else [f"{where}: needs shutdownAfterJobFinishes: true and ttlSecondsAfterFinished, "
+                                      "or deletionStrategy.deletionRules"]
+    problems = [f"{where}: {key} beside deletionRules (KubeRay refuses both)"
+                for key in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished") if key in spec]
+    try:
+        rules = deletion_rules(spec)
+    except (ValueError, KeyError):
+        return problems + [f"{where}: a deletion rule without a policy or with not exactly one condition"]
+    for (field, value), policies in rules.items():
+        if value not in DELETION_CONDITIONS.get(field, ()) or not set(policies) <= DELETION_POLICIES:
+            problems.append(f"{where}: rule {field}={value} {sorted(policies)}: not a KubeRay 1.6 value")
+        ttls = [policies[p] for p in DELETION_ORDER if p in policies]
+        if ttls != sorted(ttls) or any(not isinstance(t, int) or t < 0 for t in ttls):
+            problems.append(f"{where}: {field}={value}: TTLs must be integers >= 0, workers <= cluster <= self")
+    for end in JOB_ENDS:
+        if not {"DeleteCluster", "DeleteSelf"} & set(rules.get(end, {})):
+            problems.append(f"{where}: no deletion rule removes the cluster when {end[0]} is {end[1]}")
+    return problems
 
 
 def config_maps() -> dict[tuple[str, str], list[tuple[str, dict]]]:
@@ -484,7 +534,7 @@ def test_config_maps_agree_and_name_the_configs_tracking_server():
         if path is None or not path.is_file():
             continue  # reported by test_command_config_exists_and_plans
         tracking = (yaml.safe_load(path.read_text()).get("tracking") or {}).get("uri")
-        # the config's tracking.uri wins over MLFLOW_TRACKING_URI: a different value would mislead
+        # MLFLOW_TRACKING_URI wins over the config's tracking.uri: a different value would mislead
         if tracking and uris and uris != {tracking}:
             problems.append(f"{token}: tracking.uri {tracking} but the ConfigMaps say {sorted(uris)}")
     assert not problems, "\n".join(problems)
@@ -503,8 +553,7 @@ def test_ray_jobs_run_latentflow_from_the_images_workdir():
             problems.append(f"{where}: entrypoint {spec.get('entrypoint')!r} is not one latentflow command")
         if spec.get("submissionMode") != "K8sJobMode":
             problems.append(f"{where}: submissionMode is not K8sJobMode")
-        if spec.get("shutdownAfterJobFinishes") is not True or not isinstance(spec.get("ttlSecondsAfterFinished"), int):
-            problems.append(f"{where}: needs shutdownAfterJobFinishes: true and ttlSecondsAfterFinished")
+        problems += cleanup_problems(where, spec)
         runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
         if runtime_env.get("working_dir") != workdir:
             # config paths are relative to the working_dir: it must be the repository as the image holds it
@@ -514,6 +563,143 @@ def test_ray_jobs_run_latentflow_from_the_images_workdir():
         if doc.kind == "RayCronJob" and len(str(doc.data["spec"].get("schedule", "")).split()) != 5:
             problems.append(f"{doc.where}: schedule is not a 5-field cron expression")
     assert not problems, "\n".join(problems)
+
+
+def test_the_image_installs_the_ray_the_manifests_name():
+    """KubeRay reads rayVersion from the manifest and runs the image's ray: the two must be one."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pinned = dockerfile()["args"].get("RAY_VERSION")
+    assert pinned, "infra/Dockerfile: no ARG RAY_VERSION=<version>"
+    assert re.search(r"ray==\$\{?RAY_VERSION\}?", DOCKERFILE.read_text()), "infra/Dockerfile: ray==${RAY_VERSION} unused"
+    versions = {where: str(spec.get("rayVersion")) for where, spec in ray_cluster_specs()}
+    differ = {where: v for where, v in versions.items() if v != pinned}
+    assert versions and not differ, f"rayVersion differs from the Dockerfile's RAY_VERSION {pinned}: {differ}"
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray = next(Requirement(d) for d in dependencies if Requirement(d).name == "ray")
+    assert ray.specifier.contains(pinned), f"pyproject's {ray} does not admit the image's ray {pinned}"
+
+
+def test_nightly_ray_cron_jobs_delete_their_ray_jobs():
+    """RayCronJob 1.6 keeps no history limit: each night's RayJob must delete itself, however it ended."""
+    crons = [(doc.where, doc.data["spec"]["jobTemplate"]) for doc in all_documents() if doc.kind == "RayCronJob"]
+    assert crons, "no RayCronJob under infra/"
+    for where, template in crons:
+        rules = deletion_rules(template)
+        assert not cleanup_problems(where, template)
+        for end in JOB_ENDS:
+            assert "DeleteSelf" in rules.get(end, {}), f"{where}: the RayJob is kept forever when {end[0]} is {end[1]}"
+
+
+def test_cleanup_check_rejects_what_kuberay_refuses():
+    """The control for the cleanup checks above."""
+    rules = [{"policy": p, "condition": {f: v, "ttlSeconds": t}} for f, v in JOB_ENDS
+             for p, t in (("DeleteCluster", 60), ("DeleteSelf", 600))]
+    good = {"deletionStrategy": {"deletionRules": rules}}
+    assert cleanup_problems("ok", good) == []
+    assert cleanup_problems("legacy", {"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 0}) == []
+    bad = {
+        "both": {**good, "shutdownAfterJobFinishes": True},
+        "nothing": {},
+        "self before cluster": {"deletionStrategy": {"deletionRules": [
+            {**r, "condition": {**r["condition"], "ttlSeconds": 900 - r["condition"]["ttlSeconds"]}} for r in rules]}},
+        "unknown status": {"deletionStrategy": {"deletionRules": [*rules, {"policy": "DeleteSelf",
+                                                                           "condition": {"jobStatus": "STOPPED"}}]}},
+        "a missed end": {"deletionStrategy": {"deletionRules": rules[:4]}},
+        "two conditions": {"deletionStrategy": {"deletionRules": [{"policy": "DeleteSelf", "condition": {
+            "jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}}]}},
+    }
+    for case, spec in bad.items():
+        assert cleanup_problems(case, spec), case
+
+
+FAKE_KUBECTL = """#!/bin/sh
+# kubectl for the launcher's script: each status read takes the next line of $FAKE/states (ERR: a failed call)
+case "$*" in
+  create*) echo rayjob.ray.io/latentflow-retrain-x7k2q ;;
+  *jobDeploymentStatus*)
+    line=$(head -n 1 "$FAKE/states"); sed -i 1d "$FAKE/states"
+    [ "$line" = ERR ] && exit 1
+    printf %s "$line" ;;
+  *jobStatus*) cat "$FAKE/job_status" ;;
+  *message*) printf %s "spec.rayClusterSpec: invalid" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def launcher_script() -> str:
+    (cron,) = [doc for doc in all_documents() if doc.kind == "CronJob"]
+    command = cron.data["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["/bin/sh", "-c"], command
+    return command[2]
+
+
+@pytest.mark.parametrize("states, job_status, ok", [
+    (["", "ERR", "Initializing", "Running", "Complete"], "SUCCEEDED", True),
+    (["Initializing", "ValidationFailed"], "", False),  # the operator rejected the spec: it never moves on
+    (["Running", "Failed"], "FAILED", False),
+], ids=["succeeded", "validation-failed", "failed"])
+def test_cron_launcher_ends_on_every_final_state(tmp_path, states, job_status, ok):
+    """The launcher's own script, run by /bin/sh with kubectl and sleep faked on PATH: it polls until
+    a final jobDeploymentStatus and exits with the job's outcome, where it once waited forever on
+    ValidationFailed (the timeout below is that failure)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("kubectl", FAKE_KUBECTL), ("sleep", '#!/bin/sh\necho "$1" >> "$FAKE/slept"\n')):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "states").write_text("".join(f"{s}\n" for s in states))
+    (tmp_path / "job_status").write_text(job_status)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE": str(tmp_path)}
+    done = subprocess.run(["/bin/sh", "-c", launcher_script()], env=env, capture_output=True, text=True, timeout=20)
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    assert f"deployment {states[-1]}" in done.stdout and "created rayjob.ray.io/latentflow-retrain-x7k2q" in done.stdout
+    assert (tmp_path / "states").read_text() == ""  # it read every state, and none after the final one
+    slept = (tmp_path / "slept").read_text().split() if (tmp_path / "slept").exists() else []
+    assert len(slept) == len(states) - 1
+    if not ok:
+        assert "spec.rayClusterSpec: invalid" in done.stderr  # the operator's reason, for the CronJob's log
+
+
+def test_the_mlflow_server_is_the_service_the_config_maps_name():
+    from urllib.parse import urlsplit
+
+    from mlflow.cli import server
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    file = "kubernetes/mlflow.yaml"
+    docs = documents(INFRA / file)
+    (uri,) = {data["MLFLOW_TRACKING_URI"] for found in config_maps().values() for _, data in found
+              if "MLFLOW_TRACKING_URI" in data}
+    url = urlsplit(uri)
+    name, namespace, *domain = url.hostname.split(".")
+    assert domain == ["svc", "cluster", "local"], f"{uri}: not a Service's cluster DNS name"
+    services = [d.data for d in docs if d.kind == "Service" and d.data["metadata"]["name"] == name]
+    assert len(services) == 1 and services[0]["metadata"]["namespace"] == namespace, f"{file}: no Service {name}.{namespace}"
+    (port,) = [p for p in services[0]["spec"]["ports"] if p["port"] == url.port]
+    selector = services[0]["spec"]["selector"]
+    (deployment,) = [d.data for d in docs if d.kind == "Deployment"
+                     and selector.items() <= d.data["spec"]["template"]["metadata"]["labels"].items()]
+    assert deployment["metadata"]["namespace"] == namespace
+    assert selector.items() <= deployment["spec"]["selector"]["matchLabels"].items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (target,) = [p for p in container["ports"] if port["targetPort"] in (p.get("name"), p["containerPort"])]
+
+    assert container["command"] == ["mlflow", "server"]
+    flags = dict(arg.removeprefix("--").partition("=")[::2] for arg in container["args"])
+    known = {opt.removeprefix("--") for param in server.params for opt in param.opts}
+    assert set(flags) <= known, f"{file}: not options of `mlflow server`: {sorted(set(flags) - known)}"
+    assert flags["host"] == "0.0.0.0" and int(flags["port"]) == target["containerPort"]
+    assert "serve-artifacts" in flags and "backend-store-uri" not in flags  # the URI holds the password
+    assert is_allowed_host_header(flags["allowed-hosts"].split(","), url.netloc), f"{file}: {url.netloc} refused"
+    # the stores come from a Secret, in variables `mlflow server` itself reads
+    from_secret = {e["name"] for e in container["env"] if "secretKeyRef" in (e.get("valueFrom") or {})}
+    reads = {param.envvar for param in server.params if param.name in ("backend_store_uri", "artifacts_destination")}
+    assert reads <= from_secret, f"{file}: {sorted(reads - from_secret)} not from a Secret"
+    assert not re.search(r"://[^/\s@]+@", (INFRA / file).read_text()), f"{file}: credentials in a URI"
 
 
 def test_cron_launchers_create_their_rayjob_with_the_rights_they_need():

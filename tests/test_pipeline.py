@@ -109,6 +109,7 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.stdout.splitlines()[0] == "workflow id: wf-one"
     storage = Storage.from_uri(root)
+    assert_a_quiet_console(first.stdout, storage, "wf-one")
     summary = json.loads(storage.read_text("workflows/wf-one/summary.json"))
     assert summary["status"] == "succeeded"
     steps = {s["name"]: s for s in summary["steps"]}
@@ -132,6 +133,7 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
         assert EXPECTED_STEPS[name] <= artifacts, name
     shard_run = runs[steps["shard"]["mlflow_run_id"]]
     assert shard_run.data.params["source"] == "builtin:mnist"
+    assert_looks_like_training(client, exp, runs, steps, shard)
     # the artifacts really live in the S3 bucket behind the server
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=ARTIFACT_BUCKET)["Contents"]]
     assert any(k.endswith(f"{shard_run.info.run_id}/artifacts/contact_sheet.png") for k in keys)
@@ -200,7 +202,8 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     second = cli(*args, env=s3_env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("cached") >= len(EXPECTED_STEPS) and " ran " not in second.stdout
-    assert "Started a local Ray" not in second.stderr  # a fully cached run never waits for Ray
+    second_id = second.stdout.splitlines()[0].split()[-1]
+    assert "pid=" not in workflow_log(storage, second_id)  # a fully cached run never waits for Ray workers
 
     # `latentflow retrain`: nothing re-runs; the models are registered and, with no champion yet, promoted
     retrain_args = ("retrain", *args[1:])
@@ -208,7 +211,8 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert promoted.returncode == 0, promoted.stderr[-3000:]
     assert " ran " not in promoted.stdout and "PROMOTED to champion: no champion yet" in promoted.stdout
     champion = client.get_model_version_by_alias("smoke-dit", "champion")
-    assert champion.source == steps["dit"]["manifest_uri"].rsplit("/", 1)[0]
+    dit_manifest = read_manifest_at(steps["dit"]["manifest_uri"])
+    assert champion.source == f"models:/{dit_manifest.info['mlflow_model_id']}"  # the step's LoggedModel
     assert champion.tags["latentflow.cache_key"] == steps["dit"]["cache_key"]
     assert float(champion.tags["eval.sample_accuracy"]) == evaluation["sample_accuracy"]
     for name in ("smoke-autoencoder", "smoke-distill", "smoke-superres_1"):
@@ -229,6 +233,16 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     fast = cli("sample", "--model", "models:/smoke-distill@champion", "--tracking-uri", mlflow_server, "--labels",
                "7", "--per-label", "1", "--out", str(tmp_path / "registered_student"), env=s3_env)
     assert fast.returncode == 0 and (tmp_path / "registered_student" / "7" / "0.png").exists(), fast.stderr[-3000:]
+    # ... and the same student as a pyfunc model, in this process (served: tests/test_serving.py)
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        answer = mlflow.pyfunc.load_model("models:/smoke-distill@champion").predict(pd.DataFrame({"label": [7]}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert answer["image"][0] == (tmp_path / "registered_student" / "7" / "0.png").read_bytes()
     # a warm-started DiT (from the champion) re-runs the DiT and what follows; the gate compares
     # (without the distill step, which would only re-run too: CI time)
     warm = cli(*retrain_args, "--set", "dit.warm_start=models:/smoke-dit@champion", "--set", "distill=null",
@@ -242,6 +256,56 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     warm_summary = json.loads(storage.read_text("workflows/wf-warm/summary.json"))
     warm_dit = next(r for r in warm_summary["steps"] if r["name"] == "dit")
     assert client.get_run(warm_dit["mlflow_run_id"]).data.tags["latentflow.warm_start_version"] == "smoke-dit/1"
+
+
+def workflow_log(storage: Storage, workflow_id: str) -> str:
+    logs = [rel for rel in storage.list(f"workflows/{workflow_id}/logs/") if rel.endswith(".log")]
+    assert len(logs) == 1, logs
+    return storage.read_text(logs[0])
+
+
+def assert_a_quiet_console(stdout: str, storage: Storage, workflow_id: str) -> None:
+    """`latentflow run` in a non-interactive terminal: a line per step event, a few progress lines,
+    the table; what Ray, the workers and DeepSpeed print is in the workflow's log file instead."""
+    lines = stdout.splitlines()
+    assert len(lines) < 60, stdout
+    words = [" ".join(line.split()) for line in lines]
+    for step in EXPECTED_STEPS:
+        assert any(w.startswith(f"start {step} ") for w in words) and any(w.startswith(f"ran {step} ") for w in words)
+    progress = [w for w in words if "%" in w and " loss " in w and " img/s" in w]
+    assert progress, stdout  # the training steps' own reports: step, loss, throughput
+    assert "RayTrainWorker" not in stdout and "TrainController" not in stdout
+    log_line = next(w for w in words if w.startswith("log: "))
+    assert log_line.split()[1].startswith(storage.uri(f"workflows/{workflow_id}/logs/"))
+    log = workflow_log(storage, workflow_id)
+    assert "(RayTrainWorker pid=" in log and "latentflow.progress" in log
+
+
+def assert_looks_like_training(client, exp, runs, steps, shard) -> None:
+    """What the MLflow UI shows of the smoke workflow: a model-training experiment whose step runs
+    name their data set, carry system metrics, grids by step, user and source tags, and models."""
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+    dit_run = client.get_run(steps["dit"]["mlflow_run_id"])
+    datasets = {d.dataset.name: d for d in dit_run.inputs.dataset_inputs}
+    assert set(datasets) == {"smoke-shard", "smoke-latents"}
+    assert datasets["smoke-shard"].dataset.digest == shard.digest[:16]
+    assert json.loads(datasets["smoke-shard"].dataset.source)["uri"] == shard.output_uri
+    assert {d.dataset.name for d in client.get_run(steps["superres_1"]["mlflow_run_id"]).inputs.dataset_inputs} == \
+        {"smoke-shard"}
+    for step in ("autoencoder", "dit", "superres_1"):
+        metrics = client.get_run(steps[step]["mlflow_run_id"]).data.metrics
+        assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics, step
+    series = [a.path for a in client.list_artifacts(dit_run.info.run_id, "images")]
+    assert len([p for p in series if "samples+step+8+" in p]) >= 1 and any("samples+step+16+" in p for p in series), \
+        series  # the grid at the checkpoint (step 8) and at the end (16)
+    assert dit_run.data.tags["mlflow.user"] and dit_run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert dit_run.data.tags["mlflow.source.name"].startswith("latentflow run ")
+    for step in ("autoencoder", "dit", "distill", "superres_1"):
+        outputs = client.get_run(steps[step]["mlflow_run_id"]).outputs.model_outputs
+        assert len(outputs) == 1, step
+        model = client.get_logged_model(outputs[0].model_id)
+        assert model.source_run_id == steps[step]["mlflow_run_id"], step
+        assert (model.model_type == "latentflow-generator") == (step in ("dit", "distill")), step
 
 
 @pytest.mark.integration

@@ -265,6 +265,7 @@ def test_three_planted_secrets_leave_no_trace(mlflow_server, tmp_path, tmp_path_
         "cli output": {"stdout": done.stdout.encode(), "stderr": done.stderr.encode()},
     }
     assert places["storage root"] and server_dbs
+    assert any("/logs/" in name for name in places["storage root"])  # the driver's log file was looked in too
     leaks = [(where, name, around(data, secret)) for where, files in places.items() for name, data in files.items()
              for secret in planted if secret.encode() in data]
     assert leaks == []

@@ -304,6 +304,7 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
     grid = reconstruction_grid(val_images, recons)
     ctx.output.write_bytes(RECONSTRUCTIONS, png_bytes(grid))
     ctx.tracker.log_image(grid, RECONSTRUCTIONS)
+    ctx.tracker.log_image(grid, key="reconstructions", step=cfg.train.max_steps)  # the run page's Images view
     ctx.tracker.log_dict(meta, AE_META)
 
     final = result.metrics

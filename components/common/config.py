@@ -81,10 +81,16 @@ class StorageConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    # None: MLFLOW_TRACKING_URI if set, else an SQLite database under a local storage root.
+    # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME override the file's values (load_config), --set
+    # overrides both. None: an SQLite database under a local storage root.
     uri: str | None = None
     # None: "latentflow-<pipeline name>".
     experiment: str | None = None
+
+
+# The variables MLflow's own tools read, so a shell or pod that sets them means them for latentflow
+# too: a preset names the demo's server, the cluster's ConfigMap the real one.
+TRACKING_ENVIRONMENT = {"uri": "MLFLOW_TRACKING_URI", "experiment": "MLFLOW_EXPERIMENT_NAME"}
 
 
 class RayConfig(StrictModel):
@@ -167,10 +173,24 @@ def validate(model: type[M], data: dict[str, Any], source: str) -> M:
         raise ConfigError(describe_errors(e, source)) from None
 
 
+def with_tracking_environment(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``tracking.uri`` / ``tracking.experiment`` taken from the environment where set.
+    Strings as they are (not parsed as YAML like --set: an experiment named 2026 stays a name)."""
+    found = {field: os.environ[name] for field, name in TRACKING_ENVIRONMENT.items() if os.environ.get(name)}
+    tracking = data.get("tracking")
+    if not found or not isinstance(tracking, (dict, type(None))):  # a malformed section: validation names it
+        return data
+    return {**data, "tracking": {**(tracking or {}), **found}}
+
+
 def load_config(model: type[M], path: str | os.PathLike, overrides: list[str] | None = None) -> M:
-    """Read, override and validate a config file; every problem is a ConfigError naming the key."""
+    """Read, override and validate a config file; every problem is a ConfigError naming the key.
+    Order, last wins: the file, the MLflow environment (for a model with a ``tracking`` section), --set."""
     overrides = overrides or []
-    data = apply_overrides(read_yaml(path), overrides)
+    data = read_yaml(path)
+    if "tracking" in model.model_fields:
+        data = with_tracking_environment(data)
+    data = apply_overrides(data, overrides)
     source = str(path) + (" (with --set overrides)" if overrides else "")
     return validate(model, data, source)
 

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+from contextlib import contextmanager
 from typing import Any
 
 from components.common.redact import redact, redact_text
@@ -24,9 +25,14 @@ log = logging.getLogger(__name__)
 MAX_UNSENT = 100_000  # metric points kept while the server is away (~10 MB)
 QUIET_AFTER_FAILURE_S = 60.0
 
-# MLflow's SQLite store is the embedded default; keep its logs quiet and its telemetry off.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def telemetry_off_unless_asked() -> None:
+    """The ``latentflow`` command's choice for its own process and the Ray workers it starts: MLflow's
+    usage telemetry off unless the user set ``MLFLOW_DISABLE_TELEMETRY`` / ``DO_NOT_TRACK``. Not done
+    at import: a library that imports this module keeps its own environment."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
 class TrackingConfigError(ValueError):
@@ -74,8 +80,9 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def resolve_tracking(uri: str | None, root_uri: str) -> tuple[str, str | None]:
     """(tracking URI, artifact location for new experiments or None to let the server decide).
 
-    Order: the config's ``tracking.uri``, then ``MLFLOW_TRACKING_URI``, then an SQLite database
-    under a local storage root with artifacts beside it."""
+    Order: the config's ``tracking.uri`` (where ``load_config`` already put ``MLFLOW_TRACKING_URI``
+    over the file's value), then ``MLFLOW_TRACKING_URI`` (a config built in code), then an SQLite
+    database under a local storage root with artifacts beside it."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     root_is_s3 = root_uri.startswith("s3://")
     if uri is None:
@@ -103,17 +110,25 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# The MLflow UI opens an experiment on what its kind says: runs for model training, traces for GenAI.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(uri: str, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created if absent, marked as model training (unless someone marked it)."""
     from mlflow.exceptions import MlflowException
 
     client = client_for(uri)
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # created concurrently by another process
-        return client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException:  # created concurrently by another process
+            found = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return found.experiment_id
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -127,11 +142,13 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 class StepTracker:
-    """Logs to one MLflow run by id; picklable, so it travels to Ray tasks and Train workers."""
+    """Logs to one MLflow run by id; picklable, so it travels to Ray tasks and Train workers.
+    ``progress``: the step's line to the driver's live view (``components.common.progress``)."""
 
-    def __init__(self, tracking_uri: str, run_id: str | None):
+    def __init__(self, tracking_uri: str, run_id: str | None, progress=None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.progress = progress
         self._client = None
         self._unsent: list = []  # metrics that failed to send, sent with the next call that works
         self.failures = 0
@@ -213,17 +230,20 @@ class StepTracker:
             self._safely(f"log_text {artifact_file}", lambda: self.client.log_text(self.run_id, redact_text(text),
                                                                                  artifact_file))
 
-    def log_image(self, image, artifact_file: str) -> None:
-        """``image``: a PIL image or an HxW / HxWxC uint8 array."""
+    def log_image(self, image, artifact_file: str | None = None, key: str | None = None,
+                  step: int | None = None) -> None:
+        """``image``: a PIL image or an HxW / HxWxC uint8 array. Either an ``artifact_file``, or a
+        ``key`` and ``step``: one image of a series, which the run page's Images view shows by step."""
         if self.enabled:
-            self._safely(f"log_image {artifact_file}",
-                         lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+            self._safely(f"log_image {artifact_file or key}",
+                         lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file, key=key,
+                                                       step=step))
 
     def child(self, run_name: str, tags: dict[str, Any] | None = None) -> "StepTracker":
         """A run nested under this one (e.g. one round of a step), in the same experiment; finish
         it with ``end``. Disabled when this tracker is."""
         if not self.enabled:
-            return StepTracker(self.tracking_uri, None)
+            return StepTracker(self.tracking_uri, None, self.progress)
         created = []
 
         def create():
@@ -233,7 +253,7 @@ class StepTracker:
                 **inherited, **redact_tags(tags or {}), "mlflow.parentRunId": self.run_id}))
 
         self._safely(f"create child run {run_name!r}", create)  # without a server: a disabled child
-        return StepTracker(self.tracking_uri, created[0].info.run_id if created else None)
+        return StepTracker(self.tracking_uri, created[0].info.run_id if created else None, self.progress)
 
     def end(self, failed: bool = False, status: str | None = None) -> None:
         if self.enabled:
@@ -246,6 +266,33 @@ class StepTracker:
         if self.enabled:
             self._safely(f"log_artifact {local_path}",
                          lambda: self.client.log_artifact(self.run_id, local_path, artifact_path))
+
+
+@contextmanager
+def system_metrics(tracker: "StepTracker | None", node_rank: int = 0):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where ``pynvml`` is installed) of
+    this machine, sampled every 10 s into the tracker's run as ``system/...`` (``system/node<k>/...``
+    for nodes after the first) while the block runs. Never fails the block."""
+    monitor = None
+    if tracker is not None and tracker.enabled:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(tracker.run_id, tracking_uri=tracker.tracking_uri,
+                                           node_id=f"node{node_rank}" if node_rank else None)
+            monitor.start()
+        except Exception as e:  # noqa: BLE001 - monitoring is best-effort
+            log.warning("MLflow system metrics are off for run %s (%s: %s)", tracker.run_id, type(e).__name__,
+                        redact_text(str(e))[:200])
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def redact_tags(tags: dict[str, Any]) -> dict[str, str]:

@@ -102,13 +102,21 @@ def ray_worker(config: dict) -> None:
     # for minutes at a log step while a tracking server is down; the tracker buffers instead.
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
         os.environ.setdefault(name, value)
-    train_loop(config["task"], TrainConfig(**config["train"]), RaySession(), config["tracker"],
-               config.get("audit_uri"))
+    import ray.train
+
+    from components.common.tracking import system_metrics
+
+    context = ray.train.get_context()
+    machine_tracker = config["tracker"] if context.get_local_rank() == 0 else None  # one monitor per node
+    with system_metrics(machine_tracker, context.get_node_rank()):
+        train_loop(config["task"], TrainConfig(**config["train"]), RaySession(), config["tracker"],
+                   config.get("audit_uri"), config.get("name", "train"))
 
 
 def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker | None",
-               audit_uri: str | None = None) -> dict:
-    """Build, resume, train to ``cfg.max_steps``, export. Returns the final checkpoint's metrics."""
+               audit_uri: str | None = None, name: str = "train") -> dict:
+    """Build, resume, train to ``cfg.max_steps``, export. Returns the final checkpoint's metrics.
+    ``name``: what the progress bar calls this training (a distill round: round_1, ...)."""
     import torch
 
     from components.common.ema import EMA
@@ -130,20 +138,23 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
     source = _batch_source(task, cfg, session)
     audit = DataAudit(audit_uri, rank, session.node_id, state.step) if audit_uri else None
     try:
-        _train_steps(task, cfg, session, tracker, engine, ema, state, _batch_stream(source, state, audit), audit)
+        _train_steps(task, cfg, session, tracker, engine, ema, state, _batch_stream(source, state, audit), audit,
+                     name)
     finally:
         source.close()
     return _save(session, engine, ema, state, task, audit, export=lambda out: _export(task, engine, ema, out, rank))
 
 
-def _train_steps(task, cfg: TrainConfig, session, tracker, engine, ema, state: TrainState, batches, audit) -> None:
+def _train_steps(task, cfg: TrainConfig, session, tracker, engine, ema, state: TrainState, batches, audit,
+                 name: str = "train") -> None:
     """The loop, top to bottom: batch, forward, loss, finite-check, backward, clip, step, EMA, log."""
     from components.common.engine import grad_norm as own_grad_norm, needs_own_grad_norm
     from components.common.progress import progress_bar
 
     rank, world = session.rank, session.world_size
     window = _Window()
-    bar = progress_bar(cfg.max_steps, desc="train", unit="step") if rank == 0 else None
+    channel = tracker.progress if tracker is not None else None
+    bar = progress_bar(cfg.max_steps, desc=name, unit="step", channel=channel) if rank == 0 else None
     if bar is not None:
         bar.update(state.step)
     nonfinite_in_row, grad_norm = 0, float("nan")
@@ -184,12 +195,28 @@ def _train_steps(task, cfg: TrainConfig, session, tracker, engine, ema, state: T
             state.last_metrics = window.summary(engine.get_lr()[0], grad_norm, state)
             if rank == 0 and tracker is not None:
                 tracker.log_metrics(state.last_metrics, step=state.step)
-        if bar is not None:
-            bar.update(1)
+        if bar is not None:  # the driver's view shows the latest window's loss and throughput
+            bar.update(1, **{k: state.last_metrics[k] for k in ("loss", "images_per_s") if k in state.last_metrics})
         if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
             _save(session, engine, ema, state, task, audit)
+            if cfg.preview_at_checkpoints:
+                _log_preview(task, ema, tracker, state.step)
     if bar is not None:
         bar.close()
+
+
+def _log_preview(task: TrainTask, ema, tracker, step: int) -> None:
+    """Rank 0 (the one with the EMA): the task's preview as an image series; never fails training."""
+    if ema is None or tracker is None or not tracker.enabled or not callable(getattr(task, "preview", None)):
+        return
+    try:
+        drawn = task.preview(ema)
+    except Exception as e:  # noqa: BLE001 - a picture is not worth a failed step
+        logger.warning("preview at step %d failed (%s: %s); training goes on", step, type(e).__name__, e)
+        return
+    if drawn is not None:
+        key, image = drawn
+        tracker.log_image(image, key=key, step=step)
 
 
 def _save(session, engine, ema, state: TrainState, task: TrainTask, audit: "DataAudit | None",

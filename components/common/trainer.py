@@ -74,6 +74,9 @@ class TrainConfig(StrictModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 (dynamic loss scaling) needs GPUs
     ema_decay: float = Field(0.9999, ge=0, le=1)
     checkpoint_every: int = Field(1000, ge=1)
+    # At each checkpoint rank 0 logs the task's preview (a DiT's sample grid) as an MLflow image
+    # series (log_image key/step), so the run page shows it improving; false: only the final one.
+    preview_at_checkpoints: bool = True
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(50, ge=1)
     max_nonfinite_in_row: int = Field(10, ge=1)
@@ -184,7 +187,7 @@ def fit(task: TrainTask, cfg: TrainConfig, ctx: "StepContext", name: str = "trai
     check_pool_fits_cluster(ctx.step, res)
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     filesystem, storage_path = arrow_filesystem(ctx.checkpoint_uri)
-    loop_config = {"task": task, "train": cfg.model_dump(), "tracker": ctx.tracker,
+    loop_config = {"task": task, "train": cfg.model_dump(), "tracker": ctx.tracker, "name": name,
                    "audit_uri": ctx.output.uri(DATA_AUDIT_DIR) if cfg.audit_data else None}
     def new_trainer():
         # max_failures=0: Ray Train would retry every worker error, a ValueError as readily as a dead

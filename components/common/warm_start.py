@@ -1,8 +1,9 @@
 """Warm starts from the MLflow Model Registry: a learned step may begin from the weights of a
 registered model (``warm_start: models:/mnist-dit@champion``) instead of a fresh initialisation.
 
-``latentflow retrain`` registers each step's output location as the version's source, so the
-weights are read from there (safetensors, never pickles). With no such model yet (the first
+``latentflow retrain`` records each version's step manifest (tag ``latentflow.manifest_uri``), so
+the weights are read from the step's output in storage, checked against the sha256 that manifest
+recorded (safetensors, never pickles). With no such model yet (the first
 scheduled run has no champion) the step trains from scratch and says so; either way the choice is
 recorded in the step's meta and MLflow tags. The alias is resolved when the step runs: the cache key
 holds the ``models:/`` URI, not the version, so a step re-runs when its data or config change, not
@@ -56,12 +57,25 @@ def warm_start_source(tracking_uri: str | None, model_uri: str | None, weights_n
     from components.common.step import FileRef, read_manifest_at
 
     log.info("warm_start: initialising from %s = %s v%s (%s)", model_uri, version.name, version.version, version.source)
+    manifest_uri = step_manifest_uri(version)
     try:
-        ref = FileRef.of(read_manifest_at(f"{version.source.rstrip('/')}/manifest.json"), weights_name)
+        ref = FileRef.of(read_manifest_at(manifest_uri), weights_name)
     except KeyError:
-        raise ValueError(f"warm_start {model_uri}: its step's manifest ({version.source}) lists no {weights_name}") from None
+        raise ValueError(f"warm_start {model_uri}: its step's manifest ({manifest_uri}) lists no {weights_name}") from None
     return ref, {"warm_start": model_uri, "warm_start_version": f"{version.name}/{version.version}",
-                 "warm_start_source": version.source}
+                 "warm_start_source": manifest_uri.rsplit("/", 1)[0]}
+
+
+def step_manifest_uri(version) -> str:
+    """The manifest of the step a version was registered from. Versions are ``models:/<model id>``
+    (an MLflow LoggedModel) with the manifest in a tag; older ones had the step's location as source."""
+    tagged = dict(version.tags or {}).get("latentflow.manifest_uri")
+    if tagged:
+        return tagged
+    if version.source.startswith("models:/"):
+        raise ValueError(f"{version.name} v{version.version}: no latentflow.manifest_uri tag; register it again "
+                         "with `latentflow retrain`")
+    return f"{version.source.rstrip('/')}/manifest.json"
 
 
 def load_into(model, ref: "FileRef | None"):

@@ -34,6 +34,7 @@ from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 
 CODE_VERSION = "1"
 SAMPLES = "samples.png"
+SAMPLES_SERIES = "samples"  # the grid as an MLflow image series: one per checkpoint, and the final one
 # Tests only: a worker raises once it reaches this step (read on the driver when the task is built,
 # so it travels to the workers inside the pickled task). Never set it in a real run.
 FAIL_AT_STEP_ENV = "LATENTFLOW_TEST_DIT_FAIL_AT_STEP"
@@ -123,6 +124,23 @@ class DitTask:
         from components.common.task_parts import export_weights
 
         export_weights(model, ema_model, out_dir, DIT_WEIGHTS, DIT_RAW_WEIGHTS, DIT_META, self.meta)
+
+    def preview(self, ema) -> tuple[str, "Image.Image"] | None:
+        """The step's sample grid drawn with the EMA weights so far (the trainer's checkpoint hook)."""
+        from components.autoencoder.load import load_autoencoder
+        from components.dit.generate import class_grid, generate
+        from components.dit.model import DiT
+
+        if self.autoencoder_manifest is None and self._ae is None:
+            return None
+        if self._ae is None:
+            self.set_autoencoder(*load_autoencoder(self.autoencoder_manifest))
+        ae, ae_meta = self._ae
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a Ray GPU worker sees its own GPU as cuda:0
+        dit = ema.copy_to(DiT(**self.model_kwargs)).to(device).eval()
+        labels = grid_labels(int(self.meta["num_classes"]), self.cfg.grid_classes, self.cfg.grid_per_label)
+        images = generate(dit, self.meta, ae.to(device), ae_meta, labels, self.cfg.sample)
+        return SAMPLES_SERIES, class_grid(images, labels, self.cfg.grid_per_label)
 
 
 class LatentDitTask(DitTask):
@@ -240,6 +258,7 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     grid = class_grid(images, labels, cfg.grid_per_label)
     ctx.output.write_bytes(SAMPLES, png_bytes(grid))
     ctx.tracker.log_image(grid, SAMPLES)
+    ctx.tracker.log_image(grid, key=SAMPLES_SERIES, step=cfg.train.max_steps)
     sample_seconds = time.perf_counter() - started
 
     final = result.metrics

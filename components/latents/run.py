@@ -215,7 +215,7 @@ def encode_all(jobs: list[tuple[str, int, str]], shard: Manifest, ae: Manifest, 
                                "output": ctx.output})
     total = int(shard.metrics.get("num_train", 0) + shard.metrics.get("num_val", 0)) or None
     results: list[dict[str, Any]] = []
-    with closing(progress_bar(total, "latents: images encoded", unit="image")) as bar:
+    with closing(progress_bar(total, "images encoded", unit="image", channel=ctx.tracker.progress)) as bar:
         for row in encoded.iter_rows():
             results.append(plain_result(row))
             bar.update(results[-1]["count"])

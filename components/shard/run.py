@@ -190,7 +190,7 @@ def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig,
     results: list[dict[str, Any]] = []
     skipped = 0
     jobs = ((index, chunk, source, cfg, ctx.output) for index, chunk in enumerate(chunks))
-    with closing(progress_bar(total, "shard: samples written", unit="sample")) as bar:
+    with closing(progress_bar(total, "samples written", unit="sample", channel=ctx.tracker.progress)) as bar:
         for result in bounded_imap(shard_chunk, jobs, ctx.resources.num_workers, ctx.resources.cpus_per_worker):
             if result["error"]:
                 bad = result["error"]
@@ -199,7 +199,7 @@ def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig,
             skipped += len(result["skipped"])
             bar.update(sum(sum(c.values()) for c in result["counts"].values()))
             if skipped:
-                bar.set_description(f"shard: samples written ({skipped} skipped)")
+                bar.set_description(f"samples written ({skipped} skipped)")
     return sorted(results, key=lambda r: r["chunk"])
 
 

@@ -237,6 +237,7 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     grid = image_grid(cells, nrow=columns)
     ctx.output.write_bytes(GRID, png_bytes(grid))
     ctx.tracker.log_image(grid, GRID)
+    ctx.tracker.log_image(grid, key="samples", step=cfg.train.max_steps)  # the run page's Images view
 
     final = result.metrics
     metrics = {**quality, "loss": float(final.get("loss", float("nan"))),
