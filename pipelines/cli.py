@@ -18,6 +18,7 @@ from components.common.redact import install_log_redaction, install_output_redac
 from components.common.step import IntegrityError
 from components.common.storage import Storage, StorageError, s3_credentials_available
 from components.common.tracking import TrackingConfigError
+from pipelines.console import STATE_STYLE as STATUS_STYLE
 
 app = typer.Typer(
     add_completion=False,
@@ -87,8 +88,6 @@ VERBOSE_HELP = ("Also show what Ray, the workers, DeepSpeed and MLflow print (al
                 "log file, workflows/<id>/logs/ under the storage root).")
 JSON_HELP = "Print one JSON document on stdout instead of tables (messages go to stderr)."
 
-STATUS_STYLE = {"ran": "green", "cached": "cyan", "failed": "bold red", "killed": "bold red", "skipped": "yellow",
-                "would_run": "green", "running": "white"}
 
 
 def load(config: str, overrides: list[str]):

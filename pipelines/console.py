@@ -35,7 +35,7 @@ from components.common.storage import Storage, StorageError
 POLL_S = 1.0
 QUARTERS = (25, 50, 75)  # where a non-interactive view prints a step's progress
 STATE_STYLE = {"ran": "green", "cached": "cyan", "failed": "bold red", "killed": "bold red", "skipped": "yellow",
-               "running": "white", "pending": "dim"}
+               "running": "white", "pending": "dim", "would_run": "green"}  # `plan`'s word for a step to run
 
 
 def log_location(workflow_id: str) -> str:

@@ -75,6 +75,20 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, log_path, timeout_s: float, what: str) -> None:
+    """Until ``url`` answers; a server that exits or stays silent fails with its log's tail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not answer {url}:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server, tmp_path_factory):
     import boto3
@@ -88,16 +102,7 @@ def mlflow_server(s3_server, tmp_path_factory):
     log = open(workdir / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start:\n{(workdir / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    wait_for_http(f"{url}/health", proc, workdir / "server.log", 90, "mlflow server")
     yield url
     proc.terminate()
     try:

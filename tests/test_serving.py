@@ -27,7 +27,7 @@ from components.dit.load import DIT_META, DIT_RAW_WEIGHTS
 from components.dit.train import LatentDitTask, resolve_model_kwargs
 from components.serving.generator import load_generator, png
 from components.serving.log import copy_component
-from conftest import REPO as REPO_ROOT, free_port
+from conftest import REPO as REPO_ROOT, free_port, wait_for_http
 from pipelines.models import MODEL_ID_KEY, try_log_step_model
 from test_dit import CLASSES, LATENT, dit_cfg, untrained_autoencoder_manifest
 
@@ -55,19 +55,6 @@ def untrained_dit_manifest(root, ae: Manifest, run_id: str) -> Manifest:
     files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in ("dit.safetensors", DIT_RAW_WEIGHTS, DIT_META)]
     return Manifest(step="dit", cache_key="k", code_version="1", location=str(out), config={}, upstream={},
                     files=files, mlflow_run_id=run_id, workflow_id="wf")
-
-
-def wait_for(url: str, proc: subprocess.Popen, log_path, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"`mlflow models serve` did not answer:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
 
 
 def test_a_logged_generator_loads_serves_and_answers_with_the_same_images(mlflow_server, tmp_path):
@@ -117,7 +104,7 @@ def test_a_logged_generator_loads_serves_and_answers_with_the_same_images(mlflow
                                  "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(f"http://127.0.0.1:{port}/ping", proc, log_path)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, log_path, 240, "`mlflow models serve`")
         body = json.dumps({"dataframe_records": request.to_dict(orient="records")}).encode()
         reply = urllib.request.urlopen(urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}),

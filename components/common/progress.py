@@ -104,10 +104,7 @@ class StepProgress:
     def update(self, n: int = 1, **metrics: float) -> None:
         self.done += n
         self.metrics.update(metrics)
-        finished = self.total is not None and self.done >= self.total
-        if self.channel is not None:
-            self.channel.report(force=finished, done=self.done, total=self.total, unit=self.unit, desc=self.desc,
-                                **self.metrics)
+        self._send(force=self.total is not None and self.done >= self.total)
         if self.total:
             tenth = min(10, self.done * 10 // self.total)
             if tenth > self._logged_tenth:
@@ -118,10 +115,13 @@ class StepProgress:
     def set_description(self, text: str) -> None:
         self.desc = text
 
-    def close(self) -> None:
+    def _send(self, force: bool) -> None:
         if self.channel is not None:
-            self.channel.report(force=True, done=self.done, total=self.total, unit=self.unit, desc=self.desc,
+            self.channel.report(force=force, done=self.done, total=self.total, unit=self.unit, desc=self.desc,
                                 **self.metrics)
+
+    def close(self) -> None:
+        self._send(force=True)
 
     def __enter__(self):
         return self
