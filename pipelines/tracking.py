@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from components.common.redact import redact_config, redact_text
+from components.common.redact import redact_command, redact_config, redact_text
 from components.common.step import Manifest
 from components.common.tracking import StepTracker, check_reachable, client_for, ensure_experiment, redact_tags
 from pipelines.workflow import Step, WorkflowResult
@@ -133,9 +133,9 @@ def source_tags() -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):  # a container user without a passwd entry
         user = "unknown"
-    command = " ".join(["latentflow", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "latentflow"
+    command = redact_command(["latentflow", *sys.argv[1:]] if sys.argv and sys.argv[0] else ["latentflow"])
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job supervisor for a job's driver
-    return {"mlflow.user": user, "mlflow.source.name": redact_text(command)[:500],
+    return {"mlflow.user": user, "mlflow.source.name": command[:500],
             "mlflow.source.type": "JOB" if in_job else "LOCAL"}
 
 

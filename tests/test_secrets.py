@@ -17,7 +17,7 @@ import pytest
 from conftest import ARTIFACT_BUCKET, REPO, free_port, latentflow
 from components.common import redact as redact_module
 from components.common.redact import (MASK, RedactingFilter, find_secrets, install_log_redaction, redact,
-                                      redact_config, redact_text)
+                                      redact_command, redact_config, redact_text)
 from pipelines.jobs import JobError, entrypoint, runtime_env
 
 SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
@@ -61,6 +61,14 @@ def test_url_userinfo_is_masked_alone_and_inside_text():
 def test_known_token_shapes_are_masked(token):
     assert redact_text(f"x {token} y") == f"x {MASK} y"
     assert redact({"note": token}) == {"note": MASK}
+
+
+def test_a_command_line_loses_the_values_of_secret_named_settings():
+    args = ["latentflow", "run", "--set", "ray.runtime_env.env_vars.MY_API_TOKEN=tok-1234", "--set=db.password=pw",
+            "--set", "shard.samples_per_shard=20", "--set", "tracking.uri=http://u:p@host:5000"]
+    assert redact_command(args) == ("latentflow run --set ray.runtime_env.env_vars.MY_API_TOKEN=*** "
+                                    "--set=db.password=*** --set shard.samples_per_shard=20 "
+                                    "--set tracking.uri=http://***@host:5000")
 
 
 def test_bearer_and_generic_high_entropy_values_are_masked():

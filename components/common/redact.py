@@ -118,6 +118,18 @@ def redact_text(text: str, generic: bool = True) -> str:
     return _LONG_RUN.sub(_mask_random, text) if generic else text
 
 
+def redact_command(args: list[str]) -> str:
+    """A command line fit to record: ``key=value`` arguments (``--set ray.env_vars.MY_TOKEN=...``)
+    whose key names a secret have the value masked, and the rest goes through :func:`redact_text`."""
+    def one(arg: str) -> str:
+        parts = arg.split("=")  # "--set=a.b.MY_TOKEN=v" as well as "a.b.MY_TOKEN=v"
+        for i, part in enumerate(parts[:-1]):
+            if is_secret_key(part.rsplit(".", 1)[-1]):
+                return "=".join(parts[:i + 1]) + "=" + MASK
+        return arg
+    return redact_text(" ".join(one(a) for a in args))
+
+
 def redact(value: Any, generic: bool = True) -> Any:
     """A copy of ``value`` (nested dicts, lists, tuples, strings) with every secret replaced."""
     if isinstance(value, dict):
