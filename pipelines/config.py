@@ -20,6 +20,7 @@ from components.latents.config import LatentsConfig
 from components.noisy_classifier.config import NoisyClassifierConfig
 from components.shard.config import ShardConfig
 from components.superres.config import SuperResConfig
+from pipelines.shapes import check_models_follow_data
 
 SUPERRES_STEP = "superres_{}"  # the k-th stage's step name, k from 1
 # evaluate metrics that compare a sample's class with the one asked for: meaningless for one class
@@ -69,6 +70,7 @@ class PipelineConfig(StrictModel):
         self._check_superres_levels()
         self._check_fp16_has_gpus()
         self._check_classes()
+        check_models_follow_data(self)
         if self.noisy_classifier and self.dit:
             mine, dits = self.noisy_classifier, self.dit
             if (mine.schedule, mine.num_timesteps) != (dits.schedule, dits.num_timesteps):
@@ -121,8 +123,8 @@ class PipelineConfig(StrictModel):
         the latent grid, base / f (the models' constructors refuse both)."""
         if self.autoencoder is None:
             return
-        from components.autoencoder.model import AUTOENCODER_PRESETS
-        from components.dit.model import DIT_PRESETS
+        from components.autoencoder.presets import AUTOENCODER_PRESETS
+        from components.dit.presets import DIT_PRESETS
 
         ae, size = self.autoencoder, self.base_size
         size_key = "autoencoder.image_size" if ae.image_size else "shard.image_size"
@@ -148,7 +150,7 @@ class PipelineConfig(StrictModel):
         a size that does not divide)."""
         if not self.superres:
             return
-        from components.superres.model import SUPERRES_PRESETS
+        from components.superres.presets import SUPERRES_PRESETS
 
         for k, stage in enumerate(self.superres):
             mults_key = f"superres.{k}." + ("model.channel_mults" if "channel_mults" in stage.model else "preset")

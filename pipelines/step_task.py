@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from components.common.lease import DEFAULT_TTL_S, StepLease
 from components.common.redact import redact_config
@@ -106,11 +107,13 @@ def wait_for_lease(lease: StepLease, root: Storage, name: str, key: str) -> Step
         time.sleep(POLL_S)
 
 
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def run_stage(s, key: str, inputs: dict[str, Manifest], ctx: StepContext, upstream: dict[str, str],
               commit: str | None) -> Manifest:
     """Run the stage and describe what it wrote; the manifest is written by the caller, last."""
-    from pipelines.workflow import now_iso
-
     started = now_iso()
     try:
         result = s.entry(s.config, inputs, ctx)

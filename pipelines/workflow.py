@@ -24,7 +24,6 @@ import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -124,10 +123,6 @@ def cache_key(s: Step, upstream: dict[str, str]) -> str:
             log.warning("step %s: cannot fingerprint its source (%s); it will run", s.name, e)
             material["source"] = f"unavailable: {type(e).__name__}"
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def git_commit() -> str | None:

@@ -32,7 +32,7 @@ from components.common.shard_reader import read_image_shards
 from components.common.step import FileRecord, Manifest, StepContext, StepOutput
 from components.common.storage import Storage
 from components.common.tracking import StepTracker
-from components.common.trainer import TrainConfig
+from components.common.train_types import TrainConfig
 
 _CACHE: dict[str, object] = {}
 TINY = dict(preset="ae-tiny", model={"in_channels": 1})
@@ -192,8 +192,11 @@ def test_lpips_from_a_local_file_joins_the_loss(tmp_path):
 
 
 def test_model_arguments_are_checked_against_the_shards():
-    with pytest.raises(ValueError, match="in_channels: 1"):
-        resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny"), INFO)
+    # ae-tiny is an RGB preset; on 1-channel shards it takes their channels
+    assert resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny"), INFO)["in_channels"] == 1
+    assert resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny"), {**INFO, "channels": 3})["in_channels"] == 3
+    with pytest.raises(ValueError, match=r"autoencoder.model.in_channels: 3 \(the data gives 1\)"):
+        resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny", model={"in_channels": 3}), INFO)
     with pytest.raises(ValueError, match="unknown argument"):
         resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny", model={"in_channels": 1, "depth": 3}), INFO)
     with pytest.raises(ValueError, match="not divisible"):

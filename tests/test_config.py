@@ -143,7 +143,7 @@ def test_redact_hides_secret_looking_keys():
 
 def test_cache_exempt_fields_stay_out_of_cache_keys():
     from components.common.config import StepConfig
-    from components.common.trainer import TrainConfig
+    from components.common.train_types import TrainConfig
 
     class Stage(StepConfig):
         lr_scale: float = 1.0
@@ -266,3 +266,28 @@ def test_class_accuracy_gate_on_a_one_class_folder(tmp_path):
     # no listing at plan time for S3 or inside shards: those are the steps' to check
     for source in ("s3://bucket/flat", f"webdataset:{tmp_path / 'shards'}"):
         assert load_pipeline_config(SMOKE, [f"shard.source={source}"]).shard.source == source
+
+
+def test_models_follow_the_data_and_a_disagreeing_setting_is_refused_naming_both(tmp_path):
+    rgb = load_pipeline_config(SMOKE, ["shard.channels=3"])  # nothing else to set: the models take 3 channels
+    assert rgb.shard.channels == 3 and "in_channels" not in rgb.autoencoder.model
+    text = refusal("shard.channels=3", "autoencoder.model.in_channels=1")
+    assert "autoencoder.model.in_channels is 1, but the data has 3 (shard.channels)" in text
+    assert load_pipeline_config(SMOKE, ["shard.channels=3", "autoencoder.model.in_channels=3"])  # agreeing is fine
+    text = refusal("dit.model.num_classes=3")
+    assert "dit.model.num_classes is 3, but the data has 10 (the classes of shard.source 'builtin:mnist')" in text
+    three = image_folder(tmp_path / "three", ["a", "b", "c"])
+    assert load_pipeline_config(SMOKE, [f"shard.source={three}", "dit.model.num_classes=3"])
+    # ae-mnist: 4 latent channels, f=4 on the 16 px base
+    assert "dit.model.in_channels is 8, but the data has 4 (the latent channels of autoencoder.preset" \
+        in refusal("dit.model.in_channels=8")
+    assert "dit.model.input_size is 8, but the data has 4 (autoencoder.image_size 16 / the autoencoder's f=4)" \
+        in refusal("dit.model.input_size=8")
+    assert "superres.0.model.in_channels is 1, but the data has 3 (shard.channels)" \
+        in refusal("shard.channels=3", "superres.0.model.in_channels=1")
+    assert "superres.0.model.num_classes is 10, but the data has 0 (superres.0.class_conditional is false)" \
+        in refusal("superres.0.model.num_classes=10")
+    assert "noisy_classifier.model.num_classes is 2" in refusal("noisy_classifier.preset=nc-tiny",
+                                                                 "noisy_classifier.model.num_classes=2")
+    # a class count only the shard step can know (inside tars, in S3) is left to the steps
+    assert load_pipeline_config(SMOKE, [f"shard.source=webdataset:{tmp_path}", "dit.model.num_classes=3"])

@@ -284,7 +284,7 @@ def dit_step_output(root, classes: list[str]):
 
 @pytest.mark.integration
 def test_progressive_step_resumes_inside_the_round_it_was_in(ray_cluster, tmp_path, monkeypatch):
-    from components.common.trainer import TrainingError
+    from components.common.train_types import TrainingError
     from components.distill.train import FAIL_AT_ENV, run as distill
     from tests.test_dit import mlflow_tracker, step_ctx, tiny_latent_inputs
 

@@ -83,7 +83,7 @@ def test_model_kwargs_and_grid_labels():
     cfg = dit_cfg(model={"depth": 1, "mlp_ratio": 2.0})
     kwargs = resolve_model_kwargs(cfg, [4, 8, 8], 10)
     assert (kwargs["depth"], kwargs["hidden_size"], kwargs["mlp_ratio"], kwargs["input_size"]) == (1, 64, 2.0, 8)
-    with pytest.raises(ValueError, match="data fixes"):
+    with pytest.raises(ValueError, match=r"dit.model.in_channels: 3 \(the data gives 4\)"):
         resolve_model_kwargs(dit_cfg(model={"in_channels": 3}), [4, 8, 8], 10)
     with pytest.raises(ValueError, match="unknown DiT preset"):
         resolve_model_kwargs(DitConfig(preset="DiT-Huge/2"), [4, 8, 8], 10)
@@ -244,7 +244,7 @@ def mlflow_tracker(tmp_path) -> StepTracker:
 
 @pytest.mark.integration
 def test_step_on_two_workers_resumes_after_a_crash_and_exports(ray_cluster, tmp_path, monkeypatch):
-    from components.common.trainer import TrainingError
+    from components.common.train_types import TrainingError
     from components.dit.train import run as train_dit
 
     inputs = tiny_latent_inputs(tmp_path)

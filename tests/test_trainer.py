@@ -21,7 +21,8 @@ from components.common.engine import deepspeed_config, lr_factor
 from components.common.step import StepContext
 from components.common.storage import Storage
 from components.common.tracking import StepTracker
-from components.common.trainer import TrainConfig, TrainingError, TrainTask, fit
+from components.common.train_types import TrainConfig, TrainingError, TrainTask
+from components.common.trainer import fit
 
 IN, ROWS = 8, 256
 TRUE_W = torch.linspace(-1, 1, IN)

@@ -22,7 +22,7 @@ from components.autoencoder.load import AE_META, AE_WEIGHTS, decode_scaled, enco
 from components.autoencoder.model import AutoencoderVQ, build_autoencoder
 from components.autoencoder.quantize import VectorQuantizer, code_statistics
 from components.autoencoder.train import RECONSTRUCTIONS, reconstruction_metrics, resolve_model_kwargs
-from components.common.trainer import TrainConfig
+from components.common.train_types import TrainConfig
 from test_autoencoder import INFO, TINY, digits, make_ctx, manifest_from, sqlite_tracker
 from test_models import AutoencoderContract
 
@@ -269,7 +269,7 @@ def write_digit_shards(root: Path, n_train: int = 192, n_val: int = 32):
 def fit_in_process(checkpoint_root: Path):
     """``trainer.fit`` without Ray: the same train loop, one rank, checkpoints under ``checkpoint_root``."""
     from components.common.train_loop import LocalSession, train_loop
-    from components.common.trainer import FitResult
+    from components.common.train_types import FitResult
 
     def fit(task, cfg, ctx, datasets=None, name="train"):
         metrics = train_loop(task, cfg, LocalSession(checkpoint_root), ctx.tracker)

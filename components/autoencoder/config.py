@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from components.common.config import StepConfig, StrictModel, known_preset
-from components.common.trainer import TrainConfig
+from components.autoencoder.presets import AUTOENCODER_PRESETS
+from components.common.train_types import TrainConfig
 
 
 class VQConfig(StrictModel):
@@ -54,7 +55,7 @@ class AutoencoderConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        return known_preset(value, "components.autoencoder.model", "AUTOENCODER_PRESETS", "autoencoder")
+        return known_preset(value, AUTOENCODER_PRESETS, "autoencoder")
 
     def cache_relevant(self) -> dict[str, Any]:
         """Only the chosen regularizer's settings: a kl config keeps the cache key it had before

@@ -48,6 +48,7 @@ from components.autoencoder.load import AE_META, AE_WEIGHTS, to_model_range
 from components.autoencoder.lpips import check_lpips_file, load_lpips
 from components.autoencoder.model import AUTOENCODER_CLASSES, AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderVQ
 from components.autoencoder.quantize import code_statistics
+from components.common.model_args import with_data_fixed
 from components.common.images import image_grid
 from components.common.shard_reader import read_image_shards
 from components.common.step import Manifest, StepContext, StepOutput
@@ -162,7 +163,8 @@ class AutoencoderTask:
 
 
 def resolve_model_kwargs(cfg: AutoencoderConfig, info: dict[str, Any]) -> dict[str, Any]:
-    """The preset with ``cfg.model`` applied, checked against the shards' channels and size; for
+    """The preset with ``cfg.model`` applied, its input channels the shards' (a setting that
+    disagrees is refused) and its factor checked against their size; for
     ``regularizer: vq`` the ``vq`` section's codebook arguments are added."""
     if cfg.preset not in AUTOENCODER_PRESETS:
         raise ValueError(f"autoencoder.preset: unknown {cfg.preset!r}; valid: {', '.join(AUTOENCODER_PRESETS)}")
@@ -172,10 +174,7 @@ def resolve_model_kwargs(cfg: AutoencoderConfig, info: dict[str, Any]) -> dict[s
         raise ValueError(f"autoencoder.model: unknown argument(s) {sorted(unknown)}; "
                          f"valid: {sorted(AUTOENCODER_PRESETS[cfg.preset])}")
     kwargs["channel_mult"] = list(kwargs["channel_mult"])
-    if kwargs["in_channels"] != info["channels"]:
-        raise ValueError(f"autoencoder preset {cfg.preset!r} takes {kwargs['in_channels']}-channel images but the "
-                         f"shards hold {info['channels']}-channel ones; set autoencoder.model.in_channels: "
-                         f"{info['channels']}")
+    kwargs.update(with_data_fixed("autoencoder", cfg.model, {"in_channels": int(info["channels"])}))
     f = 2 ** (len(kwargs["channel_mult"]) - 1)
     size = base_size(cfg, info)
     if size % f:

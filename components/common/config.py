@@ -195,12 +195,9 @@ def load_config(model: type[M], path: str | os.PathLike, overrides: list[str] | 
     return validate(model, data, source)
 
 
-def known_preset(value: str, module: str, table: str, what: str) -> str:
-    """A ``preset`` field's validator: ``value`` must be a key of ``module.table``. The model module
-    (and torch) is imported when a config is validated, not when the config module is."""
-    import importlib
-
-    presets = getattr(importlib.import_module(module), table)
+def known_preset(value: str, presets: dict[str, Any], what: str) -> str:
+    """A ``preset`` field's validator: ``value`` must be a key of ``presets`` (a stage's
+    ``presets.py``: plain data, so checking a config imports no torch)."""
     if value not in presets:
         raise ValueError(f"unknown {what} preset {value!r}; valid presets: {', '.join(presets)}")
     return value

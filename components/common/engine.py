@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from components.common.trainer import TrainConfig
+    from components.common.train_types import TrainConfig
 
 
 def deepspeed_config(cfg: "TrainConfig", world_size: int) -> dict[str, Any]:

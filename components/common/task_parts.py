@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from components.common.step import Manifest
     from components.common.stream import BatchSource
-    from components.common.trainer import TrainConfig
+    from components.common.train_types import TrainConfig
 
 
 def image_source(shard: "Manifest | None", in_memory: "tuple[torch.Tensor, torch.Tensor] | None",

@@ -18,7 +18,7 @@ from components.common import checkpoint
 from components.common.checkpoint import TrainState
 from components.common.epoch_plan import mix_seed
 from components.common.stream import StreamedBatch
-from components.common.trainer import NonFiniteLossError, TrainConfig, TrainTask
+from components.common.train_types import NonFiniteLossError, TrainConfig, TrainTask
 
 if TYPE_CHECKING:
     import torch

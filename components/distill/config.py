@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from components.common.config import StrictModel, StepConfig
-from components.common.trainer import TrainConfig
+from components.common.train_types import TrainConfig
 
 
 class ProgressiveConfig(StrictModel):

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from components.common.config import StrictModel, StepConfig, known_preset
-from components.common.trainer import TrainConfig
+from components.dit.presets import DIT_PRESETS
+from components.common.train_types import TrainConfig
 
 
 # The settings of the score-based samplers, by the sampler that reads them
@@ -82,4 +83,4 @@ class DitConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        return known_preset(value, "components.dit.model", "DIT_PRESETS", "DiT")
+        return known_preset(value, DIT_PRESETS, "DiT")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.dit.config import DitConfig
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
@@ -177,10 +178,8 @@ def resolve_model_kwargs(cfg: DitConfig, latent_shape, num_classes: int) -> dict
     channels, height, width = (int(s) for s in latent_shape)
     if height != width:
         raise ValueError(f"the DiT needs square latents, got {channels}x{height}x{width}")
-    fixed = {"input_size": height, "in_channels": channels, "num_classes": num_classes}
-    clash = {k: v for k, v in cfg.model.items() if k in fixed and v != fixed[k]}
-    if clash:
-        raise ValueError(f"dit.model sets {clash}, but the data fixes {fixed}")
+    fixed = with_data_fixed("dit", cfg.model, {"input_size": height, "in_channels": channels,
+                                               "num_classes": num_classes})
     kwargs = {**DIT_PRESETS[cfg.preset], **fixed, "learn_sigma": cfg.learn_sigma,
               "class_dropout_prob": cfg.class_dropout_prob, **cfg.model}
     try:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CLASSIFIER_PRESETS: dict[str, dict] = {
-    "cnn-small": {"widths": (32, 64, 128), "feature_dim": 128},
-    "cnn-tiny": {"widths": (8, 16, 16), "feature_dim": 32},
-}
+from components.evaluate.presets import CLASSIFIER_PRESETS
+
 
 
 class EvalClassifier(nn.Module):

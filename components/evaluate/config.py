@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from components.common.config import StrictModel, StepConfig, known_preset
+from components.evaluate.presets import CLASSIFIER_PRESETS
 from components.dit.config import SamplingConfig
 
 
@@ -23,7 +24,7 @@ class ClassifierTrainConfig(StrictModel):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        return known_preset(value, "components.evaluate.classifier", "CLASSIFIER_PRESETS", "classifier")
+        return known_preset(value, CLASSIFIER_PRESETS, "classifier")
 
 
 class InceptionConfig(StrictModel):

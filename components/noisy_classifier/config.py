@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from components.common.config import StepConfig, known_preset
-from components.common.trainer import TrainConfig
+from components.noisy_classifier.presets import NOISY_CLASSIFIER_PRESETS
+from components.common.train_types import TrainConfig
 
 
 class NoisyClassifierConfig(StepConfig):
@@ -24,4 +25,4 @@ class NoisyClassifierConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        return known_preset(value, "components.noisy_classifier.model", "NOISY_CLASSIFIER_PRESETS", "noisy classifier")
+        return known_preset(value, NOISY_CLASSIFIER_PRESETS, "noisy classifier")

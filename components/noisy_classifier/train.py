@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.noisy_classifier.config import NoisyClassifierConfig
 
@@ -129,8 +130,8 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
         raise ValueError(f"noisy_classifier.preset: unknown preset {cfg.preset!r}; valid: "
                          f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")
     shape = [int(s) for s in latents.info["latent_shape"]]
-    model_kwargs = {**NOISY_CLASSIFIER_PRESETS[cfg.preset], "in_channels": shape[0], "num_classes": len(classes),
-                    **cfg.model}
+    fixed = with_data_fixed("noisy_classifier", cfg.model, {"in_channels": shape[0], "num_classes": len(classes)})
+    model_kwargs = {**NOISY_CLASSIFIER_PRESETS[cfg.preset], **cfg.model, **fixed}
     probe = NoisyClassifier(**model_kwargs)
     meta = {"preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule,
             "num_timesteps": cfg.num_timesteps, "classes": list(classes), "latent_shape": shape,

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from components.common.config import StepConfig, StrictModel, known_preset
-from components.common.trainer import TrainConfig
+from components.superres.presets import SUPERRES_PRESETS
+from components.common.train_types import TrainConfig
 
 
 class NoiseAugmentationConfig(StrictModel):
@@ -91,4 +92,4 @@ class SuperResConfig(StepConfig):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        return known_preset(value, "components.superres.model", "SUPERRES_PRESETS", "super-resolution")
+        return known_preset(value, SUPERRES_PRESETS, "super-resolution")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.superres.config import SuperResConfig
 from components.superres.load import SR_META, SR_RAW_WEIGHTS, SR_WEIGHTS
@@ -130,10 +131,8 @@ def resolve_model_kwargs(cfg: SuperResConfig, channels: int, num_classes: int) -
 
     if cfg.preset not in SUPERRES_PRESETS:
         raise ValueError(f"superres.preset: unknown preset {cfg.preset!r}; valid: {', '.join(SUPERRES_PRESETS)}")
-    fixed = {"in_channels": channels, "out_size": cfg.output_size, "num_classes": num_classes}
-    clash = {k: v for k, v in cfg.model.items() if k in fixed and v != fixed[k]}
-    if clash:
-        raise ValueError(f"superres.model sets {clash}, but the data and stage fix {fixed}")
+    fixed = with_data_fixed("superres", cfg.model, {"in_channels": channels, "out_size": cfg.output_size,
+                                                    "num_classes": num_classes})
     kwargs = {**SUPERRES_PRESETS[cfg.preset], **cfg.model, **fixed}
     try:
         bound = inspect.signature(EfficientUNet).bind(**kwargs)
