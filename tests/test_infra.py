@@ -619,6 +619,8 @@ FAKE_KUBECTL = """#!/bin/sh
 # kubectl for the launcher's script: each status read takes the next line of $FAKE/states (ERR: a failed call)
 case "$*" in
   create*) echo rayjob.ray.io/latentflow-retrain-x7k2q ;;
+  "get rayjobs -l app.kubernetes.io/component=nightly-retrain"*) cat "$FAKE/listed" ;;
+  delete*) echo "$2" >> "$FAKE/deleted" ;;
   *jobDeploymentStatus*)
     line=$(head -n 1 "$FAKE/states"); sed -i 1d "$FAKE/states"
     [ "$line" = ERR ] && exit 1
@@ -653,6 +655,9 @@ def test_cron_launcher_ends_on_every_final_state(tmp_path, states, job_status, o
         (bin_dir / name).chmod(0o755)
     (tmp_path / "states").write_text("".join(f"{s}\n" for s in states))
     (tmp_path / "job_status").write_text(job_status)
+    # ten nights listed oldest first, tonight's last: the three oldest go, tonight's and six more stay
+    nights = [f"rayjob.ray.io/latentflow-retrain-n{i}" for i in range(9)] + ["rayjob.ray.io/latentflow-retrain-x7k2q"]
+    (tmp_path / "listed").write_text("".join(f"{n}\n" for n in nights))
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE": str(tmp_path)}
     done = subprocess.run(["/bin/sh", "-c", launcher_script()], env=env, capture_output=True, text=True, timeout=20)
     assert (done.returncode == 0) == ok, done.stdout + done.stderr
@@ -662,6 +667,7 @@ def test_cron_launcher_ends_on_every_final_state(tmp_path, states, job_status, o
     assert len(slept) == len(states) - 1
     if not ok:
         assert "spec.rayClusterSpec: invalid" in done.stderr  # the operator's reason, for the CronJob's log
+    assert (tmp_path / "deleted").read_text().split() == nights[:3]  # pruned whatever the outcome
 
 
 def test_the_mlflow_server_is_the_service_the_config_maps_name():
@@ -734,8 +740,9 @@ def test_cron_launchers_create_their_rayjob_with_the_rights_they_need():
                 for rule in roles.get(d.data["roleRef"]["name"], {}).get("rules", []):
                     if "ray.io" in rule.get("apiGroups", []) and "rayjobs" in rule.get("resources", []):
                         granted |= set(rule.get("verbs", []))
-        if not {"create", "get"} <= granted:
-            problems.append(f"{cron.where}: {account!r} may not create and get rayjobs.ray.io ({sorted(granted)})")
+        if not {"create", "get", "list", "delete"} <= granted:
+            problems.append(f"{cron.where}: {account!r} may not create, get, list and delete rayjobs.ray.io "
+                            f"({sorted(granted)})")
     assert not problems, "\n".join(problems)
 
 
