@@ -73,7 +73,7 @@ def test_a_step_progress_logs_tenths_and_its_last_update_reaches_the_board(caplo
     board = ProgressBoard()
 
     class LocalChannel(ProgressChannel):  # the board in this process instead of an actor
-        def report(self, force=False, **fields):
+        def report(self, force=False, wait=False, **fields):
             board.report(self.step, fields)
 
     caplog.set_level(logging.INFO, logger="latentflow.progress")

@@ -18,6 +18,7 @@ log = logging.getLogger("latentflow.progress")
 
 NAMESPACE = "latentflow"
 REPORT_EVERY_S = 1.0  # a channel sends at most this often (and always the last update)
+FLUSH_TIMEOUT_S = 5.0  # how long close() waits for its last report to reach the board
 
 
 def board_name(workflow_id: str) -> str:
@@ -42,7 +43,9 @@ def start_board(workflow_id: str):
     import ray
 
     actor = ray.remote(num_cpus=0)(ProgressBoard)
-    return actor.options(name=board_name(workflow_id), namespace=NAMESPACE, get_if_exists=True).remote()
+    board = actor.options(name=board_name(workflow_id), namespace=NAMESPACE, get_if_exists=True).remote()
+    ray.get(board.snapshot.remote())  # up and named before any step looks it up
+    return board
 
 
 class ProgressChannel:
@@ -70,7 +73,10 @@ class ProgressChannel:
                 self._actor = None
         return self._actor
 
-    def report(self, force: bool = False, **fields: Any) -> None:
+    def report(self, force: bool = False, wait: bool = False, **fields: Any) -> None:
+        """Sends at most every REPORT_EVERY_S unless ``force``; ``wait`` blocks (briefly) until the
+        board has it, so a step's last report is on the board before the step returns: reports
+        from a worker and the driver's reads are not ordered otherwise."""
         now = time.monotonic()
         if not force and now - self._last_sent < REPORT_EVERY_S:
             return
@@ -79,7 +85,11 @@ class ProgressChannel:
             return
         self._last_sent = now
         try:
-            board.report.remote(self.step, fields)
+            sent = board.report.remote(self.step, fields)
+            if wait:
+                import ray
+
+                ray.get(sent, timeout=FLUSH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - the driver went away: the step's own work goes on
             self._actor = None
 
@@ -115,13 +125,13 @@ class StepProgress:
     def set_description(self, text: str) -> None:
         self.desc = text
 
-    def _send(self, force: bool) -> None:
+    def _send(self, force: bool, wait: bool = False) -> None:
         if self.channel is not None:
-            self.channel.report(force=force, done=self.done, total=self.total, unit=self.unit, desc=self.desc,
+            self.channel.report(force=force, wait=wait, done=self.done, total=self.total, unit=self.unit, desc=self.desc,
                                 **self.metrics)
 
     def close(self) -> None:
-        self._send(force=True)
+        self._send(force=True, wait=True)
 
     def __enter__(self):
         return self
