@@ -13,6 +13,7 @@ the storage root, ``workflows/<id>/logs/<start time>.log``; ``verbose`` also sho
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import tempfile
 import threading
@@ -198,6 +199,25 @@ class WorkflowView:
                 board = None
 
 
+# Ray colours its worker prefixes ("\x1b[36m(pid=…)\x1b[0m") even when the stream is a file.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class PlainText:
+    """A text stream that drops terminal escape codes before writing, so a log file reads as text
+    (Ray writes whole lines, so a code is never split across two writes)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(ANSI_ESCAPE.sub("", text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 class Tee:
     """A text stream writing to several; everything else (``fileno``, ``encoding``) is the first's."""
 
@@ -225,13 +245,13 @@ def driver_output_to(log_file: Path, verbose: bool) -> Iterator[tuple[Any, Any]]
     """While the block runs, this process's stdout and stderr (and logging handlers bound to them)
     go to ``log_file``, and to the terminal too when ``verbose``. Yields the terminal's (stdout,
     stderr) for the view. What the streams carried is redacted already (``install_output_redaction``
-    wraps them); the file gets the same wrapping."""
+    wraps them); the file gets the same wrapping, and no terminal colour codes."""
     from components.common.redact import RedactingStream
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     terminal = (sys.stdout, sys.stderr)
     with open(log_file, "a", encoding="utf-8", buffering=1) as handle:
-        to_file = RedactingStream(handle)
+        to_file = RedactingStream(PlainText(handle))
         streams = tuple(Tee(to_file, t) if verbose else Tee(to_file) for t in terminal)
         moved = _point_handlers(dict(zip(terminal, streams)))
         sys.stdout, sys.stderr = streams

@@ -111,7 +111,7 @@ def test_driver_output_goes_to_the_log_file_and_to_the_terminal_only_when_verbos
     logger.addHandler(handler)
     try:
         with driver_output_to(tmp_path / "logs" / "a.log", verbose=False) as (out, err):
-            print("(RayTrainWorker pid=1) hello")
+            print("\x1b[36m(RayTrainWorker pid=1)\x1b[0m hello")  # Ray colours its prefixes
             logger.warning("ray says so")
             sys.stderr.write("password https://u:s3cret@host/x\n")
             assert out is terminal_out and err is terminal_err
@@ -122,5 +122,6 @@ def test_driver_output_goes_to_the_log_file_and_to_the_terminal_only_when_verbos
         logger.removeHandler(handler)
     text = (tmp_path / "logs" / "a.log").read_text()
     assert "(RayTrainWorker pid=1) hello" in text and "ray says so" in text and "verbose line" in text
+    assert "\x1b" not in text  # plain text: no terminal colour codes
     assert "s3cret" not in text and "after" not in text  # redacted; the handler is back on the terminal
     assert terminal_out.getvalue() == "verbose line\n" and terminal_err.getvalue() == "after\n"
