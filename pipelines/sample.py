@@ -168,7 +168,7 @@ class SampleResult:
 def write_images(images, labels: list[int], per_label: int, out: Path) -> list[Path]:
     """``out/<label>/<index>.png`` for uint8 (N, C, H, W) images ordered label-major, and
     ``out/grid.png`` (one row per label, its first ``GRID_MAX_COLUMNS`` images)."""
-    from components.dit.generate import class_grid
+    from components.common.images import class_grid
 
     files = []
     for row, label in enumerate(labels):

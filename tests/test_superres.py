@@ -17,7 +17,7 @@ from components.superres.model import EfficientUNet, build_superres
 from components.superres.quality import psnr, ssim
 from components.superres.sample import SrStage, cascade, check_chain, super_resolve
 from components.superres.train import SuperResTask, resolve_model_kwargs, training_pair
-from components.dit.generate import sample_generator
+from components.diffusion import sample_generator
 from rounding import assert_same_up_to_rounding
 
 

@@ -21,8 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from components.diffusion import NoiseSchedule, make_cfg_model_fn, spaced_timesteps
-from components.dit.generate import _draw, denoise, sample_generator, threshold_fn, to_uint8
+from components.common.images import to_uint8
+from components.diffusion import (
+    Denoiser,
+    NoiseSchedule,
+    config_options,
+    draw_per_sample,
+    make_cfg_model_fn,
+    per_sample_noise,
+    run_sampler,
+    sample_generator,
+    spaced_timesteps,
+    threshold_fn,
+)
 from components.superres.augment import max_level, sampling_conditioning
 from components.superres.config import SuperResSamplingConfig
 
@@ -57,28 +68,27 @@ def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.
     device = next(model.parameters()).device
     low_res = low_res.to(device, torch.float32)
     if cond_levels is None:
-        noise = _draw(generators, low_res.shape[1:], device)
+        noise = draw_per_sample(generators, low_res.shape[1:], device)
         cond, levels = sampling_conditioning(low_res, stage.handoff_level(), schedule, noise)
     else:
         cond, levels = low_res, cond_levels.to(device)
     size, channels = int(meta["output_size"]), int(meta["channels"])
-    x = _draw(generators, (channels, size, size), device)
+    x = draw_per_sample(generators, (channels, size, size), device)
     timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
     if stop_at is not None:
         timesteps = timesteps[timesteps > stop_at]
 
-    def conditional(x_t, t, y):
+    def conditional(x_t, t, y=None):
         return model(x_t, t, cond, levels, y)
 
+    extra_args = {}
     if int(meta.get("num_classes", 0)) and labels is not None:
-        guided = make_cfg_model_fn(conditional, int(meta["num_classes"]), sampling.guidance)
-        y = labels.to(device)
-        model_fn = lambda x_t, t: guided(x_t, t, y=y)  # noqa: E731
-    else:
-        model_fn = lambda x_t, t: conditional(x_t, t, None)  # noqa: E731
-    out = denoise(model_fn, x, timesteps, schedule, sampling, {"prediction": meta.get("prediction", "eps")},
-                  threshold_fn(sampling),
-                  generators, stop_at=stop_at)
+        conditional = make_cfg_model_fn(conditional, int(meta["num_classes"]), sampling.guidance)
+        extra_args = {"y": labels.to(device)}
+    denoiser = Denoiser(conditional, prediction=meta.get("prediction", "eps"),
+                        clip_x0=threshold_fn(sampling.thresholding, sampling.dynamic_threshold_percentile))
+    out = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
+                      extra_args=extra_args, stop_at=stop_at, **config_options(sampling.sampler, sampling))
     return out if stop_at is not None else out.clamp(-1, 1)
 
 
