@@ -3,7 +3,7 @@
 The hand-off between two stages (Ho et al. 2021, sec. 3.2), chosen by the *receiving* stage's
 ``sampling.handoff``:
 - ``non_truncated``: the lower stage runs to t = 0; its output z is corrupted with q(z_s | z) at the
-  receiving stage's fixed level s (``sampling.aug_level``) and s is given to the model;
+  receiving stage's fixed level s (``sampling.noise_cond_aug_level``) and s is given to the model;
 - ``truncated``: the lower stage's reverse process stops at step s and its x_s is passed on as is,
   with s given to the model. The two stages must share their noise schedule (s is a level of both).
   The base DiT works in latent space, where a partially denoised x_s is no image, so the first SR
@@ -51,7 +51,7 @@ class SrStage:
         return NoiseSchedule.from_name(self.meta["schedule"], int(self.meta["num_timesteps"]))
 
     def handoff_level(self) -> int:
-        return max_level(self.schedule, self.sampling.aug_level)
+        return max_level(self.schedule, self.sampling.noise_cond_aug_level)
 
 
 def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.Generator],
@@ -61,7 +61,7 @@ def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.
     ``stop_at``, unclamped, for a truncated hand-off to the next stage).
 
     ``low_res``: the lower stage's output in [-1, 1]; corrupted here to the fixed level of
-    ``stage.sampling.aug_level`` with noise from ``generators``. With ``cond_levels`` it is already
+    ``stage.sampling.noise_cond_aug_level`` with noise from ``generators``. With ``cond_levels`` it is already
     the conditioning (a truncated hand-off's x_s at those levels) and is used as is."""
     model, meta, sampling = stage.model, stage.meta, stage.sampling
     schedule = stage.schedule
