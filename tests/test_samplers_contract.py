@@ -22,13 +22,14 @@ from components.diffusion import (
     Denoiser,
     NoiseSchedule,
     batch_noise,
+    config_options,
     per_sample_noise,
     run_sampler,
     sample_generator,
     sampler_options,
     spaced_timesteps,
 )
-from components.dit.config import SamplingConfig
+from components.dit.config import SCORE_SAMPLER_FIELDS, SamplingConfig
 from components.superres.config import SuperResSamplingConfig
 from diffusion_reference import gen, random_linear_model
 from rounding import assert_same_up_to_rounding
@@ -207,3 +208,13 @@ def test_run_sampler_refuses_an_unknown_sampler_naming_the_choices():
 def test_per_sample_noise_refuses_a_batch_of_another_size():
     with pytest.raises(ValueError, match="a batch of 3 samples but 2 noise generators"):
         per_sample_noise(streams(2))(torch.zeros(3, 1))
+
+
+def test_a_sampling_config_feeds_each_sampler_exactly_its_options_by_name():
+    """The DiT config's per-sampler fields are the samplers' option names: generate() picks them by name."""
+    for name in SAMPLERS:
+        picked = config_options(name, SamplingConfig(sampler=name, eta=0.3, langevin_steps=3))
+        expected = {"eta"} if name == "ddim" else set(SCORE_SAMPLER_FIELDS.get(name, ()))
+        assert set(picked) == expected, name
+    assert config_options("langevin", SamplingConfig(sampler="langevin", langevin_steps=3))["langevin_steps"] == 3
+    assert config_options("ddim", SuperResSamplingConfig(eta=0.5)) == {"eta": 0.5}
