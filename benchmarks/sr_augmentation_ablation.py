@@ -4,7 +4,7 @@ judged on what it meets in a cascade, the base model's samples, not real downsam
 Needs a finished workflow with a DiT and autoencoder (``make demo``'s, say). Both stages train here,
 in one process (the DiT step's trainer loop, ``LocalSession``), from the same config, seed and data;
 they differ only in ``augmentation.noise`` (on: levels up to ``max_level`` while training and
-``aug_level`` at sampling; off: level 0 both times). Then, on the same DiT samples (N per class,
+``noise_cond_aug_level`` at sampling; off: level 0 both times). Then, on the same DiT samples (N per class,
 the evaluate step's sampler), each stage's 64 px output is scored as the evaluate step scores the
 cascade: class accuracy and Fréchet distance under a classifier trained on real images resized to
 the output size. PSNR/SSIM on real validation images is printed too, for scale.
@@ -63,6 +63,26 @@ def train_stage(cfg: SuperResConfig, images: torch.Tensor, labels: torch.Tensor,
         return load_superres(str(export)), seconds
 
 
+def with_and_without_augmentation(base_cfg) -> dict:
+    """The two stage configs compared: as configured, and with noise conditioning augmentation off (no
+    training noise, level 0 at sampling)."""
+    return {
+        "augmented": base_cfg,
+        "no augmentation": base_cfg.model_copy(update={
+            "augmentation": base_cfg.augmentation.model_copy(update={
+                "noise": base_cfg.augmentation.noise.model_copy(update={"enabled": False})}),
+            "sample": base_cfg.sample.model_copy(update={"noise_cond_aug_level": 0.0})}),
+    }
+
+
+def print_table(rows: dict, train_seconds: dict) -> None:
+    print(f"{'stage':<22}{'train s':>8}{'acc (base in)':>15}{'FD (base in)':>14}{'PSNR real':>11}"
+          f"{'PSNR degraded':>15}{'SSIM real':>11}")
+    for name, row in rows.items():
+        print(f"{name:<22}{train_seconds[name]:>8.0f}{row['accuracy']:>15.4f}{row['fd']:>14.3f}{row['psnr']:>11.2f}"
+              f"{row['psnr_degraded_input']:>15.2f}{row['ssim']:>11.3f}")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -89,13 +109,7 @@ def main() -> None:
     val_x, val_y = read_split(shard, "val")
     channels = int(train_x.shape[1])
 
-    variants = {
-        "augmented": base_cfg,
-        "no augmentation": base_cfg.model_copy(update={
-            "augmentation": base_cfg.augmentation.model_copy(update={
-                "noise": base_cfg.augmentation.noise.model_copy(update={"enabled": False})}),
-            "sample": base_cfg.sample.model_copy(update={"aug_level": 0.0})}),
-    }
+    variants = with_and_without_augmentation(base_cfg)
     stages, train_seconds = {}, {}
     for name, cfg in variants.items():
         print(f"training the stage, {name} ({cfg.train.max_steps} steps)...", flush=True)
@@ -120,12 +134,12 @@ def main() -> None:
     val_logits, val_features = classify(classifier, real_val)
     print(f"judge: classifier at {size} px, val accuracy {(val_logits.argmax(1) == val_y).mean():.4f}")
     print(f"augmented: noise levels up to {base_cfg.augmentation.noise.max_level:g} of the schedule while training, "
-          f"{base_cfg.sample.aug_level:g} at sampling; {base_cfg.train.max_steps} steps each")
+          f"{base_cfg.sample.noise_cond_aug_level:g} at sampling; {base_cfg.train.max_steps} steps each")
 
     runs = [(name, stage, variants[name]) for name, stage in stages.items()]
     for level in (float(v) for v in args.sample_levels.split(",") if v.strip()):
         swept = SrStage(stages["augmented"].model, stages["augmented"].meta,
-                        stages["augmented"].sampling.model_copy(update={"aug_level": level}))
+                        stages["augmented"].sampling.model_copy(update={"noise_cond_aug_level": level}))
         runs.append((f"augmented, s={level:g}", swept, variants["augmented"]))
         train_seconds[f"augmented, s={level:g}"] = train_seconds["augmented"]
     rows = {}
@@ -135,12 +149,7 @@ def main() -> None:
         quality, _ = evaluate_stage(stage, torch.from_numpy(val_x[:64]), None, cfg)
         rows[name] = {"accuracy": float((logits.argmax(1) == labels.numpy()).mean()),
                       "fd": frechet_distance_of(val_features, features), **quality}
-    header = f"{'stage':<22}{'train s':>8}{'acc (base in)':>15}{'FD (base in)':>14}{'PSNR real':>11}" \
-             f"{'PSNR degraded':>15}{'SSIM real':>11}"
-    print(header)
-    for name, row in rows.items():
-        print(f"{name:<22}{train_seconds[name]:>8.0f}{row['accuracy']:>15.4f}{row['fd']:>14.3f}{row['psnr']:>11.2f}"
-              f"{row['psnr_degraded_input']:>15.2f}{row['ssim']:>11.3f}")
+    print_table(rows, train_seconds)
     a, b = rows["augmented"], rows["no augmentation"]
     print(f"on base-model inputs: FD {a['fd']:.3f} (augmented) vs {b['fd']:.3f} (not); accuracy "
           f"{a['accuracy']:.4f} vs {b['accuracy']:.4f}")

@@ -346,9 +346,9 @@ def sample(
     sr_steps: Optional[int] = typer.Option(None, "--sr-steps", help="cascade: denoising steps of every SR stage."),
     sr_guidance: Optional[float] = typer.Option(None, "--sr-guidance",
                                                 help="cascade: guidance of class-conditional SR stages."),
-    sr_aug_level: Optional[float] = typer.Option(
-        None, "--sr-aug-level", help="cascade: conditioning augmentation level in [0, 1] (fraction of the stage's "
-                                     "schedule) at every hand-off."),
+    sr_noise_cond_aug_level: Optional[float] = typer.Option(
+        None, "--sr-noise-cond-aug-level", help="cascade: noise-conditioning augmentation level in [0, 1] (fraction "
+                                                "of the stage's schedule) at every hand-off."),
     sr_handoff: Optional[str] = typer.Option(
         None, "--sr-handoff", help="cascade: non_truncated (finish the stage below, then noise its output) or "
                                    "truncated (stop the stage below at the level; SR-to-SR hand-offs only)."),
@@ -364,7 +364,7 @@ def sample(
         result = sample_images(workflow_id, labels, per_label, out, storage=storage, step=step, base=base, sampler=sampler,
                                steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
                                device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
-                                                            "guidance": sr_guidance, "aug_level": sr_aug_level,
+                                                            "guidance": sr_guidance, "noise_cond_aug_level": sr_noise_cond_aug_level,
                                                             "handoff": sr_handoff},
                                model=model, tracking_uri=tracking_uri,
                                sampler_options={k: v for k, v in {

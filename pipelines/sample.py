@@ -168,7 +168,7 @@ class SampleResult:
 def write_images(images, labels: list[int], per_label: int, out: Path) -> list[Path]:
     """``out/<label>/<index>.png`` for uint8 (N, C, H, W) images ordered label-major, and
     ``out/grid.png`` (one row per label, its first ``GRID_MAX_COLUMNS`` images)."""
-    from components.dit.generate import class_grid
+    from components.common.images import class_grid
 
     files = []
     for row, label in enumerate(labels):
@@ -210,7 +210,7 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     ``step="distill"``: the distilled student instead, at its native steps (or ``steps`` where it
     supports them). ``step="cascade"``: the ``base`` sampler's images (dit or distill) go on
     through the workflow's super-resolution stages (``sr_overrides``: sampler, steps, guidance,
-    aug_level, handoff for every stage). ``model``: a registered model instead of a workflow
+    noise_cond_aug_level, handoff for every stage). ``model``: a registered model instead of a workflow
     (``sample_registered``). ``sampler_options``: further SamplingConfig overrides (the score
     samplers' snr, corrector_steps, pc_predictor, langevin_steps, langevin_step_size)."""
     import torch

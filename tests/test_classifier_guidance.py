@@ -86,7 +86,7 @@ def test_guidance_raises_the_guided_class_probability():
     probability = []
     for weight in (0.0, 1.0, 4.0):
         fn = make_classifier_guided_model_fn(oracle, classifier, schedule, weight, "eps")
-        samples = ddim_sample(lambda x, t: fn(x, t, labels), noise.clone(), timesteps, schedule)
+        samples = ddim_sample(fn, noise.clone(), timesteps, schedule, extra_args={"y": labels})
         with torch.no_grad():
             probs = torch.softmax(classifier(samples, torch.zeros(256, dtype=torch.long)), -1)[:, 1]
         probability.append(probs.mean().item())

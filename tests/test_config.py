@@ -157,6 +157,34 @@ def test_cache_exempt_fields_stay_out_of_cache_keys():
     assert a.cache_relevant() != b.cache_relevant()
 
 
+def test_a_renamed_field_hashes_as_before_and_its_old_name_still_loads():
+    """superres ``sample.aug_level`` became ``noise_cond_aug_level`` (issue 16): what a cache key hashes is
+    what it hashed under the old name, at any depth, so no cached stage re-runs."""
+    from components.common.config import StrictModel
+    from components.superres.config import SuperResConfig, SuperResSamplingConfig
+
+    class Before(StrictModel):
+        aug_level: float = 0.1
+        seed: int = 0
+
+    class After(StrictModel):
+        noise_cond_aug_level: float = 0.1
+        seed: int = 0
+        cache_names = {"noise_cond_aug_level": "aug_level"}
+
+    assert After(noise_cond_aug_level=0.3).cache_relevant() == Before(aug_level=0.3).cache_relevant()
+    assert After(noise_cond_aug_level=0.3).model_dump() == {"noise_cond_aug_level": 0.3, "seed": 0}
+
+    hashed = SuperResSamplingConfig(noise_cond_aug_level=0.25).cache_relevant()
+    assert hashed["aug_level"] == 0.25 and "noise_cond_aug_level" not in hashed
+    stage = SuperResConfig(input_size=8, output_size=16, sample={"noise_cond_aug_level": 0.25})
+    assert stage.cache_relevant()["sample"] == hashed
+    # a stage's superres.json and older pipeline files say aug_level: read as the new field
+    assert SuperResSamplingConfig(aug_level=0.25) == SuperResSamplingConfig(noise_cond_aug_level=0.25)
+    with pytest.raises(ValueError, match="aug_level is the old name of noise_cond_aug_level"):
+        SuperResSamplingConfig(aug_level=0.25, noise_cond_aug_level=0.25)
+
+
 # ---------------------------------------------------------------- refused at plan time, not in the step
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "smoke.yaml"

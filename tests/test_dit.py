@@ -21,7 +21,8 @@ from components.common.storage import Storage
 from components.common.tracking import StepTracker
 from components.common.train_loop import LocalSession, train_loop
 from components.dit.config import DitConfig, SamplingConfig
-from components.dit.generate import class_grid, generate
+from components.common.images import class_grid
+from components.dit.generate import generate
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 from components.dit.model import build_dit
 from components.dit.train import FAIL_AT_STEP_ENV, LatentDitTask, grid_labels, resolve_model_kwargs

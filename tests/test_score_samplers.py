@@ -12,12 +12,17 @@ import torch
 
 from components.diffusion import (
     SAMPLERS,
+    Denoiser,
     NoiseSchedule,
+    batch_noise,
     ddpm_sample,
     extract,
     langevin_sample,
     pc_sample,
     score_from_model_output,
+    per_sample_noise,
+    run_sampler,
+    sample_generator,
     spaced_timesteps,
     v_from_x0_eps,
 )
@@ -101,8 +106,8 @@ def test_one_langevin_step_then_tweedie(rule):
     x = torch.randn(8, DIM, generator=gen(2), dtype=torch.float64)
     z = torch.randn(8, DIM, generator=gen(3), dtype=torch.float64)
     a, alpha = float(s.alphas_cumprod[t]), float(s.alphas[t])
-    options = dict(snr=0.2) if rule == "snr" else dict(step_size=0.7)
-    out = langevin_sample(model, x, torch.tensor([t]), s, noise_fn=fixed_noise(z), n_steps_each=1, **options)
+    options = dict(snr=0.2) if rule == "snr" else dict(langevin_step_size=0.7)
+    out = langevin_sample(model, x, torch.tensor([t]), s, noise=fixed_noise(z), langevin_steps=1, **options)
 
     mean, var = marginal(s, torch.full((8,), t), x)
     score = -(x - mean) / var
@@ -120,7 +125,7 @@ def test_one_reverse_diffusion_predictor_step():
     model = oracle(s)
     x = torch.randn(4, DIM, generator=gen(4), dtype=torch.float64)
     z = torch.randn(4, DIM, generator=gen(5), dtype=torch.float64)
-    out = pc_sample(model, x, torch.tensor([600]), s, noise_fn=fixed_noise(z), predictor="reverse_diffusion",
+    out = pc_sample(model, x, torch.tensor([600]), s, noise=fixed_noise(z), pc_predictor="reverse_diffusion",
                     stop_at=550)
     beta = 1 - float(s.alphas_cumprod[600] / s.alphas_cumprod[550])  # the respaced chain's β'
     mean, var = marginal(s, torch.full((4,), 600), x)
@@ -134,8 +139,9 @@ def test_pc_without_corrector_is_ancestral_sampling():
     model = oracle(s, "v")
     x = torch.randn(16, 4, generator=gen(6), dtype=torch.float64)
     ts = spaced_timesteps(1000, 10, "trailing")
-    pc = pc_sample(model, x, ts, s, generator=gen(7), prediction="v", corrector_steps=0)
-    ddpm = ddpm_sample(model, x, ts, s, generator=gen(7), prediction="v", variance="beta")
+    denoiser = Denoiser(model, prediction="v")
+    pc = pc_sample(denoiser, x, ts, s, noise=batch_noise(gen(7)), corrector_steps=0)
+    ddpm = ddpm_sample(denoiser, x, ts, s, noise=batch_noise(gen(7)), variance="beta")
     torch.testing.assert_close(pc, ddpm)
 
 
@@ -146,9 +152,9 @@ def test_pc_without_corrector_is_ancestral_sampling():
 def test_langevin_reproduces_the_gaussian(rule):
     s = NoiseSchedule.from_name("linear", 1000)
     x_T = torch.randn(1000, DIM, generator=gen(8), dtype=torch.float64)
-    options = dict(step_size=1.0) if rule == "classic" else {}
-    x0 = langevin_sample(oracle(s), x_T, spaced_timesteps(1000, 50, "trailing"), s, generator=gen(9),
-                         n_steps_each=10, **options)
+    options = dict(langevin_step_size=1.0) if rule == "classic" else {}
+    x0 = langevin_sample(oracle(s), x_T, spaced_timesteps(1000, 50, "trailing"), s, noise=batch_noise(gen(9)),
+                         langevin_steps=10, **options)
     # measured: mean 0.489 / 0.491, std +2.0% / +2.0% (snr / classic). The chain lags its moving target a little
     # (mean) and unadjusted Langevin overshoots the variance (std); both shrink with more steps per level.
     assert_gaussian_moments(x0, mean_tol=0.02, std_rel=0.04)
@@ -158,8 +164,8 @@ def test_langevin_reproduces_the_gaussian(rule):
 def test_pc_reproduces_the_gaussian(predictor, steps):
     s = NoiseSchedule.from_name("cosine", 1000)
     x_T = torch.randn(2000, DIM, generator=gen(10), dtype=torch.float64)
-    x0 = pc_sample(oracle(s), x_T, spaced_timesteps(1000, steps, "trailing"), s, generator=gen(11),
-                   predictor=predictor)
+    x0 = pc_sample(oracle(s), x_T, spaced_timesteps(1000, steps, "trailing"), s, noise=batch_noise(gen(11)),
+                   pc_predictor=predictor)
     # measured: mean within 0.001, std +1.5% / +1.6% (the corrector's unadjusted Langevin step)
     assert_gaussian_moments(x0, mean_tol=0.01, std_rel=0.03)
 
@@ -173,13 +179,13 @@ def test_determinism_and_intermediates(sampler):
     model = oracle(s)
     x = torch.randn(3, 2, 4, 4, generator=gen(12), dtype=torch.float64)
     ts = spaced_timesteps(100, 5, "leading")  # 80, 60, …, 0
-    first, inter = sampler(model, x, ts, s, generator=gen(13), return_intermediates=True)
-    assert torch.equal(first, sampler(model, x, ts, s, generator=gen(13)))
-    assert not torch.equal(first, sampler(model, x, ts, s, generator=gen(14)))
+    first, inter = sampler(model, x, ts, s, noise=batch_noise(gen(13)), return_intermediates=True)
+    assert torch.equal(first, sampler(model, x, ts, s, noise=batch_noise(gen(13))))
+    assert not torch.equal(first, sampler(model, x, ts, s, noise=batch_noise(gen(14))))
     assert inter["t"] == ts.tolist() and len(inter["x_t"]) == len(inter["pred_x0"]) == 5
-    # noise_fn draws the same stream as generator would: the same samples
+    # a hand-made stream drawing what batch_noise would: the same samples
     stream = gen(13)
-    drawn = sampler(model, x, ts, s, noise_fn=lambda like: torch.randn(like.shape, generator=stream, dtype=like.dtype))
+    drawn = sampler(model, x, ts, s, noise=lambda like: torch.randn(like.shape, generator=stream, dtype=like.dtype))
     torch.testing.assert_close(drawn, first)
 
 
@@ -189,8 +195,8 @@ def test_registered_and_stop_at_like_the_other_samplers():
     model = oracle(s)
     x = torch.randn(2, 3, generator=gen(15), dtype=torch.float64)
     ts = spaced_timesteps(100, 10, "leading")  # 90, 80, …, 0
-    _, full = pc_sample(model, x, ts, s, generator=gen(16), corrector_steps=2, return_intermediates=True)
-    head = pc_sample(model, x, ts[:4], s, generator=gen(16), corrector_steps=2, stop_at=int(ts[4]))
+    _, full = pc_sample(model, x, ts, s, noise=batch_noise(gen(16)), corrector_steps=2, return_intermediates=True)
+    head = pc_sample(model, x, ts[:4], s, noise=batch_noise(gen(16)), corrector_steps=2, stop_at=int(ts[4]))
     torch.testing.assert_close(head, full["x_t"][3])  # x at level 50, before its corrector and model call
 
 
@@ -205,11 +211,11 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="stop_at"):
         pc_sample(model, x, torch.tensor([50, 20]), s, stop_at=20)
     with pytest.raises(ValueError, match="predictor"):
-        pc_sample(model, x, torch.tensor([50]), s, predictor="euler")
+        pc_sample(model, x, torch.tensor([50]), s, pc_predictor="euler")
     with pytest.raises(ValueError, match="corrector_steps"):
         pc_sample(model, x, torch.tensor([50]), s, corrector_steps=-1)
-    with pytest.raises(ValueError, match="n_steps_each"):
-        langevin_sample(model, x, torch.tensor([50]), s, n_steps_each=0)
+    with pytest.raises(ValueError, match="langevin_steps"):
+        langevin_sample(model, x, torch.tensor([50]), s, langevin_steps=0)
     with pytest.raises(TypeError):  # a Langevin chain ends at clean data
         langevin_sample(model, x, torch.tensor([50]), s, stop_at=10)
 
@@ -271,13 +277,11 @@ def test_generate_is_deterministic_whatever_the_batch_size(settings):
     assert not torch.equal(images, ddim)  # the setting reached a different sampler
 
 
-def test_generate_rejects_a_truncated_langevin_chain():
-    from components.dit.generate import denoise, sample_generator
-
+def test_run_sampler_rejects_a_truncated_langevin_chain():
     s = NoiseSchedule.from_name("linear", 100)
     with pytest.raises(ValueError, match="stop_at"):
-        denoise(oracle(s), torch.zeros(1, 2), torch.tensor([50]), s, sampling(sampler="langevin"),
-                {"prediction": "eps"}, None, [sample_generator(0, 0)], stop_at=10)
+        run_sampler("langevin", oracle(s), torch.zeros(1, 2), torch.tensor([50]), s,
+                    noise=per_sample_noise([sample_generator(0, 0)]), stop_at=10)
 
 
 def test_config_keeps_ddim_and_ddpm_json_and_flags_reach_it():

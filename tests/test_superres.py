@@ -17,7 +17,7 @@ from components.superres.model import EfficientUNet, build_superres
 from components.superres.quality import psnr, ssim
 from components.superres.sample import SrStage, cascade, check_chain, super_resolve
 from components.superres.train import SuperResTask, resolve_model_kwargs, training_pair
-from components.dit.generate import sample_generator
+from components.diffusion import sample_generator
 from rounding import assert_same_up_to_rounding
 
 
@@ -37,8 +37,8 @@ class Spy(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(()))
         self.calls = []
 
-    def forward(self, x, t, low_res, aug_level, y=None):
-        self.calls.append({"t": t.clone(), "cond": low_res.clone(), "levels": aug_level.clone(), "y": y})
+    def forward(self, x, t, low_res, noise_cond_aug_level, y=None):
+        self.calls.append({"t": t.clone(), "cond": low_res.clone(), "levels": noise_cond_aug_level.clone(), "y": y})
         up = torch.nn.functional.interpolate(low_res, size=x.shape[-2:], mode="nearest")
         return 0.1 * self.weight * (x - up)
 
@@ -104,7 +104,7 @@ def test_training_augmentation_levels_and_blur():
 
 def test_sampling_uses_the_fixed_level_and_draws_only_from_the_sample_streams():
     schedule = NoiseSchedule.from_name("cosine", 1000)
-    stage = SrStage(Spy(), stage_meta(), SuperResSamplingConfig(steps=4, aug_level=0.2))
+    stage = SrStage(Spy(), stage_meta(), SuperResSamplingConfig(steps=4, noise_cond_aug_level=0.2))
     low = torch.rand(3, 1, 8, 8) * 2 - 1
     torch.manual_seed(123)  # the global RNG must play no part
     first = super_resolve(stage, low, generators(3))
@@ -125,8 +125,9 @@ def test_sampling_uses_the_fixed_level_and_draws_only_from_the_sample_streams():
 
 
 def three_stage_chain(handoff_2="truncated"):
-    stages = [SrStage(Spy(), stage_meta(8, 16), SuperResSamplingConfig(steps=5, aug_level=0.1)),
-              SrStage(Spy(), stage_meta(16, 32), SuperResSamplingConfig(steps=5, aug_level=0.25, handoff=handoff_2))]
+    stages = [SrStage(Spy(), stage_meta(8, 16), SuperResSamplingConfig(steps=5, noise_cond_aug_level=0.1)),
+              SrStage(Spy(), stage_meta(16, 32),
+                      SuperResSamplingConfig(steps=5, noise_cond_aug_level=0.25, handoff=handoff_2))]
     return stages
 
 

@@ -28,19 +28,25 @@ class StrictModel(BaseModel):
     # Fields that never change what a step computes (where it runs, how often it logs): left out
     # of cache keys, so changing them does not re-run anything.
     cache_exempt: ClassVar[frozenset[str]] = frozenset()
+    # Fields renamed after cache keys were recorded: {new name: old name}. A cache key hashes such a field
+    # under its old name, so renaming a setting neither re-runs nor re-keys what users have cached.
+    cache_names: ClassVar[dict[str, str]] = {}
 
     def cache_relevant(self) -> dict[str, Any]:
-        """The config as JSON, without cache-exempt fields at any depth."""
-        return _strip_exempt(self, self.model_dump(mode="json"))
+        """The config as JSON, without cache-exempt fields at any depth, renamed fields under their old names."""
+        return _cache_view(self, self.model_dump(mode="json"))
 
 
-def _strip_exempt(model: StrictModel, dumped: dict[str, Any]) -> dict[str, Any]:
+def _cache_view(model: StrictModel, dumped: dict[str, Any]) -> dict[str, Any]:
     for name in model.cache_exempt:
         dumped.pop(name, None)
     for name, value in dumped.items():
         child = getattr(model, name)
         if isinstance(child, StrictModel) and isinstance(value, dict):
-            _strip_exempt(child, value)
+            _cache_view(child, value)
+    for new, old in model.cache_names.items():
+        if new in dumped:
+            dumped[old] = dumped.pop(new)
     return dumped
 
 

@@ -1,17 +1,27 @@
-"""Small image helpers shared by stages: array/PIL conversion and sample grids (contact sheets).
+"""Small image helpers shared by stages: array/PIL conversion, sample grids (contact sheets), and the
+sampled images' [-1, 1] floats as uint8.
 
-No torch here; a tensor can be passed after ``.permute(1, 2, 0).cpu().numpy()`` (HWC).
+No torch import here (the helpers that take tensors use only their methods); a tensor image can be
+passed to the array helpers after ``.permute(1, 2, 0).cpu().numpy()`` (HWC).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Union
+from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    import torch
+
 ImageLike = Union[np.ndarray, Image.Image]
+
+
+def to_uint8(images: "torch.Tensor") -> "torch.Tensor":
+    """[-1, 1] floats -> uint8 [0, 255], rounded."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte()
 
 
 def to_pil(image: ImageLike) -> Image.Image:
@@ -65,3 +75,20 @@ def image_grid(images: Iterable[ImageLike], nrow: int = 8, padding: int = 2,
         y = padding + row * (cell_h + padding) + (cell_h - pil.height) // 2
         grid.paste(pil, (x, y))
     return grid
+
+
+def class_grid(images: "torch.Tensor", labels: Sequence[int], per_label: int) -> Image.Image:
+    """A grid of uint8 (N, C, H, W) images with one row per distinct label (in order of first appearance)
+    and ``per_label`` columns: the first ``per_label`` images of that label; missing cells stay black."""
+    labels = [int(label) for label in labels]
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if not labels:
+        raise ValueError("class_grid needs at least one image")
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+    blank = np.zeros_like(arrays[0])
+    cells = []
+    for label in dict.fromkeys(labels):
+        mine = [arrays[i] for i, other in enumerate(labels) if other == label][:per_label]
+        cells += mine + [blank] * (per_label - len(mine))
+    return image_grid(cells, nrow=per_label)

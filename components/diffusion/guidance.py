@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -61,3 +62,21 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     s = torch.quantile(flat.abs().to(quantile_dtype), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
     s = s.reshape(-1, *([1] * (x0.dim() - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+THRESHOLDINGS = ("none", "static", "dynamic")
+
+
+def threshold_fn(thresholding: str, percentile: float = 0.995) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The clip_x0 of a Denoiser for a sampling config's ``thresholding`` (and ``dynamic_threshold_percentile``).
+
+    Static clamps x̂_0 to [−1, 1], dynamic is Imagen's percentile rescaling: both assume data in
+    [−1, 1], true of pixels but not of scaled latents (unit variance, not unit range), so in latent
+    space thresholding is usually off ("none")."""
+    if thresholding == "static":
+        return static_threshold
+    if thresholding == "dynamic":
+        return partial(dynamic_threshold, percentile=percentile)
+    if thresholding == "none":
+        return None
+    raise ValueError(f"unknown thresholding {thresholding!r}; choose one of {THRESHOLDINGS}")

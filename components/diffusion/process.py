@@ -107,20 +107,12 @@ def p_mean_variance(
     Returns dict(mean, variance, log_variance, pred_x0, pred_eps), all shaped like x_t.
     """
     channels = x_t.shape[1]
+    variance_output = None
     if learned_variance:
         if model_output.shape[1] != 2 * channels:
             raise ValueError(f"learned variance needs {2 * channels} output channels, got {model_output.shape[1]}")
         model_output, variance_output = model_output.split(channels, dim=1)
-        frac = (variance_output + 1) / 2
-        log_variance = frac * extract(schedule.log_betas, t, x_t) + (1 - frac) * extract(
-            schedule.posterior_log_variance_clipped, t, x_t
-        )
-    elif variance == "beta":
-        log_variance = extract(schedule.log_betas, t, x_t).expand_as(x_t)
-    elif variance == "beta_tilde":
-        log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
-    else:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+    log_variance = reverse_log_variance(schedule, t, x_t, variance, variance_output)
     pred_x0, pred_eps = predict_x0_eps(schedule, model_output, x_t, t, prediction, clip_x0)
     mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
     return {
@@ -130,3 +122,25 @@ def p_mean_variance(
         "pred_x0": pred_x0,
         "pred_eps": pred_eps,
     }
+
+
+def reverse_log_variance(
+    schedule: NoiseSchedule,
+    t: torch.Tensor,
+    x_t: torch.Tensor,
+    variance: str = "beta_tilde",
+    variance_output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log Σ of p_θ(x_{t−1}|x_t), shaped like x_t: fixed ("beta": β_t, "beta_tilde": β̃_t; Ho et al. sec. 3.2) or,
+    given the model's variance half v ∈ [−1, 1], learned: frac·log β_t + (1−frac)·log β̃_t, frac = (v+1)/2
+    (improved DDPM eq. 15; `variance` is then unused)."""
+    if variance_output is not None:
+        frac = (variance_output + 1) / 2
+        return frac * extract(schedule.log_betas, t, x_t) + (1 - frac) * extract(
+            schedule.posterior_log_variance_clipped, t, x_t
+        )
+    if variance == "beta":
+        return extract(schedule.log_betas, t, x_t).expand_as(x_t)
+    if variance == "beta_tilde":
+        return extract(schedule.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+    raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")

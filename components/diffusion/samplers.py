@@ -1,43 +1,61 @@
-"""Samplers: plain functions `sampler(model_fn, x, timesteps, schedule, *, generator=None, **options)`.
+"""Samplers: plain functions with one signature,
 
-`model_fn(x_t, t_batch)` returns the (already guided) model output for training timesteps `t_batch`.
-`timesteps` is a descending LongTensor of the training timesteps at which the model is evaluated
-(e.g. `spaced_timesteps(T, S, "leading")`). The last step goes from `timesteps[-1]` to clean data, or to the
-level `stop_at` when given (then x at that noise level is returned: truncated cascades start there).
-The score-based samplers (annealed Langevin, predictor–corrector) are in score.py; SAMPLERS (package) names them all.
+    sampler(denoiser, x, timesteps, schedule, *, noise=None, extra_args=None, **options)
+
+`denoiser` is a Denoiser (denoiser.py: the network's prediction type, learned variance and thresholding) or a
+bare ε-model. `timesteps` is a descending LongTensor of the training timesteps at which the model is evaluated
+(e.g. `spaced_timesteps(T, S, "leading")`). `noise` is the stream every random draw comes from (noise.py; None:
+torch's global generator); `extra_args` is the conditioning, passed to the model untouched. The last step goes
+from `timesteps[-1]` to clean data, or to the level `stop_at` when given (then x at that noise level is
+returned: truncated cascades start there). Option names are the sampling configs' field names.
+The score-based samplers (annealed Langevin, predictor–corrector) are in score.py; registry.py names them all.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from components.diffusion.process import p_mean_variance, predict_x0_eps
+from components.diffusion.denoiser import ClipFn, Denoiser, ModelOutput, as_denoiser
+from components.diffusion.noise import NoiseStream, batch_noise
+from components.diffusion.process import p_mean_variance, predict_x0_eps, q_posterior_mean_variance, reverse_log_variance
 from components.diffusion.schedule import NoiseSchedule
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ClipFn = Callable[[torch.Tensor], torch.Tensor] | None
+ModelFn = Callable[..., torch.Tensor]
+ExtraArgs = dict[str, Any] | None
 
 
-def _check_timesteps(timesteps: torch.Tensor, schedule: NoiseSchedule, stop_at: int | None) -> list[int]:
+def check_timesteps(timesteps: torch.Tensor, schedule: NoiseSchedule, stop_at: int | None) -> list[int]:
+    """The timesteps as ints, after refusing (ValueError naming them) any a sampler cannot walk."""
     steps = [int(t) for t in torch.as_tensor(timesteps).flatten()]
     if not steps or any(a <= b for a, b in zip(steps, steps[1:])):
-        raise ValueError("timesteps must be a non-empty, strictly descending sequence")
+        raise ValueError(f"timesteps must be a non-empty, strictly descending sequence, got {steps}")
     if steps[0] >= schedule.num_timesteps or steps[-1] < 0:
-        raise ValueError(f"timesteps must lie in [0, {schedule.num_timesteps - 1}]")
+        raise ValueError(f"timesteps must lie in [0, {schedule.num_timesteps - 1}], got {steps}")
     if stop_at is not None and not 0 <= stop_at < steps[-1]:
         raise ValueError(f"stop_at={stop_at} must be a level below the last timestep {steps[-1]}")
     return steps
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
-def _batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
+def batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def new_intermediates() -> dict[str, list]:
+    return {"t": [], "x_t": [], "pred_x0": []}
+
+
+def record(intermediates: dict[str, list] | None, t: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+    if intermediates is not None:
+        intermediates["t"].append(t)
+        intermediates["x_t"].append(x)
+        intermediates["pred_x0"].append(pred_x0)
+
+
+def finish(x, intermediates):
+    return x if intermediates is None else (x, intermediates)
 
 
 def ddpm_step(
@@ -55,16 +73,37 @@ def ddpm_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_{t−1} = μ_θ(x_t, t) + σ_t z, no noise at t = 0 — Ho et al. 2020, alg. 2. Returns (x_{t−1}, x̂_0).
 
-    `t` indexes `schedule`; pass a `schedule.respace(...)` to step between strided timesteps.
+    One step from a raw model output (2C channels with learned_variance); `t` indexes `schedule`: pass a
+    `schedule.respace(...)` to step between strided timesteps.
     """
     out = p_mean_variance(
-        schedule, model_output, x_t, _batch_t(t, x_t), prediction, learned_variance, variance, clip_x0
+        schedule, model_output, x_t, batch_t(t, x_t), prediction, learned_variance, variance, clip_x0
     )
     x_prev = out["mean"]
     if t > 0:
-        noise = _noise_like(x_t, generator) if noise is None else noise
+        noise = batch_noise(generator)(x_t) if noise is None else noise
         x_prev = x_prev + torch.exp(0.5 * out["log_variance"]) * noise
     return x_prev, out["pred_x0"]
+
+
+def ancestral_step(chain: NoiseSchedule, denoiser: Denoiser, out: ModelOutput, x: torch.Tensor, i: int,
+                   noise: NoiseStream, variance: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ddpm_step for a Denoiser's output at index i of the respaced `chain`; noise drawn for i > 0 only."""
+    index = batch_t(i, x)
+    log_variance = reverse_log_variance(chain, index, x, variance, out.variance)
+    pred_x0, _ = denoiser.x0_eps(chain, out.prediction, x, index)
+    mean, _, _ = q_posterior_mean_variance(chain, pred_x0, x, index)
+    if i > 0:
+        mean = mean + torch.exp(0.5 * log_variance) * noise(x)
+    return mean, pred_x0
+
+
+def _ddim_update(schedule, x_t, pred_x0, pred_eps, t, t_prev, eta, noise: torch.Tensor | None, final_alpha_cumprod):
+    alpha_t = float(schedule.alphas_cumprod[t])
+    alpha_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else float(final_alpha_cumprod)
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
+    x_prev = alpha_prev**0.5 * pred_x0 + max(1 - alpha_prev - sigma**2, 0.0) ** 0.5 * pred_eps
+    return x_prev + sigma * noise if eta > 0 else x_prev
 
 
 def ddim_step(
@@ -87,70 +126,53 @@ def ddim_step(
     is ᾱ_0). With η > 0 noise is drawn on every step, also the last, so generator streams match diffusers.
     Returns (x_{t_prev}, x̂_0).
     """
-    alpha_t = float(schedule.alphas_cumprod[t])
-    alpha_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else float(final_alpha_cumprod)
-    pred_x0, pred_eps = predict_x0_eps(schedule, model_output, x_t, _batch_t(t, x_t), prediction, clip_x0)
-    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
-    x_prev = alpha_prev**0.5 * pred_x0 + max(1 - alpha_prev - sigma**2, 0.0) ** 0.5 * pred_eps
-    if eta > 0:
-        noise = _noise_like(x_t, generator) if noise is None else noise
-        x_prev = x_prev + sigma * noise
-    return x_prev, pred_x0
-
-
-def _finish(x, intermediates, return_intermediates):
-    return (x, intermediates) if return_intermediates else x
+    pred_x0, pred_eps = predict_x0_eps(schedule, model_output, x_t, batch_t(t, x_t), prediction, clip_x0)
+    if eta > 0 and noise is None:
+        noise = batch_noise(generator)(x_t)
+    return _ddim_update(schedule, x_t, pred_x0, pred_eps, t, t_prev, eta, noise, final_alpha_cumprod), pred_x0
 
 
 @torch.no_grad()
 def ddpm_sample(
-    model_fn: ModelFn,
+    denoiser: Denoiser | ModelFn,
     x: torch.Tensor,
     timesteps: torch.Tensor,
     schedule: NoiseSchedule,
     *,
-    generator: torch.Generator | None = None,
-    prediction: str = "eps",
-    learned_variance: bool = False,
+    noise: NoiseStream | None = None,
+    extra_args: ExtraArgs = None,
     variance: str = "beta_tilde",
-    clip_x0: ClipFn = None,
     stop_at: int | None = None,
     return_intermediates: bool = False,
     progress: bool = False,
 ):
     """Ancestral sampling — Ho et al. 2020, alg. 2, on the respaced chain β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} (Nichol & Dhariwal 2021, sec. 4).
 
-    Returns x_0 (or x at level `stop_at`); with return_intermediates, (x, dict(t, x_t, pred_x0 lists)).
+    `variance`: "beta_tilde" or "beta" (ignored for a learned variance). Returns x_0 (or x at level `stop_at`);
+    with return_intermediates, (x, dict(t, x_t, pred_x0 lists)).
     """
-    steps = _check_timesteps(timesteps, schedule, stop_at)
+    denoiser, noise = as_denoiser(denoiser), noise or batch_noise()
+    steps = check_timesteps(timesteps, schedule, stop_at)
     levels = steps[::-1] if stop_at is None else [stop_at] + steps[::-1]
     chain = schedule.respace(torch.tensor(levels))
-    intermediates = {"t": [], "x_t": [], "pred_x0": []}
+    intermediates = new_intermediates() if return_intermediates else None
     last_index = 0 if stop_at is None else 1
     for i in tqdm(range(len(levels) - 1, last_index - 1, -1), disable=not progress, desc="ddpm"):
-        model_output = model_fn(x, _batch_t(levels[i], x))
-        x, pred_x0 = ddpm_step(
-            chain, model_output, x, i, generator=generator, prediction=prediction,
-            learned_variance=learned_variance, variance=variance, clip_x0=clip_x0,
-        )
-        if return_intermediates:
-            intermediates["t"].append(levels[i])
-            intermediates["x_t"].append(x)
-            intermediates["pred_x0"].append(pred_x0)
-    return _finish(x, intermediates, return_intermediates)
+        out = denoiser.output(x, batch_t(levels[i], x), extra_args)
+        x, pred_x0 = ancestral_step(chain, denoiser, out, x, i, noise, variance)
+        record(intermediates, levels[i], x, pred_x0)
+    return finish(x, intermediates)
 
 
 @torch.no_grad()
 def ddim_sample(
-    model_fn: ModelFn,
+    denoiser: Denoiser | ModelFn,
     x: torch.Tensor,
     timesteps: torch.Tensor,
     schedule: NoiseSchedule,
     *,
-    generator: torch.Generator | None = None,
-    prediction: str = "eps",
-    learned_variance: bool = False,
-    clip_x0: ClipFn = None,
+    noise: NoiseStream | None = None,
+    extra_args: ExtraArgs = None,
     eta: float = 0.0,
     final_alpha_cumprod: float = 1.0,
     stop_at: int | None = None,
@@ -160,36 +182,29 @@ def ddim_sample(
     """DDIM sampling over `timesteps` — Song et al. 2021, eq. 12; η = 0 deterministic, η = 1 DDPM-like (eq. 16).
 
     Step i goes from timesteps[i] to timesteps[i+1]; the last to clean data (ᾱ = final_alpha_cumprod) or to
-    `stop_at`. Returns x (or (x, intermediates) with return_intermediates).
+    `stop_at`. With η > 0 every step draws noise, the last too. Returns x (or (x, intermediates)).
     """
-    steps = _check_timesteps(timesteps, schedule, stop_at)
+    denoiser, noise = as_denoiser(denoiser), noise or batch_noise()
+    steps = check_timesteps(timesteps, schedule, stop_at)
     targets = steps[1:] + [-1 if stop_at is None else stop_at]
-    intermediates = {"t": [], "x_t": [], "pred_x0": []}
-    channels = x.shape[1]
+    intermediates = new_intermediates() if return_intermediates else None
     for t, t_prev in tqdm(list(zip(steps, targets)), disable=not progress, desc="ddim"):
-        model_output = model_fn(x, _batch_t(t, x))
-        if learned_variance:
-            model_output = model_output[:, :channels]
-        x, pred_x0 = ddim_step(
-            schedule, model_output, x, t, t_prev, eta=eta, generator=generator, prediction=prediction,
-            clip_x0=clip_x0, final_alpha_cumprod=final_alpha_cumprod,
-        )
-        if return_intermediates:
-            intermediates["t"].append(t)
-            intermediates["x_t"].append(x)
-            intermediates["pred_x0"].append(pred_x0)
-    return _finish(x, intermediates, return_intermediates)
+        prediction = denoiser.output(x, batch_t(t, x), extra_args).prediction
+        pred_x0, pred_eps = denoiser.x0_eps(schedule, prediction, x, batch_t(t, x))
+        z = noise(x) if eta > 0 else None
+        x = _ddim_update(schedule, x, pred_x0, pred_eps, t, t_prev, eta, z, final_alpha_cumprod)
+        record(intermediates, t, x, pred_x0)
+    return finish(x, intermediates)
 
 
 @torch.no_grad()
 def ddim_invert(
-    model_fn: ModelFn,
+    denoiser: Denoiser | ModelFn,
     x0: torch.Tensor,
     timesteps: torch.Tensor,
     schedule: NoiseSchedule,
     *,
-    prediction: str = "eps",
-    learned_variance: bool = False,
+    extra_args: ExtraArgs = None,
     final_alpha_cumprod: float = 1.0,
     fixed_point_iters: int = 0,
     progress: bool = False,
@@ -198,24 +213,22 @@ def ddim_invert(
 
     Each step s → t evaluates ε̂ at the target label t on the current guess of x_t (first guess: x_s, as
     diffusers' DDIMInverseScheduler); `fixed_point_iters` > 0 refines the guess so that `ddim_sample` over the
-    same timesteps maps the result back to x_0 up to the solver's tolerance.
+    same timesteps maps the result back to x_0 up to the solver's tolerance. Not a sampler (it runs the other
+    way, draws nothing), so not in the registry; the denoiser's clip_x0 is not applied (clipping is not invertible).
     """
-    steps = _check_timesteps(timesteps, schedule, None)
+    denoiser = as_denoiser(denoiser)
+    steps = check_timesteps(timesteps, schedule, None)
     ascending = steps[::-1]
     sources = [-1] + ascending[:-1]
     x = x0
-    channels = x0.shape[1]
     for s, t in tqdm(list(zip(sources, ascending)), disable=not progress, desc="ddim_invert"):
         alpha_s = float(schedule.alphas_cumprod[s]) if s >= 0 else float(final_alpha_cumprod)
         alpha_t = float(schedule.alphas_cumprod[t])
         guess = x
         for _ in range(fixed_point_iters + 1):
-            model_output = model_fn(guess, _batch_t(t, x))
-            if learned_variance:
-                model_output = model_output[:, :channels]
-            _, eps = predict_x0_eps(schedule, model_output, guess, _batch_t(t, x), prediction)
+            prediction = denoiser.output(guess, batch_t(t, x), extra_args).prediction
+            _, eps = predict_x0_eps(schedule, prediction, guess, batch_t(t, x), denoiser.prediction)
             x0_hat = (x - (1 - alpha_s) ** 0.5 * eps) / alpha_s**0.5
             guess = alpha_t**0.5 * x0_hat + (1 - alpha_t) ** 0.5 * eps
         x = guess
     return x
-

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from components.dit.generate import _draw, sample_generator, to_uint8
+from components.common.images import to_uint8
+from components.diffusion import NoiseSchedule, draw_per_sample, sample_generator
 
 STUDENT_WEIGHTS, STUDENT_META = "distill.safetensors", "distill.json"
 PROGRESSIVE = "progressive"
@@ -52,7 +53,6 @@ def generate_student(student: torch.nn.Module, meta: dict, ae: torch.nn.Module, 
                      batch_size: int = 256) -> torch.Tensor:
     """uint8 images (N, C, H, W) of ``labels`` from a distilled student, decoded by the autoencoder."""
     from components.autoencoder.load import decode_scaled
-    from components.diffusion import NoiseSchedule
     from components.distill.consistency import ConsistencyFunction, consistency_sample
     from components.dit.config import SamplingConfig
     from components.dit.generate import generate
@@ -76,8 +76,8 @@ def generate_student(student: torch.nn.Module, meta: dict, ae: torch.nn.Module, 
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
             generators = [sample_generator(seed, start + i) for i in range(len(y))]
-            noise = _draw(generators, shape, device)
-            renoise = [_draw(generators, shape, device) for _ in renoise_levels]
+            noise = draw_per_sample(generators, shape, device)
+            renoise = [draw_per_sample(generators, shape, device) for _ in renoise_levels]
             z = consistency_sample(fn, student, noise, y, renoise, renoise_levels)
             with torch.inference_mode():
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())

@@ -77,7 +77,7 @@ def base_meta(cfg: DistillConfig, dit_meta: dict, guidance: float) -> dict:
 
 def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_meta, name: str, steps: int | None):
     from components.common.tracking import png_bytes
-    from components.dit.generate import class_grid
+    from components.common.images import class_grid
     from components.dit.train import grid_labels
 
     student, meta = load_student(source)

@@ -12,96 +12,24 @@ size, and sample i is the same image whether 10 or 10,000 are drawn.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
+from components.common.images import to_uint8
 from components.diffusion import (
+    Denoiser,
     NoiseSchedule,
-    ddim_sample,
-    ddim_step,
-    ddpm_step,
-    dynamic_threshold,
-    langevin_sample,
+    config_options,
+    draw_per_sample,
     make_cfg_model_fn,
-    pc_sample,
+    per_sample_noise,
+    run_sampler,
+    sample_generator,
     spaced_timesteps,
-    static_threshold,
+    threshold_fn,
 )
 from components.dit.config import SamplingConfig
-
-
-def sample_generator(seed: int, index: int, *stream: int) -> torch.Generator:
-    """The random stream of sample ``index`` under ``seed`` (CPU; its draws are moved to the device).
-    ``stream`` separates further streams of the same sample (a cascade's stages)."""
-    entropy = [seed, index, *stream]
-    state = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
-    return torch.Generator().manual_seed(state)
-
-
-def _draw(generators: list[torch.Generator], shape: Sequence[int], device) -> torch.Tensor:
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)  # (N, c, h, w)
-
-
-def threshold_fn(sampling: SamplingConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The clip_x0 of the samplers for ``sampling.thresholding``.
-
-    Static clamps x̂_0 to [−1, 1], dynamic is Imagen's percentile rescaling: both assume data in
-    [−1, 1], true of pixels but not of scaled latents (unit variance, not unit range), so in latent
-    space thresholding is usually off ("none", the default)."""
-    if sampling.thresholding == "static":
-        return static_threshold
-    if sampling.thresholding == "dynamic":
-        return partial(dynamic_threshold, percentile=sampling.dynamic_threshold_percentile)
-    return None
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 [0, 255], rounded."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def denoise(model_fn, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule, sampling,
-            meta: dict, clip_x0, generators: list[torch.Generator], stop_at: int | None = None) -> torch.Tensor:
-    """The reverse process from x at ``timesteps[0]`` to clean data, or to level ``stop_at`` (the
-    truncated hand-off of a cascade). ``sampling``: sampler and its settings; ``meta``: prediction
-    and learn_sigma of the model."""
-    prediction, learned = meta["prediction"], bool(meta.get("learn_sigma", False))
-    if sampling.sampler == "ddim" and sampling.eta == 0:  # deterministic: the library sampler as is
-        return ddim_sample(model_fn, x, timesteps, schedule, prediction=prediction, learned_variance=learned,
-                           clip_x0=clip_x0, stop_at=stop_at)
-    if sampling.sampler in ("langevin", "pc"):  # the library samplers, fed each sample's own noise
-        options = dict(noise_fn=lambda like: _draw(generators, like.shape[1:], like.device), prediction=prediction,
-                       learned_variance=learned, clip_x0=clip_x0, snr=sampling.snr)
-        if sampling.sampler == "pc":
-            return pc_sample(model_fn, x, timesteps, schedule, corrector_steps=sampling.corrector_steps,
-                             predictor=sampling.pc_predictor, stop_at=stop_at, **options)
-        if stop_at is not None:
-            raise ValueError("the langevin sampler ends at clean data (stop_at is not supported); use pc, ddpm or ddim")
-        return langevin_sample(model_fn, x, timesteps, schedule, n_steps_each=sampling.langevin_steps,
-                               step_size=sampling.langevin_step_size, **options)
-    # Stochastic samplers: the same steps as ddim_sample / ddpm_sample, with each sample's noise
-    # drawn from its own stream instead of one generator for the batch.
-    steps = [int(t) for t in timesteps]
-    shape, channels = x.shape[1:], x.shape[1]
-    if sampling.sampler == "ddim":
-        for t, t_prev in zip(steps, steps[1:] + [-1 if stop_at is None else stop_at]):
-            out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))[:, :channels]
-            x, _ = ddim_step(schedule, out, x, t, t_prev, eta=sampling.eta, noise=_draw(generators, shape, x.device),
-                             prediction=prediction, clip_x0=clip_x0)
-        return x
-    levels = ([] if stop_at is None else [stop_at]) + steps[::-1]  # ascending, as ddpm_sample respaces them
-    chain = schedule.respace(torch.tensor(levels))
-    last = 0 if stop_at is None else 1
-    for i in range(len(levels) - 1, last - 1, -1):
-        out = model_fn(x, torch.full((x.shape[0],), levels[i], dtype=torch.long, device=x.device))
-        noise = _draw(generators, shape, x.device) if i > 0 else None
-        x, _ = ddpm_step(chain, out, x, i, noise=noise, prediction=prediction, learned_variance=learned,
-                         clip_x0=clip_x0)
-    return x
 
 
 def with_classifier_guidance(model_fn, classifier, dit_meta: dict, schedule: NoiseSchedule, weight: float):
@@ -123,6 +51,18 @@ def with_classifier_guidance(model_fn, classifier, dit_meta: dict, schedule: Noi
                                            weight, dit_meta["prediction"])
 
 
+def dit_denoiser(dit: torch.nn.Module, dit_meta: dict, sampling: SamplingConfig, schedule: NoiseSchedule,
+                 classifier=None) -> Denoiser:
+    """The DiT as the samplers see it: guided fn(x_t, t, y) (classifier-free with ``sampling.guidance``,
+    then classifier guidance when set) with the DiT's prediction, learned variance and ``sampling``'s
+    thresholding."""
+    guided = make_cfg_model_fn(lambda x, t, y: dit(x, t, y), int(dit_meta["null_label"]), sampling.guidance)
+    if sampling.classifier_guidance:
+        guided = with_classifier_guidance(guided, classifier, dit_meta, schedule, sampling.classifier_guidance)
+    return Denoiser(guided, prediction=dit_meta["prediction"], learned_variance=bool(dit_meta.get("learn_sigma", False)),
+                    clip_x0=threshold_fn(sampling.thresholding, sampling.dynamic_threshold_percentile))
+
+
 def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict,
              labels: Sequence[int] | torch.Tensor,
              sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
@@ -131,7 +71,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
 
     Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]``
     (0: the conditional model alone, no unconditional pass); timesteps from ``spaced_timesteps``;
-    DDIM (``eta``), DDPM, Langevin or PC; optional thresholding of x̂_0 (see ``threshold_fn``); latents decoded
+    any sampler of the registry (``sampling.sampler``, its options from ``sampling``'s fields of the same
+    names); optional thresholding of x̂_0 (``threshold_fn``); latents decoded
     with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
     ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
     ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``."""
@@ -151,10 +92,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     schedule = NoiseSchedule.from_name(dit_meta["schedule"], int(dit_meta["num_timesteps"]))
     if timesteps is None:
         timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
-    guided = make_cfg_model_fn(lambda x, t, y: dit(x, t, y), int(dit_meta["null_label"]), sampling.guidance)
-    if sampling.classifier_guidance:
-        guided = with_classifier_guidance(guided, classifier, dit_meta, schedule, sampling.classifier_guidance)
-    clip_x0 = threshold_fn(sampling)
+    denoiser = dit_denoiser(dit, dit_meta, sampling, schedule, classifier)
+    options = config_options(sampling.sampler, sampling)
 
     modes = (dit.training, ae.training)
     dit.eval()  # train mode would drop labels (class dropout)
@@ -166,8 +105,9 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
             for start in range(0, len(labels), batch_size):
                 y = labels[start:start + batch_size].to(device)
                 generators = [sample_generator(sampling.seed, start + i) for i in range(len(y))]
-                x = _draw(generators, shape, device)  # (B, c, h, w): x_T
-                z = denoise(partial(guided, y=y), x, timesteps, schedule, sampling, dit_meta, clip_x0, generators)
+                x = draw_per_sample(generators, shape, device)  # (B, c, h, w): x_T
+                z = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
+                                extra_args={"y": y}, **options)
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())  # (B, C, H, W)
                 if bar is not None:
                     bar.update(len(y))
@@ -180,22 +120,3 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
         return torch.empty((0, int(ae_meta["channels"]), int(ae_meta["image_size"]), int(ae_meta["image_size"])),
                            dtype=torch.uint8)
     return torch.cat(chunks)
-
-
-def class_grid(images: torch.Tensor, labels: Sequence[int], per_label: int) -> Image.Image:
-    """A grid with one row per distinct label (in order of first appearance) and ``per_label``
-    columns: the first ``per_label`` images of that label; missing cells stay black."""
-    from components.common.images import image_grid
-
-    labels = [int(label) for label in labels]
-    if len(labels) != len(images):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if not labels:
-        raise ValueError("class_grid needs at least one image")
-    arrays = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
-    blank = np.zeros_like(arrays[0])
-    cells = []
-    for label in dict.fromkeys(labels):
-        mine = [arrays[i] for i, other in enumerate(labels) if other == label][:per_label]
-        cells += mine + [blank] * (per_label - len(mine))
-    return image_grid(cells, nrow=per_label)

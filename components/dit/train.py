@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from components.common.images import class_grid
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.dit.config import DitConfig
@@ -129,7 +130,7 @@ class DitTask:
     def preview(self, ema) -> tuple[str, "Image.Image"] | None:
         """The step's sample grid drawn with the EMA weights so far (the trainer's checkpoint hook)."""
         from components.autoencoder.load import load_autoencoder
-        from components.dit.generate import class_grid, generate
+        from components.dit.generate import generate
         from components.dit.model import DiT
 
         if self.autoencoder_manifest is None and self._ae is None:
@@ -201,7 +202,7 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     from components.autoencoder.load import load_autoencoder
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
-    from components.dit.generate import class_grid, generate
+    from components.dit.generate import generate
     from components.dit.model import DiT, dit_flops_per_image
 
     shard, ae_manifest = inputs["shard"], inputs["autoencoder"]

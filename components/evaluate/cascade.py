@@ -14,7 +14,7 @@ import logging
 import torch
 
 from components.common.step import Manifest
-from components.dit.generate import class_grid
+from components.common.images import class_grid
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.metrics import frechet_distance_to
 

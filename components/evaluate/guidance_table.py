@@ -24,7 +24,8 @@ def guidance_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier,
     a grid: one class grid per row, side by side)."""
     from components.autoencoder.load import load_autoencoder
     from components.common.plot import side_by_side
-    from components.dit.generate import class_grid, generate
+    from components.common.images import class_grid
+    from components.dit.generate import generate
     from components.dit.load import load_dit
     from components.noisy_classifier.train import load_noisy_classifier
 

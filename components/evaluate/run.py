@@ -44,7 +44,7 @@ import torch
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.tracking import png_bytes
 from components.dit.config import SamplingConfig
-from components.dit.generate import class_grid
+from components.common.images import class_grid
 from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cascade, stage_names
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.judge import (CLASSIFIER_META, CLASSIFIER_WEIGHTS, EvaluateError, Judge, baseline_distance,

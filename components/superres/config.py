@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -46,12 +46,29 @@ class SuperResSamplingConfig(StrictModel):
     guidance: float = Field(0.0, ge=0)  # classifier-free, class-conditional stages only
     thresholding: Literal["none", "static", "dynamic"] = "static"  # pixels live in [-1, 1]
     dynamic_threshold_percentile: float = Field(0.995, gt=0, le=1)
-    # fixed augmentation level of the conditioning at sampling time, as a fraction of the schedule
-    # (never random); the non-truncated hand-off corrupts the lower stage's output to this level,
-    # the truncated one stops the lower stage there
-    aug_level: float = Field(0.1, ge=0, le=1)
+    # fixed noise-conditioning augmentation level of the low-resolution input at sampling time, as a
+    # fraction of the schedule (never random); the non-truncated hand-off corrupts the lower stage's
+    # output to this level, the truncated one stops the lower stage there
+    noise_cond_aug_level: float = Field(0.1, ge=0, le=1)
     handoff: Literal["non_truncated", "truncated"] = "non_truncated"
     seed: int = 0
+
+    # Was ``aug_level``: cache keys keep hashing the old name (cache_names), and settings recorded
+    # under it (a stage's superres.json, an older pipeline file) still load.
+    cache_names: ClassVar[dict[str, str]] = {"noise_cond_aug_level": "aug_level"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_old_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for new, old in cls.cache_names.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"{old} is the old name of {new}: give only {new}")
+                data[new] = data.pop(old)
+        return data
 
 
 class SuperResConfig(StepConfig):

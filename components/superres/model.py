@@ -87,7 +87,9 @@ class Level(nn.Module):
 
 
 class EfficientUNet(nn.Module):
-    """eps_theta(x_t, t | low_res, s[, y]) at ``out_size``; ``low_res`` at any smaller size."""
+    """The stage's prediction at ``out_size`` given (x_t, t | low_res, s[, y]): v by default, or ε, as the
+    stage config's ``prediction`` says (the network is the same; only its training target differs);
+    ``low_res`` at any smaller size."""
 
     def __init__(self, in_channels: int = 3, out_size: int = 64, channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 4), blocks: tuple[int, ...] = (1, 2, 4),
@@ -123,20 +125,20 @@ class EfficientUNet(nn.Module):
     def null_class_id(self) -> int:
         return self.num_classes
 
-    def embed(self, t: torch.Tensor, aug_level: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, noise_cond_aug_level: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         dtype = self.t_mlp[0].weight.dtype  # bf16/fp16 under DeepSpeed: the sinusoids follow the weights
         emb = (self.t_mlp(timestep_embedding(t, self.channels).to(dtype))
-               + self.s_mlp(timestep_embedding(aug_level, self.channels).to(dtype)))
+               + self.s_mlp(timestep_embedding(noise_cond_aug_level, self.channels).to(dtype)))
         if self.y_embed is not None:
             y = torch.full_like(t, self.num_classes) if y is None else y
             emb = emb + self.y_embed(y)
         return emb  # (N, 4C)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor, aug_level: torch.Tensor,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor, noise_cond_aug_level: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         if low_res.shape[-1] != x.shape[-1]:
             low_res = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        emb = self.embed(t, aug_level, y)
+        emb = self.embed(t, noise_cond_aug_level, y)
         h = self.stem(torch.cat([x, low_res.to(x.dtype)], dim=1))  # (N, C0, H, W)
         skips = []
         for i, level in enumerate(self.down):

@@ -3,7 +3,7 @@
 The hand-off between two stages (Ho et al. 2021, sec. 3.2), chosen by the *receiving* stage's
 ``sampling.handoff``:
 - ``non_truncated``: the lower stage runs to t = 0; its output z is corrupted with q(z_s | z) at the
-  receiving stage's fixed level s (``sampling.aug_level``) and s is given to the model;
+  receiving stage's fixed level s (``sampling.noise_cond_aug_level``) and s is given to the model;
 - ``truncated``: the lower stage's reverse process stops at step s and its x_s is passed on as is,
   with s given to the model. The two stages must share their noise schedule (s is a level of both).
   The base DiT works in latent space, where a partially denoised x_s is no image, so the first SR
@@ -21,8 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from components.diffusion import NoiseSchedule, make_cfg_model_fn, spaced_timesteps
-from components.dit.generate import _draw, denoise, sample_generator, threshold_fn, to_uint8
+from components.common.images import to_uint8
+from components.diffusion import (
+    Denoiser,
+    NoiseSchedule,
+    config_options,
+    draw_per_sample,
+    make_cfg_model_fn,
+    per_sample_noise,
+    run_sampler,
+    sample_generator,
+    spaced_timesteps,
+    threshold_fn,
+)
 from components.superres.augment import max_level, sampling_conditioning
 from components.superres.config import SuperResSamplingConfig
 
@@ -40,7 +51,7 @@ class SrStage:
         return NoiseSchedule.from_name(self.meta["schedule"], int(self.meta["num_timesteps"]))
 
     def handoff_level(self) -> int:
-        return max_level(self.schedule, self.sampling.aug_level)
+        return max_level(self.schedule, self.sampling.noise_cond_aug_level)
 
 
 def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.Generator],
@@ -50,35 +61,34 @@ def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.
     ``stop_at``, unclamped, for a truncated hand-off to the next stage).
 
     ``low_res``: the lower stage's output in [-1, 1]; corrupted here to the fixed level of
-    ``stage.sampling.aug_level`` with noise from ``generators``. With ``cond_levels`` it is already
+    ``stage.sampling.noise_cond_aug_level`` with noise from ``generators``. With ``cond_levels`` it is already
     the conditioning (a truncated hand-off's x_s at those levels) and is used as is."""
     model, meta, sampling = stage.model, stage.meta, stage.sampling
     schedule = stage.schedule
     device = next(model.parameters()).device
     low_res = low_res.to(device, torch.float32)
     if cond_levels is None:
-        noise = _draw(generators, low_res.shape[1:], device)
+        noise = draw_per_sample(generators, low_res.shape[1:], device)
         cond, levels = sampling_conditioning(low_res, stage.handoff_level(), schedule, noise)
     else:
         cond, levels = low_res, cond_levels.to(device)
     size, channels = int(meta["output_size"]), int(meta["channels"])
-    x = _draw(generators, (channels, size, size), device)
+    x = draw_per_sample(generators, (channels, size, size), device)
     timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
     if stop_at is not None:
         timesteps = timesteps[timesteps > stop_at]
 
-    def conditional(x_t, t, y):
+    def conditional(x_t, t, y=None):
         return model(x_t, t, cond, levels, y)
 
+    extra_args = {}
     if int(meta.get("num_classes", 0)) and labels is not None:
-        guided = make_cfg_model_fn(conditional, int(meta["num_classes"]), sampling.guidance)
-        y = labels.to(device)
-        model_fn = lambda x_t, t: guided(x_t, t, y=y)  # noqa: E731
-    else:
-        model_fn = lambda x_t, t: conditional(x_t, t, None)  # noqa: E731
-    out = denoise(model_fn, x, timesteps, schedule, sampling, {"prediction": meta.get("prediction", "eps")},
-                  threshold_fn(sampling),
-                  generators, stop_at=stop_at)
+        conditional = make_cfg_model_fn(conditional, int(meta["num_classes"]), sampling.guidance)
+        extra_args = {"y": labels.to(device)}
+    denoiser = Denoiser(conditional, prediction=meta.get("prediction", "eps"),
+                        clip_x0=threshold_fn(sampling.thresholding, sampling.dynamic_threshold_percentile))
+    out = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
+                      extra_args=extra_args, stop_at=stop_at, **config_options(sampling.sampler, sampling))
     return out if stop_at is not None else out.clamp(-1, 1)
 
 

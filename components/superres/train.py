@@ -156,7 +156,8 @@ def degrade(low: torch.Tensor, cfg: SuperResConfig, seed: int) -> torch.Tensor:
 def evaluate_stage(stage, images: torch.Tensor, labels: torch.Tensor, cfg: SuperResConfig, seed: int = 0
                    ) -> tuple[dict[str, float], torch.Tensor]:
     """PSNR/SSIM on uint8 validation images; returns (metrics, uint8 grid rows low|SR|truth)."""
-    from components.dit.generate import sample_generator, to_uint8
+    from components.common.images import to_uint8
+    from components.diffusion import sample_generator
     from components.common.resample import resize
     from components.superres.quality import psnr, ssim
     from components.superres.sample import super_resolve
