@@ -323,7 +323,7 @@ def test_progressive_step_resumes_inside_the_round_it_was_in(ray_cluster, tmp_pa
     assert out.info["native_steps"] == 2 and "samples.png" in out.files and "round_2/samples.png" in out.files
     for name in out.files:
         assert ctx.output.exists(name), name
-    from components.distill.sample import load_student
+    from components.distill.load import load_student
 
     student, _ = load_student(ctx.output)
     ae, ae_meta = tiny_autoencoder()

@@ -11,8 +11,9 @@ from components.common.train_loop import LocalSession, train_loop
 from components.diffusion import NoiseSchedule, ddim_sample, spaced_timesteps
 from components.diffusion.classifier_guidance import make_classifier_guided_model_fn
 from components.noisy_classifier.config import NoisyClassifierConfig
+from components.noisy_classifier.load import load_noisy_classifier
 from components.noisy_classifier.model import build_noisy_classifier
-from components.noisy_classifier.train import NoisyClassifierTask, accuracy_by_t, load_noisy_classifier
+from components.noisy_classifier.train import NoisyClassifierTask, accuracy_by_t
 from tests.test_dit import CLASSES, LATENT, synthetic_latents
 from rounding import assert_same_up_to_rounding
 

@@ -36,8 +36,8 @@ from components.common.checkpoint import CheckpointError
 from components.common.step import CHECKPOINT_DIR, Manifest, StepContext, StepOutput
 from components.common.storage import sha256_file
 from components.distill.config import DistillConfig
-from components.distill.sample import (PROGRESSIVE, STUDENT_META, STUDENT_WEIGHTS, generate_student, load_student,
-                                       supported_steps)
+from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, load_student
+from components.distill.sample import PROGRESSIVE, generate_student, supported_steps
 
 CODE_VERSION = "1"
 # Tests only: "K:S" makes progressive round K (or, with K = 0, the consistency run) raise at step S.

@@ -7,13 +7,12 @@ trains beside the DiT. After training, the EMA classifier is scored on the valid
 classify), logged as ``val_accuracy_t<lo>_<hi>`` and as a chart.
 
 Outputs: ``noisy_classifier.safetensors`` (EMA), ``noisy_classifier_raw.safetensors``,
-``noisy_classifier.json`` (model arguments, schedule, classes; see ``load_noisy_classifier``) and
+``noisy_classifier.json`` (model arguments, schedule, classes; see ``components.noisy_classifier.load``) and
 ``accuracy_by_t.png``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ import torch
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.noisy_classifier.config import NoisyClassifierConfig
+from components.noisy_classifier.load import META, RAW_WEIGHTS, WEIGHTS, load_noisy_classifier
 
 CODE_VERSION = "1"
-WEIGHTS, RAW_WEIGHTS, META = "noisy_classifier.safetensors", "noisy_classifier_raw.safetensors", "noisy_classifier.json"
 CHART = "accuracy_by_t.png"
 
 log = logging.getLogger(__name__)
@@ -76,20 +75,6 @@ class NoisyClassifierTask:
         from components.common.task_parts import export_weights
 
         export_weights(model, ema_model, out_dir, WEIGHTS, RAW_WEIGHTS, META, self.meta)
-
-
-def load_noisy_classifier(source, device: str = "cpu", ema: bool = True) -> tuple[torch.nn.Module, dict]:
-    """(classifier in eval mode, meta) from the step's manifest (files checked against their sha256),
-    Storage or URI; safetensors only."""
-    import safetensors.torch
-
-    from components.common.step import read_output
-    from components.noisy_classifier.model import NoisyClassifier
-
-    meta = json.loads(read_output(source, META))
-    model = NoisyClassifier(**meta["model"])
-    model.load_state_dict(safetensors.torch.load(read_output(source, WEIGHTS if ema else RAW_WEIGHTS)))
-    return model.to(device).eval(), meta
 
 
 @torch.no_grad()
