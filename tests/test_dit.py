@@ -24,7 +24,8 @@ from components.dit.config import DitConfig, SamplingConfig
 from components.dit.generate import class_grid, generate
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 from components.dit.model import build_dit
-from components.dit.train import FAIL_AT_STEP_ENV, LatentDitTask, grid_labels, resolve_model_kwargs
+from components.dit.train import TASK_CLASSES, LatentDitTask, grid_labels, resolve_model_kwargs
+from crash_hooks import crashing
 from rounding import assert_same_up_to_rounding
 
 CLASSES = ["a", "b", "c"]
@@ -254,11 +255,11 @@ def test_step_on_two_workers_resumes_after_a_crash_and_exports(ray_cluster, tmp_
     cfg = dit_cfg(train={"max_steps": 8, "batch_size": 16, "zero_stage": 2, "checkpoint_every": 2, "log_every": 1},
                   sample={"steps": 4, "guidance": 1.5}, grid_per_label=2)
     ctx = step_ctx(tmp_path, "dit", tracker)
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
+    monkeypatch.setitem(TASK_CLASSES, "latents", crashing(LatentDitTask, at_step=5))
     with pytest.raises(TrainingError, match="injected failure at step 5"):
         train_dit(cfg, inputs, ctx)
     assert not ctx.output.exists(DIT_WEIGHTS)
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    monkeypatch.setitem(TASK_CLASSES, "latents", LatentDitTask)
     out = train_dit(cfg, inputs, ctx)  # the same ctx.checkpoint_uri: resumes
 
     logged = [m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss")]
