@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.dit.config import DitConfig  # noqa: E402
-from components.dit.train import LatentDitTask, PixelDitTask, resolve_model_kwargs  # noqa: E402
+from components.dit.train import LatentDitTask, PixelDitTask, build_step_dit  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ae, ae_meta = load_ae(args)
     cfg = DitConfig(preset=args.preset, model=json.loads(args.model), train={"batch_size": args.batch, "lr": 1e-4})
-    kwargs = resolve_model_kwargs(cfg, ae_meta["latent_shape"], args.num_classes)
+    kwargs = build_step_dit(cfg, ae_meta["latent_shape"], args.num_classes).arguments
 
     n = 4 * args.batch  # a small pool of images, cycled
     images = torch.randint(0, 256, (n, args.channels, args.image_size, args.image_size), dtype=torch.uint8)

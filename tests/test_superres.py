@@ -16,7 +16,7 @@ from components.superres.config import AugmentationConfig, SuperResConfig, Super
 from components.superres.model import EfficientUNet, build_superres
 from components.superres.quality import psnr, ssim
 from components.superres.sample import SrStage, cascade, check_chain, super_resolve
-from components.superres.train import SuperResTask, resolve_model_kwargs, training_pair
+from components.superres.train import SuperResTask, build_step_superres, training_pair
 from components.dit.generate import sample_generator
 from rounding import assert_same_up_to_rounding
 
@@ -238,7 +238,7 @@ def test_stage_trains_and_resumes_after_a_crash(tmp_path):
                          augmentation={"noise": {"max_level": 0.5}, "blur": {"enabled": True}},
                          train=dict(max_steps=30, batch_size=16, lr=2e-3, ema_decay=0.9, log_every=10,
                                     checkpoint_every=10))
-    kwargs = resolve_model_kwargs(cfg, channels=1, num_classes=3)
+    kwargs = build_step_superres(cfg, channels=1, num_classes=3).arguments
     data = smooth_digits()
     crashing = FailingTask(cfg, kwargs, {"num_classes": 3}, in_memory=data)
     crashing.fail_at, crashing.losses = 25, []
@@ -300,7 +300,7 @@ def test_stage_trains_under_bf16_and_zero2(tmp_path):
     cfg = SuperResConfig(input_size=8, output_size=16, preset="sr-tiny",
                          train=dict(max_steps=3, batch_size=8, precision="bf16", zero_stage=2, log_every=1,
                                     checkpoint_every=100, ema_decay=0.5))
-    task = SuperResTask(cfg, resolve_model_kwargs(cfg, channels=1, num_classes=0), {"num_classes": 0},
+    task = SuperResTask(cfg, build_step_superres(cfg, channels=1, num_classes=0).arguments, {"num_classes": 0},
                         in_memory=smooth_digits(32))
     final = train_loop(task, cfg.train, LocalSession(tmp_path / "ckpt"), None)
     assert final["step"] == 3 and math.isfinite(final["loss"])

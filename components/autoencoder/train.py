@@ -46,7 +46,8 @@ from components.autoencoder.config import AutoencoderConfig
 from components.autoencoder.discriminator import PatchDiscriminator, adaptive_disc_weight, hinge_d_loss
 from components.autoencoder.load import AE_META, AE_WEIGHTS, to_model_range
 from components.autoencoder.lpips import check_lpips_file, load_lpips
-from components.autoencoder.model import AUTOENCODER_CLASSES, AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderVQ
+from components.autoencoder.model import (AUTOENCODER_CLASSES, AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderVQ,
+                                          build_autoencoder)
 from components.autoencoder.quantize import code_statistics
 from components.common.model_args import with_data_fixed
 from components.common.images import image_grid
@@ -162,26 +163,25 @@ class AutoencoderTask:
 # ---------------------------------------------------------------- evaluation on the step task
 
 
-def resolve_model_kwargs(cfg: AutoencoderConfig, info: dict[str, Any]) -> dict[str, Any]:
-    """The preset with ``cfg.model`` applied, its input channels the shards' (a setting that
-    disagrees is refused) and its factor checked against their size; for
-    ``regularizer: vq`` the ``vq`` section's codebook arguments are added."""
+def build_step_autoencoder(cfg: AutoencoderConfig, info: dict[str, Any]) -> AutoencoderKL | AutoencoderVQ:
+    """The step's autoencoder through ``build_autoencoder``: the preset with ``cfg.model`` applied,
+    its input channels the shards' (a setting that disagrees is refused) and its factor checked
+    against their size; for ``regularizer: vq`` the ``vq`` section's codebook arguments are added.
+    Its ``arguments`` are what autoencoder.json records."""
     if cfg.preset not in AUTOENCODER_PRESETS:
         raise ValueError(f"autoencoder.preset: unknown {cfg.preset!r}; valid: {', '.join(AUTOENCODER_PRESETS)}")
-    kwargs = {**AUTOENCODER_PRESETS[cfg.preset], **cfg.model}
-    unknown = set(kwargs) - set(AUTOENCODER_PRESETS[cfg.preset])
+    unknown = set(cfg.model) - set(AUTOENCODER_PRESETS[cfg.preset])
     if unknown:
         raise ValueError(f"autoencoder.model: unknown argument(s) {sorted(unknown)}; "
                          f"valid: {sorted(AUTOENCODER_PRESETS[cfg.preset])}")
-    kwargs["channel_mult"] = list(kwargs["channel_mult"])
-    kwargs.update(with_data_fixed("autoencoder", cfg.model, {"in_channels": int(info["channels"])}))
-    f = 2 ** (len(kwargs["channel_mult"]) - 1)
+    overrides = {**cfg.model, **with_data_fixed("autoencoder", cfg.model, {"in_channels": int(info["channels"])})}
+    f = 2 ** (len({**AUTOENCODER_PRESETS[cfg.preset], **overrides}["channel_mult"]) - 1)
     size = base_size(cfg, info)
     if size % f:
         raise ValueError(f"image_size {size} is not divisible by the autoencoder's factor f={f}")
     if cfg.regularizer == "vq":
-        kwargs.update(cfg.vq.model_dump())
-    return kwargs
+        overrides.update(cfg.vq.model_dump())
+    return build_autoencoder(cfg.preset, cfg.regularizer, **overrides)
 
 
 def base_size(cfg: AutoencoderConfig, info: dict[str, Any]) -> int:
@@ -261,7 +261,8 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
         log.warning("autoencoder: ema_decay %.4g over %d steps keeps %.0f%% of the initial weights in the "
                     "exported EMA weights; lower train.ema_decay", cfg.train.ema_decay, cfg.train.max_steps,
                     100 * cfg.train.ema_decay ** cfg.train.max_steps)
-    model_kwargs = resolve_model_kwargs(cfg, info)
+    model = build_step_autoencoder(cfg, info)  # trained in the workers; the export is loaded into it below
+    model_kwargs = model.arguments
     size = base_size(cfg, info)
     image_key, train_shards, val_shards = info["image_format"], info["train_shards"], info["val_shards"]
     if not train_shards or not val_shards:
@@ -275,7 +276,6 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
 
     from safetensors.torch import load_file
 
-    model = AUTOENCODER_CLASSES[cfg.regularizer](**model_kwargs)
     model.load_state_dict(load_file(str(result.export_dir / AE_WEIGHTS)))
     model.eval()
     storage = shard.storage()

@@ -19,7 +19,6 @@ with the ``sample`` settings through ``components.dit.generate``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from components.dit.model import DiT
 
 CODE_VERSION = "1"
 SAMPLES = "samples.png"
@@ -170,9 +171,10 @@ class PixelDitTask(DitTask):
 TASK_CLASSES: dict[str, type[DitTask]] = {"latents": LatentDitTask, "pixels": PixelDitTask}
 
 
-def resolve_model_kwargs(cfg: DitConfig, latent_shape, num_classes: int) -> dict[str, Any]:
-    """Every argument of ``DiT``: defaults <- preset <- data shapes and step settings <- cfg.model."""
-    from components.dit.model import DIT_PRESETS, DiT
+def build_step_dit(cfg: DitConfig, latent_shape, num_classes: int) -> "DiT":
+    """The step's DiT through ``build_dit``: preset <- data shapes and step settings <- cfg.model; its
+    ``arguments`` are what dit.json records and what the task rebuilds it from in each worker."""
+    from components.dit.model import DIT_PRESETS, build_dit
 
     if cfg.preset not in DIT_PRESETS:
         raise ValueError(f"dit.preset: unknown DiT preset {cfg.preset!r}; valid presets: {', '.join(DIT_PRESETS)}")
@@ -181,14 +183,11 @@ def resolve_model_kwargs(cfg: DitConfig, latent_shape, num_classes: int) -> dict
         raise ValueError(f"the DiT needs square latents, got {channels}x{height}x{width}")
     fixed = with_data_fixed("dit", cfg.model, {"input_size": height, "in_channels": channels,
                                                "num_classes": num_classes})
-    kwargs = {**DIT_PRESETS[cfg.preset], **fixed, "learn_sigma": cfg.learn_sigma,
-              "class_dropout_prob": cfg.class_dropout_prob, **cfg.model}
+    overrides = {**fixed, "learn_sigma": cfg.learn_sigma, "class_dropout_prob": cfg.class_dropout_prob, **cfg.model}
     try:
-        bound = inspect.signature(DiT).bind(**kwargs)
-    except TypeError as e:
+        return build_dit(cfg.preset, **overrides)
+    except TypeError as e:  # an argument DiT does not take
         raise ValueError(f"dit.model: {e}") from e
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def grid_labels(num_classes: int, rows: int, per_label: int) -> list[int]:
@@ -203,7 +202,7 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
     from components.dit.generate import class_grid, generate
-    from components.dit.model import DiT, dit_flops_per_image
+    from components.dit.model import dit_flops_per_image
 
     shard, ae_manifest = inputs["shard"], inputs["autoencoder"]
     ae, ae_meta = load_autoencoder(ae_manifest)
@@ -218,8 +217,8 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     else:
         latents, latent_shape, classes = None, list(ae_meta["latent_shape"]), shard.info.get("classes")
     num_classes = len(classes) if classes else 1
-    model_kwargs = resolve_model_kwargs(cfg, latent_shape, num_classes)
-    probe = DiT(**model_kwargs)
+    probe = build_step_dit(cfg, latent_shape, num_classes)
+    model_kwargs = probe.arguments
     meta = {
         "preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
         "prediction": cfg.prediction, "learn_sigma": cfg.learn_sigma, "num_classes": num_classes,

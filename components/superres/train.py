@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.superres.config import SuperResConfig
 from components.superres.load import SR_META, SR_RAW_WEIGHTS, SR_WEIGHTS
+
+if TYPE_CHECKING:
+    from components.superres.model import EfficientUNet
 
 CODE_VERSION = "1"
 GRID = "superres_samples.png"
@@ -124,22 +127,19 @@ class SuperResTask:
         export_weights(model, ema_model, out_dir, SR_WEIGHTS, SR_RAW_WEIGHTS, SR_META, self.meta)
 
 
-def resolve_model_kwargs(cfg: SuperResConfig, channels: int, num_classes: int) -> dict[str, Any]:
-    import inspect
-
-    from components.superres.model import SUPERRES_PRESETS, EfficientUNet
+def build_step_superres(cfg: SuperResConfig, channels: int, num_classes: int) -> "EfficientUNet":
+    """The stage's U-Net through ``build_superres``: preset <- cfg.model <- the data's channels, the
+    stage's output size and classes; its ``arguments`` are what superres.json records."""
+    from components.superres.model import SUPERRES_PRESETS, build_superres
 
     if cfg.preset not in SUPERRES_PRESETS:
         raise ValueError(f"superres.preset: unknown preset {cfg.preset!r}; valid: {', '.join(SUPERRES_PRESETS)}")
     fixed = with_data_fixed("superres", cfg.model, {"in_channels": channels, "out_size": cfg.output_size,
                                                     "num_classes": num_classes})
-    kwargs = {**SUPERRES_PRESETS[cfg.preset], **cfg.model, **fixed}
     try:
-        bound = inspect.signature(EfficientUNet).bind(**kwargs)
-    except TypeError as e:
+        return build_superres(cfg.preset, **{**cfg.model, **fixed})
+    except TypeError as e:  # an argument EfficientUNet does not take
         raise ValueError(f"superres.model: {e}") from e
-    bound.apply_defaults()
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
 
 
 def degrade(low: torch.Tensor, cfg: SuperResConfig, seed: int) -> torch.Tensor:
@@ -186,7 +186,6 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
     from components.superres.load import load_superres
-    from components.superres.model import EfficientUNet
 
     shard = inputs["shard"]
     info = shard.info
@@ -201,8 +200,8 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         log.warning("%s: the shard images are %d px, smaller than output_size %d: the targets are upsampled "
                     "(%s), so this stage can learn no detail beyond that filter", ctx.step, shard_size,
                     cfg.output_size, cfg.filter)
-    model_kwargs = resolve_model_kwargs(cfg, channels, num_classes)
-    probe = EfficientUNet(**model_kwargs)
+    probe = build_step_superres(cfg, channels, num_classes)
+    model_kwargs = probe.arguments
     meta = {
         "preset": cfg.preset, "model": model_kwargs, "input_size": cfg.input_size, "output_size": cfg.output_size,
         "channels": channels, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps, "filter": cfg.filter,
