@@ -45,7 +45,7 @@ from components.dit.generate import class_grid
 from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cascade, stage_names
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.judge import EvaluateError, Judge, baseline_distance, fit_judge, metric_name, score_samples
-from components.evaluate.load import CLASSIFIER_META, CLASSIFIER_WEIGHTS, save_classifier
+from components.evaluate.load import CLASSIFIER_META, CLASSIFIER_WEIGHTS, ClassifierMeta, save_classifier
 from components.evaluate.sample import generate_samples
 
 CODE_VERSION = "6"
@@ -74,9 +74,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     judge = fit_judge(shard, size, "bicubic", cfg.classifier, num_classes, device, ctx.tracker.log_metrics)
     log.info("evaluate: classifier val accuracy %.4f after %d steps (%.1fs)", judge.val.accuracy,
              cfg.classifier.steps, judge.train_stats["classifier_train_seconds"])
-    meta = {"preset": cfg.classifier.preset, "in_channels": judge.image_shape[0], "num_classes": num_classes,
-            "classes": list(classes), "image_size": size, "val_accuracy": judge.val.accuracy,
-            "input_range": "uint8 / 127.5 - 1", "train": cfg.classifier.model_dump(mode="json")}
+    meta = ClassifierMeta(preset=cfg.classifier.preset, in_channels=judge.image_shape[0], num_classes=num_classes,
+                          classes=list(classes), image_size=size, val_accuracy=judge.val.accuracy,
+                          input_range="uint8 / 127.5 - 1", train=cfg.classifier.model_dump(mode="json"))
     files = save_classifier(judge.model, meta, ctx.output)
 
     # 2.-3. samples for every class, classified, and Fréchet distances against the validation images
@@ -101,7 +101,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     evaluation = {"metrics": metrics, "per_class_accuracy": scores["per_class"], "classes": list(classes),
                   "sampling": cfg.sample.model_dump(mode="json"), "generation_batch_size": cfg.batch_size,
                   "counts": counts, "reference_split": "val", "baseline_split": "train",
-                  "classifier": {k: v for k, v in meta.items() if k != "classes"}}
+                  "classifier": {k: v for k, v in meta.to_json().items() if k != "classes"}}
 
     files += [SAMPLES_GRID, EVALUATION]
     files += _optional_tables(cfg, inputs, ctx, judge, images, labels, list(classes), device, inception,

@@ -22,7 +22,7 @@ import torch
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.noisy_classifier.config import NoisyClassifierConfig
-from components.noisy_classifier.load import META, RAW_WEIGHTS, WEIGHTS, load_noisy_classifier
+from components.noisy_classifier.load import META, RAW_WEIGHTS, WEIGHTS, NoisyClassifierMeta, load_noisy_classifier
 
 CODE_VERSION = "1"
 CHART = "accuracy_by_t.png"
@@ -118,10 +118,11 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
     fixed = with_data_fixed("noisy_classifier", cfg.model, {"in_channels": shape[0], "num_classes": len(classes)})
     model_kwargs = {**NOISY_CLASSIFIER_PRESETS[cfg.preset], **cfg.model, **fixed}
     probe = NoisyClassifier(**model_kwargs)
-    meta = {"preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule,
-            "num_timesteps": cfg.num_timesteps, "classes": list(classes), "latent_shape": shape,
-            "parameters": sum(p.numel() for p in probe.parameters())}
+    typed = NoisyClassifierMeta(preset=cfg.preset, model=model_kwargs, schedule=cfg.schedule,
+                                num_timesteps=cfg.num_timesteps, classes=list(classes), latent_shape=shape,
+                                parameters=sum(p.numel() for p in probe.parameters()))
     del probe
+    meta = typed.to_json()  # the task travels to the workers with the file's form
     result = fit(NoisyClassifierTask(cfg, meta, latents=latents), cfg.train, ctx)
     files = result.upload_to(ctx.output)
 
