@@ -48,11 +48,12 @@ def main() -> None:
     from components.evaluate.metrics import frechet_distance_of
     from components.evaluate.judge import classify, read_split
     from components.evaluate.load import load_classifier
-    from components.latents.data import load_latent_shards
+    from components.latents.load import load_latent_shards
     from components.noisy_classifier.config import NoisyClassifierConfig
     from components.noisy_classifier.load import load_noisy_classifier
     from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS
-    from components.noisy_classifier.train import NoisyClassifierTask, accuracy_by_t
+    from components.noisy_classifier.task import NoisyClassifierTask
+    from components.noisy_classifier.train import accuracy_by_t
     from pipelines.sample import find_summary, step_manifest
 
     uri, summary = find_summary(args.workflow_id, args.storage)

@@ -38,7 +38,7 @@ from components.diffusion import NoiseSchedule, spaced_timesteps  # noqa: E402
 from components.distill.config import DistillConfig  # noqa: E402
 from components.distill.consistency import consistency_levels  # noqa: E402
 from components.distill.targets import halve_steps  # noqa: E402
-from components.distill.tasks import ConsistencyTask, ProgressiveTask  # noqa: E402
+from components.distill.task import ConsistencyTask, ProgressiveTask  # noqa: E402
 from components.dit.config import DitConfig  # noqa: E402
 from components.dit.model import DiT, dit_flops_per_image  # noqa: E402
 from components.dit.train import build_step_dit  # noqa: E402

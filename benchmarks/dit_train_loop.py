@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.common.train_loop import LocalSession, train_loop  # noqa: E402
 from components.dit.config import DitConfig  # noqa: E402
 from components.dit.model import DiT, dit_flops_per_image  # noqa: E402
-from components.dit.train import LatentDitTask, build_step_dit  # noqa: E402
+from components.dit.task import LatentDitTask  # noqa: E402
+from components.dit.train import build_step_dit  # noqa: E402
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 

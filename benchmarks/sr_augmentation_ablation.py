@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.common.train_loop import LocalSession, train_loop  # noqa: E402
 from components.superres.config import SuperResConfig  # noqa: E402
-from components.superres.train import SuperResTask, build_step_superres  # noqa: E402
+from components.superres.task import SuperResTask  # noqa: E402
+from components.superres.train import build_step_superres  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

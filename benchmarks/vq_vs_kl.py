@@ -35,11 +35,11 @@ sys.path.insert(0, str(REPO))
 from components.autoencoder.config import AutoencoderConfig  # noqa: E402
 from components.autoencoder.load import AE_WEIGHTS  # noqa: E402
 from components.autoencoder.model import AUTOENCODER_CLASSES  # noqa: E402
+from components.autoencoder.task import AutoencoderTask  # noqa: E402
 from components.autoencoder.train import (  # noqa: E402
-    AutoencoderTask,
+    build_step_autoencoder,
     estimate_scale_factor,
     reconstruction_metrics,
-    build_step_autoencoder,
 )
 from components.common.config import apply_overrides, read_yaml  # noqa: E402
 from components.common.train_loop import LocalSession, train_loop  # noqa: E402

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from components.distill.tasks import ConsistencyTask, ProgressiveTask
-from components.dit.train import LatentDitTask, PixelDitTask
+from components.distill.task import ConsistencyTask, ProgressiveTask
+from components.dit.task import LatentDitTask, PixelDitTask
 
 
 class CrashAtStep:

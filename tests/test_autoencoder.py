@@ -18,13 +18,11 @@ from components.autoencoder.config import AutoencoderConfig
 from components.autoencoder.load import AE_META, AE_WEIGHTS, decode_scaled, encode_scaled, load_autoencoder
 from components.autoencoder.lpips import LPIPS, load_lpips
 from components.autoencoder.model import AutoencoderKL
+from components.autoencoder.task import AutoencoderTask, AutoencoderTrainModule, autoencoder_losses
 from components.autoencoder.train import (
     RECONSTRUCTIONS,
-    AutoencoderTask,
-    AutoencoderTrainModule,
-    autoencoder_losses,
-    reconstruction_metrics,
     build_step_autoencoder,
+    reconstruction_metrics,
     run,
 )
 from components.common.config import StepResources

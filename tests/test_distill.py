@@ -17,7 +17,7 @@ from components.diffusion import NoiseSchedule, ddim_step, make_cfg_model_fn, sp
 from components.distill.config import DistillConfig
 from components.distill.consistency import ConsistencyFunction, consistency_levels, ct_num_levels
 from components.distill.sample import generate_student, supported_steps
-from components.distill.tasks import ConsistencyTask, ProgressiveTask
+from components.distill.task import ConsistencyTask, ProgressiveTask
 from components.dit.model import DIT_PRESETS, DiT
 from tests.test_dit import CLASSES, LATENT, synthetic_latents, tiny_autoencoder
 from crash_hooks import crashing

@@ -24,7 +24,8 @@ from components.dit.config import DitConfig, SamplingConfig
 from components.dit.generate import class_grid, generate
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 from components.dit.model import build_dit
-from components.dit.train import TASK_CLASSES, LatentDitTask, grid_labels, build_step_dit
+from components.dit.task import LatentDitTask, grid_labels
+from components.dit.train import TASK_CLASSES, build_step_dit
 from crash_hooks import crashing
 from rounding import assert_same_up_to_rounding
 

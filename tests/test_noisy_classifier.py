@@ -13,7 +13,8 @@ from components.diffusion.classifier_guidance import make_classifier_guided_mode
 from components.noisy_classifier.config import NoisyClassifierConfig
 from components.noisy_classifier.load import load_noisy_classifier
 from components.noisy_classifier.model import build_noisy_classifier
-from components.noisy_classifier.train import NoisyClassifierTask, accuracy_by_t
+from components.noisy_classifier.task import NoisyClassifierTask
+from components.noisy_classifier.train import accuracy_by_t
 from tests.test_dit import CLASSES, LATENT, synthetic_latents
 from rounding import assert_same_up_to_rounding
 

@@ -24,7 +24,8 @@ import torch
 from components.common.step import FileRecord, IntegrityError, Manifest
 from components.common.storage import Storage
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS
-from components.dit.train import LatentDitTask, build_step_dit
+from components.dit.task import LatentDitTask
+from components.dit.train import build_step_dit
 from components.serving.generator import load_generator, png
 from components.serving.log import copy_component
 from conftest import REPO as REPO_ROOT, free_port, wait_for_http

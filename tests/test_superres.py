@@ -16,7 +16,8 @@ from components.superres.config import AugmentationConfig, SuperResConfig, Super
 from components.superres.model import EfficientUNet, build_superres
 from components.superres.quality import psnr, ssim
 from components.superres.sample import SrStage, cascade, check_chain, super_resolve
-from components.superres.train import SuperResTask, build_step_superres, training_pair
+from components.superres.task import SuperResTask, training_pair
+from components.superres.train import build_step_superres
 from components.dit.generate import sample_generator
 from rounding import assert_same_up_to_rounding
 

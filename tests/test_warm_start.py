@@ -11,7 +11,8 @@ from components.common.step import FileRecord, FileRef, IntegrityError, Manifest
 from components.common.storage import sha256_file
 from components.common.warm_start import load_into, resolve_registered, warm_start_source
 from components.dit.model import DiT
-from components.dit.train import LatentDitTask, build_step_dit
+from components.dit.task import LatentDitTask
+from components.dit.train import build_step_dit
 from tests.test_dit import LATENT, dit_cfg
 
 

@@ -35,7 +35,7 @@ from components.common.storage import sha256_file
 from components.distill.config import DistillConfig
 from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, load_student
 from components.distill.sample import PROGRESSIVE, generate_student, supported_steps
-from components.distill.tasks import ConsistencyTask, DistillTask, ProgressiveTask
+from components.distill.task import ConsistencyTask, DistillTask, ProgressiveTask
 
 CODE_VERSION = "1"
 SPACING = "trailing"
@@ -72,7 +72,7 @@ def base_meta(cfg: DistillConfig, dit_meta: dict, guidance: float) -> dict:
 def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_meta, name: str, steps: int | None):
     from components.common.tracking import png_bytes
     from components.dit.generate import class_grid
-    from components.dit.train import grid_labels
+    from components.dit.task import grid_labels
 
     student, meta = load_student(source)
     labels = grid_labels(int(meta["num_classes"]), cfg.grid_classes, cfg.grid_per_label)

@@ -14,67 +14,19 @@ Outputs: ``noisy_classifier.safetensors`` (EMA), ``noisy_classifier_raw.safetens
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.noisy_classifier.config import NoisyClassifierConfig
-from components.noisy_classifier.load import META, RAW_WEIGHTS, WEIGHTS, NoisyClassifierMeta, load_noisy_classifier
+from components.noisy_classifier.load import META, NoisyClassifierMeta, load_noisy_classifier
+from components.noisy_classifier.task import NoisyClassifierTask
 
 CODE_VERSION = "1"
 CHART = "accuracy_by_t.png"
 
 log = logging.getLogger(__name__)
-
-
-class NoisyClassifierTask:
-    """What the trainer trains; each worker streams its share of the training latents, like the DiT."""
-
-    def __init__(self, cfg: NoisyClassifierConfig, meta: dict[str, Any], latents: Manifest | None = None,
-                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.cfg, self.meta, self.latents_manifest, self.in_memory = cfg, dict(meta), latents, in_memory
-        self._schedule = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_schedule": None}
-
-    @property
-    def schedule(self):
-        from components.diffusion import NoiseSchedule
-
-        if self._schedule is None:
-            self._schedule = NoiseSchedule.from_name(self.cfg.schedule, self.cfg.num_timesteps)
-        return self._schedule
-
-    def build_model(self) -> torch.nn.Module:
-        from components.noisy_classifier.model import NoisyClassifier
-
-        return NoisyClassifier(**self.meta["model"])
-
-    def batch_source(self, rank: int, world_size: int, micro_batch: int):
-        from components.common.task_parts import latent_source
-
-        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
-
-    def loss(self, model, batch, step, generator):
-        from components.diffusion import q_sample
-
-        x0, y = batch["latent"], batch["label"].long().clamp(min=0)
-        dtype = x0.dtype  # the compute dtype; the forward process in fp32
-        t = torch.randint(0, self.cfg.num_timesteps, (len(x0),), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        x_t = q_sample(self.schedule, x0.float(), t, noise)
-        logits = model(x_t.to(dtype), t).float()
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        return loss, {"accuracy": float((logits.argmax(1) == y).float().mean())}
-
-    def export(self, model, ema_model, out_dir: Path) -> None:
-        from components.common.task_parts import export_weights
-
-        export_weights(model, ema_model, out_dir, WEIGHTS, RAW_WEIGHTS, META, self.meta)
 
 
 @torch.no_grad()
@@ -103,7 +55,7 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
     from components.common.plot import line_chart
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
-    from components.latents.data import load_latent_shards
+    from components.latents.load import load_latent_shards
     from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS, NoisyClassifier
 
     latents = inputs["latents"]
