@@ -56,7 +56,7 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
     from components.latents.load import load_latent_shards
-    from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS, NoisyClassifier
+    from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS, build_noisy_classifier
 
     latents = inputs["latents"]
     classes = latents.info.get("classes")
@@ -68,9 +68,9 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
                          f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")
     shape = [int(s) for s in latents.info["latent_shape"]]
     fixed = with_data_fixed("noisy_classifier", cfg.model, {"in_channels": shape[0], "num_classes": len(classes)})
-    model_kwargs = {**NOISY_CLASSIFIER_PRESETS[cfg.preset], **cfg.model, **fixed}
-    probe = NoisyClassifier(**model_kwargs)
-    typed = NoisyClassifierMeta(preset=cfg.preset, model=model_kwargs, schedule=cfg.schedule,
+    overrides = {k: v for k, v in cfg.model.items() if k not in fixed}  # the fixed ones agree (checked above)
+    probe = build_noisy_classifier(cfg.preset, fixed["in_channels"], fixed["num_classes"], **overrides)
+    typed = NoisyClassifierMeta(preset=cfg.preset, model=probe.arguments, schedule=cfg.schedule,
                                 num_timesteps=cfg.num_timesteps, classes=list(classes), latent_shape=shape,
                                 parameters=sum(p.numel() for p in probe.parameters()))
     del probe
