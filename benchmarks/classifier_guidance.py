@@ -46,11 +46,14 @@ def main() -> None:
     from components.dit.generate import generate
     from components.dit.load import load_dit
     from components.evaluate.metrics import frechet_distance_of
-    from components.evaluate.judge import classify, load_classifier, read_split
-    from components.latents.data import load_latent_shards
+    from components.evaluate.judge import classify, read_split
+    from components.evaluate.load import load_classifier
+    from components.latents.load import load_latent_shards
     from components.noisy_classifier.config import NoisyClassifierConfig
+    from components.noisy_classifier.load import load_noisy_classifier
     from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS
-    from components.noisy_classifier.train import NoisyClassifierTask, accuracy_by_t, load_noisy_classifier
+    from components.noisy_classifier.task import NoisyClassifierTask
+    from components.noisy_classifier.train import accuracy_by_t
     from pipelines.sample import find_summary, step_manifest
 
     uri, summary = find_summary(args.workflow_id, args.storage)
@@ -80,13 +83,13 @@ def main() -> None:
     for row in accuracy_by_t(noisy[0], task.schedule, val_latents, val_labels, buckets=4):
         print(f"  validation accuracy, t in [{row['t_low']}, {row['t_high']}]: {row['accuracy']:.3f}")
 
-    val_x, _ = read_split(step_manifest(summary, "shard", uri), "val", int(judge_meta["image_size"]))
+    val_x, _ = read_split(step_manifest(summary, "shard", uri), "val", judge_meta.image_size)
     _, val_features = classify(judge, val_x)
     labels = torch.arange(len(classes)).repeat_interleave(args.per_class)
     runs = [("classifier-free, w = 0 (conditional only)", 0.0, 0.0),
             ("classifier-free, w = 1", 1.0, 0.0)]
     runs += [(f"classifier guidance, w = {w:g}", 0.0, w) for w in (float(v) for v in args.weights.split(","))]
-    print(f"judge: {judge_meta['preset']} at {judge_meta['val_accuracy']:.4f} on real validation digits; "
+    print(f"judge: {judge_meta.preset} at {judge_meta.val_accuracy:.4f} on real validation digits; "
           f"{len(labels)} samples per row, DDIM {args.steps} steps, the same labels and seeds")
     print(f"{'sampling':<44} {'accuracy':>9} {'FD':>8} {'seconds':>8}")
     for name, guidance, weight in runs:

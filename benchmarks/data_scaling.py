@@ -116,7 +116,7 @@ def sr_source(manifests: dict, position_rank: int = 0):
     from components.common.data import ImageDecoder, image_split
     from components.common.stream import LoaderConfig, ShardSource
     from components.superres.config import SuperResConfig
-    from components.superres.train import PairMaker
+    from components.superres.task import PairMaker
 
     shard = manifests["shard"]
     cfg = SuperResConfig(**manifests["superres_1"].config)
@@ -164,7 +164,7 @@ class RayDataPairs:
         import torch
 
         from components.common.data import decode_image
-        from components.superres.train import training_pair
+        from components.superres.task import training_pair
 
         images = torch.from_numpy(np.stack([decode_image(data) for data in batch[self.image_key]]))
         high, low = training_pair(images, self.cfg)

@@ -38,10 +38,10 @@ from components.diffusion import NoiseSchedule, spaced_timesteps  # noqa: E402
 from components.distill.config import DistillConfig  # noqa: E402
 from components.distill.consistency import consistency_levels  # noqa: E402
 from components.distill.targets import halve_steps  # noqa: E402
-from components.distill.tasks import ConsistencyTask, ProgressiveTask  # noqa: E402
+from components.distill.task import ConsistencyTask, ProgressiveTask  # noqa: E402
 from components.dit.config import DitConfig  # noqa: E402
 from components.dit.model import DiT, dit_flops_per_image  # noqa: E402
-from components.dit.train import resolve_model_kwargs  # noqa: E402
+from components.dit.train import build_step_dit  # noqa: E402
 
 FORWARDS_PER_IMAGE = {"progressive": 7, "consistency": 8}
 GUIDANCE = 4.0
@@ -68,7 +68,7 @@ def teacher(directory: Path, args) -> tuple[tuple[str, str], dict, dict]:
     from safetensors.torch import save_file
 
     cfg = DitConfig(preset=args.preset, prediction="v")
-    kwargs = resolve_model_kwargs(cfg, (4, args.latent_size, args.latent_size), args.num_classes)
+    kwargs = build_step_dit(cfg, (4, args.latent_size, args.latent_size), args.num_classes).arguments
     torch.manual_seed(0)
     dit = DiT(**kwargs)
     with torch.no_grad():

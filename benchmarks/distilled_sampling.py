@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.autoencoder.load import load_autoencoder  # noqa: E402
-from components.distill.sample import generate_student, load_student, supported_steps  # noqa: E402
+from components.distill.load import load_student  # noqa: E402
+from components.distill.sample import generate_student, supported_steps  # noqa: E402
 from components.dit.generate import generate  # noqa: E402
 from components.dit.load import load_dit  # noqa: E402
 from pipelines.sample import dit_sampling_defaults, find_summary, sampling_config, step_manifest  # noqa: E402

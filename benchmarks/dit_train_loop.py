@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.common.train_loop import LocalSession, train_loop  # noqa: E402
 from components.dit.config import DitConfig  # noqa: E402
 from components.dit.model import DiT, dit_flops_per_image  # noqa: E402
-from components.dit.train import LatentDitTask, resolve_model_kwargs  # noqa: E402
+from components.dit.task import LatentDitTask  # noqa: E402
+from components.dit.train import build_step_dit  # noqa: E402
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -61,8 +62,8 @@ def main() -> None:
     cfg = DitConfig(preset=args.preset, train=dict(
         max_steps=args.steps, batch_size=args.batch, precision=args.precision, zero_stage=args.zero_stage,
         log_every=args.window, checkpoint_every=10 * args.steps, ema_decay=0.9999, warmup_steps=10))
-    model_kwargs = resolve_model_kwargs(cfg, (args.latent_channels, args.latent_size, args.latent_size),
-                                        args.num_classes)
+    model_kwargs = build_step_dit(cfg, (args.latent_channels, args.latent_size, args.latent_size),
+                                  args.num_classes).arguments
     generator = torch.Generator().manual_seed(0)
     rows = args.batch * (args.steps + 1)  # one epoch covers the run
     latents = torch.randn(rows, args.latent_channels, args.latent_size, args.latent_size, generator=generator)

@@ -1,6 +1,6 @@
 """DiT training throughput on pre-extracted latents vs encoding every batch with the autoencoder.
 
-Both modes run the DiT step's own loss (``components.dit.train``: ``LatentDitTask`` reads
+Both modes run the DiT step's own loss (``components.dit.task``: ``LatentDitTask`` reads
 ``batch["latent"]``, ``DitTask`` with ``data: pixels`` encodes ``batch["image"]`` with the frozen
 autoencoder inside the loss), the same DiT, batch, optimizer (AdamW) and threads. A step is
 forward + loss + backward + update. The modes alternate over rounds so machine noise hits both
@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.dit.config import DitConfig  # noqa: E402
-from components.dit.train import LatentDitTask, PixelDitTask, resolve_model_kwargs  # noqa: E402
+from components.dit.task import LatentDitTask, PixelDitTask  # noqa: E402
+from components.dit.train import build_step_dit  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ae, ae_meta = load_ae(args)
     cfg = DitConfig(preset=args.preset, model=json.loads(args.model), train={"batch_size": args.batch, "lr": 1e-4})
-    kwargs = resolve_model_kwargs(cfg, ae_meta["latent_shape"], args.num_classes)
+    kwargs = build_step_dit(cfg, ae_meta["latent_shape"], args.num_classes).arguments
 
     n = 4 * args.batch  # a small pool of images, cycled
     images = torch.randint(0, 256, (n, args.channels, args.image_size, args.image_size), dtype=torch.uint8)

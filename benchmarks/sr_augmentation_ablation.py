@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.common.train_loop import LocalSession, train_loop  # noqa: E402
 from components.superres.config import SuperResConfig  # noqa: E402
-from components.superres.train import SuperResTask, resolve_model_kwargs  # noqa: E402
+from components.superres.task import SuperResTask  # noqa: E402
+from components.superres.train import build_step_superres  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def parse_args() -> argparse.Namespace:
 def train_stage(cfg: SuperResConfig, images: torch.Tensor, labels: torch.Tensor, channels: int):
     from components.superres.load import load_superres
 
-    kwargs = resolve_model_kwargs(cfg, channels, 0)
+    kwargs = build_step_superres(cfg, channels, 0).arguments
     meta = {"preset": cfg.preset, "model": kwargs, "input_size": cfg.input_size, "output_size": cfg.output_size,
             "channels": channels, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
             "filter": cfg.filter, "num_classes": 0, "prediction": cfg.prediction,

@@ -35,11 +35,11 @@ sys.path.insert(0, str(REPO))
 from components.autoencoder.config import AutoencoderConfig  # noqa: E402
 from components.autoencoder.load import AE_WEIGHTS  # noqa: E402
 from components.autoencoder.model import AUTOENCODER_CLASSES  # noqa: E402
+from components.autoencoder.task import AutoencoderTask  # noqa: E402
 from components.autoencoder.train import (  # noqa: E402
-    AutoencoderTask,
+    build_step_autoencoder,
     estimate_scale_factor,
     reconstruction_metrics,
-    resolve_model_kwargs,
 )
 from components.common.config import apply_overrides, read_yaml  # noqa: E402
 from components.common.train_loop import LocalSession, train_loop  # noqa: E402
@@ -63,7 +63,7 @@ def digits(size: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
 
 def train_and_measure(cfg: AutoencoderConfig, train: np.ndarray, val: np.ndarray, global_batch: int) -> dict:
     info = {"channels": 1, "image_size": train.shape[-1]}
-    kwargs = resolve_model_kwargs(cfg, info)
+    kwargs = build_step_autoencoder(cfg, info).arguments
     train_cfg = cfg.train.model_copy(update={"batch_size": global_batch, "checkpoint_every": 10**9})
     labels = torch.zeros(len(train), dtype=torch.int64)
     task = AutoencoderTask(cfg, kwargs, None, in_memory=(torch.from_numpy(train), labels))

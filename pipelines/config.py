@@ -15,7 +15,8 @@ from components.autoencoder.config import AutoencoderConfig
 from components.common.config import RayConfig, StorageConfig, StrictModel, TrackingConfig, load_config
 from components.distill.config import DistillConfig
 from components.dit.config import DitConfig
-from components.evaluate.config import EvaluateConfig, InceptionReferenceConfig, ReferenceTarget
+from components.evaluate.config import EvaluateConfig
+from components.inception_reference.config import InceptionReferenceConfig, ReferenceTarget
 from components.latents.config import LatentsConfig
 from components.noisy_classifier.config import NoisyClassifierConfig
 from components.shard.config import ShardConfig

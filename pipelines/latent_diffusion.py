@@ -19,8 +19,8 @@ from __future__ import annotations
 from components.autoencoder.train import run as train_autoencoder
 from components.distill.train import run as distill
 from components.dit.train import run as train_dit
-from components.evaluate.reference import run as inception_reference
 from components.evaluate.run import run as evaluate
+from components.inception_reference.run import run as inception_reference
 from components.latents.run import run as encode_latents
 from components.noisy_classifier.train import run as train_noisy_classifier
 from components.shard.run import run as shard

@@ -35,9 +35,9 @@ def component_kind(step: str) -> str | None:
 def weight_files(step: str) -> list[str]:
     """(weights, meta) a step's model is made of: the EMA weights sampling uses, and their JSON."""
     from components.autoencoder.load import AE_META, AE_WEIGHTS
-    from components.distill.sample import STUDENT_META, STUDENT_WEIGHTS
+    from components.distill.load import STUDENT_META, STUDENT_WEIGHTS
     from components.dit.load import DIT_META, DIT_WEIGHTS
-    from components.noisy_classifier.train import META, WEIGHTS
+    from components.noisy_classifier.load import META, WEIGHTS
     from components.superres.load import SR_META, SR_WEIGHTS
 
     files = {"autoencoder": (AE_WEIGHTS, AE_META), "dit": (DIT_WEIGHTS, DIT_META),

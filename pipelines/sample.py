@@ -252,7 +252,7 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
     classifier = None
     if sampling.classifier_guidance:
-        from components.noisy_classifier.train import load_noisy_classifier
+        from components.noisy_classifier.load import load_noisy_classifier
 
         classifier = load_noisy_classifier(step_manifest(summary, NOISY_CLASSIFIER_STEP, summary_uri), device=device)
     try:
@@ -375,7 +375,8 @@ def sample_student(summary: dict, summary_uri: str, labels: str, per_label: int,
     import torch
 
     from components.autoencoder.load import load_autoencoder
-    from components.distill.sample import generate_student, load_student, supported_steps
+    from components.distill.load import load_student
+    from components.distill.sample import generate_student, supported_steps
 
     given = [flag for flag, value in unused.items() if value is not None]
     if given:

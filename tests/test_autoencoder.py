@@ -18,13 +18,11 @@ from components.autoencoder.config import AutoencoderConfig
 from components.autoencoder.load import AE_META, AE_WEIGHTS, decode_scaled, encode_scaled, load_autoencoder
 from components.autoencoder.lpips import LPIPS, load_lpips
 from components.autoencoder.model import AutoencoderKL
+from components.autoencoder.task import AutoencoderTask, AutoencoderTrainModule, autoencoder_losses
 from components.autoencoder.train import (
     RECONSTRUCTIONS,
-    AutoencoderTask,
-    AutoencoderTrainModule,
-    autoencoder_losses,
+    build_step_autoencoder,
     reconstruction_metrics,
-    resolve_model_kwargs,
     run,
 )
 from components.common.config import StepResources
@@ -102,7 +100,7 @@ def trained(shard_manifest, tmp_path_factory) -> tuple[Manifest, StepTracker]:
 def tiny_module(disc_start: int | None = 0, seed: int = 0) -> tuple[AutoencoderTrainModule, AutoencoderConfig]:
     cfg = AutoencoderConfig(**TINY, disc_start=disc_start, disc_channels=8, disc_layers=2)
     torch.manual_seed(seed)
-    return AutoencoderTrainModule(resolve_model_kwargs(cfg, INFO), cfg), cfg
+    return AutoencoderTrainModule(build_step_autoencoder(cfg, INFO).arguments, cfg), cfg
 
 
 def grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -155,7 +153,7 @@ def test_discriminator_config_trains_a_few_steps_in_one_process(tmp_path):
     cfg = AutoencoderConfig(**TINY, disc_start=0, disc_channels=8, disc_layers=2,
                             train=TrainConfig(max_steps=3, batch_size=8, lr=1e-3, log_every=1, ema_decay=0.5))
     images = digits(32)
-    task = Task(cfg, resolve_model_kwargs(cfg, INFO), None, in_memory=(images, torch.zeros(len(images), dtype=torch.long)))
+    task = Task(cfg, build_step_autoencoder(cfg, INFO).arguments, None, in_memory=(images, torch.zeros(len(images), dtype=torch.long)))
     final = train_loop(task, cfg.train, LocalSession(tmp_path / "ckpt"), None)
     assert final["step"] == 3 and all(np.isfinite(final[k]) for k in ("g_loss", "d_loss", "d_weight", "rec_loss"))
 
@@ -193,14 +191,14 @@ def test_lpips_from_a_local_file_joins_the_loss(tmp_path):
 
 def test_model_arguments_are_checked_against_the_shards():
     # ae-tiny is an RGB preset; on 1-channel shards it takes their channels
-    assert resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny"), INFO)["in_channels"] == 1
-    assert resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny"), {**INFO, "channels": 3})["in_channels"] == 3
+    assert build_step_autoencoder(AutoencoderConfig(preset="ae-tiny"), INFO).arguments["in_channels"] == 1
+    assert build_step_autoencoder(AutoencoderConfig(preset="ae-tiny"), {**INFO, "channels": 3}).arguments["in_channels"] == 3
     with pytest.raises(ValueError, match=r"autoencoder.model.in_channels: 3 \(the data gives 1\)"):
-        resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny", model={"in_channels": 3}), INFO)
+        build_step_autoencoder(AutoencoderConfig(preset="ae-tiny", model={"in_channels": 3}), INFO)
     with pytest.raises(ValueError, match="unknown argument"):
-        resolve_model_kwargs(AutoencoderConfig(preset="ae-tiny", model={"in_channels": 1, "depth": 3}), INFO)
+        build_step_autoencoder(AutoencoderConfig(preset="ae-tiny", model={"in_channels": 1, "depth": 3}), INFO)
     with pytest.raises(ValueError, match="not divisible"):
-        resolve_model_kwargs(AutoencoderConfig(**TINY), {"channels": 1, "image_size": 33})
+        build_step_autoencoder(AutoencoderConfig(**TINY), {"channels": 1, "image_size": 33})
 
 
 # ---------------------------------------------------------------- the step on Ray

@@ -17,9 +17,10 @@ from components.diffusion import NoiseSchedule, ddim_step, make_cfg_model_fn, sp
 from components.distill.config import DistillConfig
 from components.distill.consistency import ConsistencyFunction, consistency_levels, ct_num_levels
 from components.distill.sample import generate_student, supported_steps
-from components.distill.tasks import ConsistencyTask, ProgressiveTask
+from components.distill.task import ConsistencyTask, ProgressiveTask
 from components.dit.model import DIT_PRESETS, DiT
 from tests.test_dit import CLASSES, LATENT, synthetic_latents, tiny_autoencoder
+from crash_hooks import crashing
 from rounding import assert_same_up_to_rounding
 
 GUIDANCE = 1.5
@@ -70,15 +71,16 @@ def progressive_task(tmp_path, cfg=None, **kwargs) -> ProgressiveTask:
     return ProgressiveTask(cfg or distill_cfg(), meta, init=ref, teacher=ref, in_memory=synthetic_latents(), **kwargs)
 
 
-def consistency_task(tmp_path, method="consistency_distillation", cfg=None, **kwargs) -> ConsistencyTask:
+def consistency_task(tmp_path, method="consistency_distillation", cfg=None, task_class=ConsistencyTask,
+                     **kwargs) -> ConsistencyTask:
     directory, meta = teacher_dir(tmp_path)
     cfg = cfg or distill_cfg(method)
     levels = consistency_levels(NoiseSchedule.from_name("scaled_linear", 1000), cfg.consistency.num_levels)
     meta.update(consistency_levels=levels.tolist(), sample_levels=[int(levels[len(levels) // 2])], native_steps=1,
                 teacher_cfg_weight=GUIDANCE, method=method, guidance=GUIDANCE)
     ref = (directory, "dit.safetensors")
-    return ConsistencyTask(cfg, meta, init=ref, teacher=ref if method.endswith("distillation") else None,
-                           in_memory=synthetic_latents(), **kwargs)
+    return task_class(cfg, meta, init=ref, teacher=ref if method.endswith("distillation") else None,
+                      in_memory=synthetic_latents(), **kwargs)
 
 
 # ---------------------------------------------------------------- the targets
@@ -184,7 +186,7 @@ def test_consistency_resume_restores_the_target_network(tmp_path):
     cfg = distill_cfg("consistency_distillation", max_steps=10, checkpoint_every=4)
     straight = consistency_task(tmp_path, cfg=cfg)
     train_loop(straight, cfg.train, LocalSession(tmp_path / "a"), None)
-    crashed = consistency_task(tmp_path, cfg=cfg, fail_at_step=6)
+    crashed = consistency_task(tmp_path, cfg=cfg, task_class=crashing(ConsistencyTask, at_step=6))
     with pytest.raises(RuntimeError, match="injected failure at step 6"):
         train_loop(crashed, cfg.train, LocalSession(tmp_path / "b"), None)
     resumed = consistency_task(tmp_path, cfg=cfg)
@@ -285,7 +287,7 @@ def dit_step_output(root, classes: list[str]):
 @pytest.mark.integration
 def test_progressive_step_resumes_inside_the_round_it_was_in(ray_cluster, tmp_path, monkeypatch):
     from components.common.train_types import TrainingError
-    from components.distill.train import FAIL_AT_ENV, run as distill
+    from components.distill.train import TASK_CLASSES, run as distill
     from tests.test_dit import mlflow_tracker, step_ctx, tiny_latent_inputs
 
     inputs = tiny_latent_inputs(tmp_path)
@@ -297,12 +299,13 @@ def test_progressive_step_resumes_inside_the_round_it_was_in(ray_cluster, tmp_pa
                         train={"max_steps": 6, "batch_size": 16, "lr": 1e-3, "ema_decay": 0.8, "log_every": 1,
                                "checkpoint_every": 2, "zero_stage": 2})
     ctx = step_ctx(tmp_path, "distill", tracker)
-    monkeypatch.setenv(FAIL_AT_ENV, "2:3")  # round 2 fails at its step 3, after its step-2 checkpoint
+    # round 2 fails at its step 3, after its step-2 checkpoint
+    monkeypatch.setitem(TASK_CLASSES, "progressive", crashing(ProgressiveTask, at_step=3, in_round=2))
     with pytest.raises(TrainingError, match="injected failure at step 3"):
         distill(cfg, inputs, ctx)
     assert ctx.output.exists("round_1/round.json") and not ctx.output.exists("round_2/round.json")
     round_1 = ctx.output.read_bytes("round_1/distill.safetensors")
-    monkeypatch.delenv(FAIL_AT_ENV)
+    monkeypatch.setitem(TASK_CLASSES, "progressive", ProgressiveTask)
     out = distill(cfg, inputs, ctx)
 
     client = tracker.client
@@ -323,7 +326,7 @@ def test_progressive_step_resumes_inside_the_round_it_was_in(ray_cluster, tmp_pa
     assert out.info["native_steps"] == 2 and "samples.png" in out.files and "round_2/samples.png" in out.files
     for name in out.files:
         assert ctx.output.exists(name), name
-    from components.distill.sample import load_student
+    from components.distill.load import load_student
 
     student, _ = load_student(ctx.output)
     ae, ae_meta = tiny_autoencoder()

@@ -25,7 +25,9 @@ from components.common.images import class_grid
 from components.dit.generate import generate
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 from components.dit.model import build_dit
-from components.dit.train import FAIL_AT_STEP_ENV, LatentDitTask, grid_labels, resolve_model_kwargs
+from components.dit.task import LatentDitTask, grid_labels
+from components.dit.train import TASK_CLASSES, build_step_dit
+from crash_hooks import crashing
 from rounding import assert_same_up_to_rounding
 
 CLASSES = ["a", "b", "c"]
@@ -69,7 +71,7 @@ def test_loss_decreases_in_one_process(tmp_path, learn_sigma, precision):
     # bf16: DeepSpeed casts the parameters, not the buffers (the positional embedding); found on a GPU.
     train = {"precision": precision, "zero_stage": 2} if precision == "bf16" else {}
     cfg = dit_cfg(learn_sigma=learn_sigma, train=train)
-    kwargs = resolve_model_kwargs(cfg, LATENT, len(CLASSES))
+    kwargs = build_step_dit(cfg, LATENT, len(CLASSES)).arguments
     assert kwargs["learn_sigma"] is learn_sigma and kwargs["num_classes"] == 3 and kwargs["input_size"] == 4
     task = RecordingTask(cfg, kwargs, {}, in_memory=synthetic_latents())
     task.losses = []
@@ -82,14 +84,14 @@ def test_loss_decreases_in_one_process(tmp_path, learn_sigma, precision):
 
 def test_model_kwargs_and_grid_labels():
     cfg = dit_cfg(model={"depth": 1, "mlp_ratio": 2.0})
-    kwargs = resolve_model_kwargs(cfg, [4, 8, 8], 10)
+    kwargs = build_step_dit(cfg, [4, 8, 8], 10).arguments
     assert (kwargs["depth"], kwargs["hidden_size"], kwargs["mlp_ratio"], kwargs["input_size"]) == (1, 64, 2.0, 8)
     with pytest.raises(ValueError, match=r"dit.model.in_channels: 3 \(the data gives 4\)"):
-        resolve_model_kwargs(dit_cfg(model={"in_channels": 3}), [4, 8, 8], 10)
+        build_step_dit(dit_cfg(model={"in_channels": 3}), [4, 8, 8], 10)
     with pytest.raises(ValueError, match="unknown DiT preset"):
-        resolve_model_kwargs(DitConfig(preset="DiT-Huge/2"), [4, 8, 8], 10)
+        build_step_dit(DitConfig(preset="DiT-Huge/2"), [4, 8, 8], 10)
     with pytest.raises(ValueError, match="dit.model"):
-        resolve_model_kwargs(dit_cfg(model={"depht": 3}), [4, 8, 8], 10)
+        build_step_dit(dit_cfg(model={"depht": 3}), [4, 8, 8], 10)
     assert grid_labels(3, 10, 2) == [0, 0, 1, 1, 2, 2]
     assert sorted(set(grid_labels(1000, 4, 1))) == [0, 333, 666, 999]
 
@@ -157,7 +159,7 @@ def test_guidance_changes_samples_and_labels_are_checked():
 
 def test_export_and_load_round_trip_local_and_s3(tmp_path, s3_bucket):
     cfg = dit_cfg()
-    kwargs = resolve_model_kwargs(cfg, LATENT, len(CLASSES))
+    kwargs = build_step_dit(cfg, LATENT, len(CLASSES)).arguments
     meta = {"model": kwargs, "num_classes": 3}
     task = LatentDitTask(cfg, kwargs, meta)
     online, ema = task.build_model(), task.build_model()
@@ -255,11 +257,11 @@ def test_step_on_two_workers_resumes_after_a_crash_and_exports(ray_cluster, tmp_
     cfg = dit_cfg(train={"max_steps": 8, "batch_size": 16, "zero_stage": 2, "checkpoint_every": 2, "log_every": 1},
                   sample={"steps": 4, "guidance": 1.5}, grid_per_label=2)
     ctx = step_ctx(tmp_path, "dit", tracker)
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
+    monkeypatch.setitem(TASK_CLASSES, "latents", crashing(LatentDitTask, at_step=5))
     with pytest.raises(TrainingError, match="injected failure at step 5"):
         train_dit(cfg, inputs, ctx)
     assert not ctx.output.exists(DIT_WEIGHTS)
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    monkeypatch.setitem(TASK_CLASSES, "latents", LatentDitTask)
     out = train_dit(cfg, inputs, ctx)  # the same ctx.checkpoint_uri: resumes
 
     logged = [m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss")]

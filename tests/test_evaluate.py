@@ -30,10 +30,8 @@ from components.dit.config import SamplingConfig
 from components.dit.load import DIT_META, DIT_WEIGHTS
 from components.evaluate import run as evaluate_module
 from components.evaluate.config import ClassifierTrainConfig, EvaluateConfig
-from components.evaluate.judge import (
-    CLASSIFIER_META, CLASSIFIER_WEIGHTS, classify, fit_judge, load_classifier, read_split, tensor_batches,
-    train_classifier,
-)
+from components.evaluate.judge import classify, fit_judge, read_split, tensor_batches, train_classifier
+from components.evaluate.load import CLASSIFIER_META, CLASSIFIER_WEIGHTS, load_classifier
 from components.evaluate.metrics import feature_stats, frechet_distance_of
 from components.evaluate.run import EVALUATION, SAMPLES_GRID
 from conftest import REPO

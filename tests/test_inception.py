@@ -19,13 +19,15 @@ from components.common.config import StepResources
 from components.common.step import Manifest, StepContext
 from components.common.storage import Storage
 from components.common.tracking import StepTracker
-from components.evaluate import reference as reference_module
-from components.evaluate.config import InceptionConfig, InceptionReferenceConfig, ReferenceTarget
+from components.evaluate.config import InceptionConfig
 from components.evaluate.inception import (FEATURE_DIM, InceptionFeatures, InceptionWeightsError,
                                            kernel_inception_distance, tf_bilinear_resize, weights_path)
 from components.evaluate.metrics import feature_stats, frechet_distance_to_samples
-from components.evaluate.reference import (InceptionScorer, baseline_subset, decode_batch, load_reference,
-                                           reference_file, reference_moments, reference_subset, resize_to)
+from components.inception_reference import run as reference_module
+from components.inception_reference.config import InceptionReferenceConfig, ReferenceTarget
+from components.inception_reference.features import (baseline_subset, decode_batch, reference_moments,
+                                                     reference_subset, resize_to)
+from components.inception_reference.load import InceptionScorer, load_reference, reference_file
 from components.shard.sources import mnist_arrays
 
 

@@ -19,7 +19,7 @@ from components.common.shard_reader import read_image_shards
 from components.common.step import Manifest
 from components.common.storage import Storage
 from components.latents.config import LatentsConfig
-from components.latents.data import load_latent_shards
+from components.latents.load import load_latent_shards
 from components.latents.run import ShardEncoder, encode_shard, latent_shard_name, run
 from test_autoencoder import make_ctx, manifest_from, shard_manifest, trained  # noqa: F401 (fixtures)
 

@@ -4,6 +4,8 @@ guidance moves DDIM samples toward the requested class; the pipeline checks its 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,8 +13,10 @@ from components.common.train_loop import LocalSession, train_loop
 from components.diffusion import NoiseSchedule, ddim_sample, spaced_timesteps
 from components.diffusion.classifier_guidance import make_classifier_guided_model_fn
 from components.noisy_classifier.config import NoisyClassifierConfig
+from components.noisy_classifier.load import load_noisy_classifier
 from components.noisy_classifier.model import build_noisy_classifier
-from components.noisy_classifier.train import NoisyClassifierTask, accuracy_by_t, load_noisy_classifier
+from components.noisy_classifier.task import NoisyClassifierTask
+from components.noisy_classifier.train import accuracy_by_t
 from tests.test_dit import CLASSES, LATENT, synthetic_latents
 from rounding import assert_same_up_to_rounding
 
@@ -104,3 +108,22 @@ def test_generate_with_classifier_guidance_under_inference_mode():
     # unused guidance leaves the sampling JSON (and so cache keys) as before
     assert "classifier_guidance" not in SamplingConfig().model_dump() and \
         SamplingConfig(classifier_guidance=1.0).model_dump()["classifier_guidance"] == 1.0
+
+
+@pytest.mark.integration
+def test_step_trains_on_the_latents_step_and_writes_what_its_loader_reads(ray_cluster, tmp_path):
+    from components.noisy_classifier.load import META, WEIGHTS
+    from components.noisy_classifier.train import CHART, run as train_noisy_classifier
+    from tests.test_dit import manifest_from, step_ctx, tiny_latent_inputs
+
+    latents = tiny_latent_inputs(tmp_path)["latents"]
+    cfg = NoisyClassifierConfig(preset="nc-tiny", t_buckets=2, val_samples=24, train=dict(
+        max_steps=4, batch_size=16, log_every=2, checkpoint_every=4))
+    ctx = step_ctx(tmp_path, "noisy_classifier")
+    out = train_noisy_classifier(cfg, {"latents": latents}, ctx)
+    manifest = manifest_from(out, ctx)
+    assert {WEIGHTS, META, CHART} <= set(out.files) and manifest.verify() == []
+    model, meta = load_noisy_classifier(manifest)
+    assert meta.classes == latents.info["classes"] and meta.latent_shape == LATENT and not model.training
+    assert meta.model == json.loads(json.dumps(out.info["model"])) and meta.model["in_channels"] == LATENT[0]
+    assert {"val_accuracy_t0_499", "val_accuracy_t500_999", "loss", "steps"} <= set(out.metrics)

@@ -24,7 +24,8 @@ import torch
 from components.common.step import FileRecord, IntegrityError, Manifest
 from components.common.storage import Storage
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS
-from components.dit.train import LatentDitTask, resolve_model_kwargs
+from components.dit.task import LatentDitTask
+from components.dit.train import build_step_dit
 from components.serving.generator import load_generator, png
 from components.serving.log import copy_component
 from conftest import REPO as REPO_ROOT, free_port, wait_for_http
@@ -38,7 +39,7 @@ SAMPLING = {"steps": 3, "guidance": 1.5, "seed": 0}
 def untrained_dit_manifest(root, ae: Manifest, run_id: str) -> Manifest:
     """A DiT step's output (untrained, perturbed so labels matter) as the step task describes it."""
     cfg = dit_cfg()
-    kwargs = resolve_model_kwargs(cfg, LATENT, len(CLASSES))
+    kwargs = build_step_dit(cfg, LATENT, len(CLASSES)).arguments
     meta = {"model": kwargs, "num_classes": len(CLASSES), "classes": CLASSES, "schedule": "scaled_linear",
             "num_timesteps": 1000, "prediction": "eps", "learn_sigma": False, "null_label": len(CLASSES),
             "latent_shape": LATENT, "sampling": SAMPLING}

@@ -16,7 +16,8 @@ from components.superres.config import AugmentationConfig, SuperResConfig, Super
 from components.superres.model import EfficientUNet, build_superres
 from components.superres.quality import psnr, ssim
 from components.superres.sample import SrStage, cascade, check_chain, super_resolve
-from components.superres.train import SuperResTask, resolve_model_kwargs, training_pair
+from components.superres.task import SuperResTask, training_pair
+from components.superres.train import build_step_superres
 from components.diffusion import sample_generator
 from rounding import assert_same_up_to_rounding
 
@@ -119,6 +120,63 @@ def test_sampling_uses_the_fixed_level_and_draws_only_from_the_sample_streams():
     assert torch.equal(first, super_resolve(stage, low, generators(3)))
     assert first.shape == (3, 1, 16, 16) and first.abs().max() <= 1
     assert not torch.equal(first, super_resolve(stage, low, generators(3, seed=1)))
+
+
+# ---------------------------------------------------------------- classifier-free guidance
+
+
+class LabelsBound(torch.nn.Module):
+    """A class-conditional model with its labels fixed: sampled as an unconditional stage (num_classes 0),
+    it is the conditional model on the plain path, without the guidance wrapper."""
+
+    def __init__(self, model, labels):
+        super().__init__()
+        self.model, self.labels = model, labels
+
+    def forward(self, x, t, low_res, noise_cond_aug_level, y=None):
+        return self.model(x, t, low_res, noise_cond_aug_level, self.labels)
+
+
+def class_conditional_stage(guidance, num_classes=3, steps=3, prediction="eps", weight_noise=0.05):
+    """A tiny class-conditional SR stage with random weights (the same for every guidance weight)."""
+    torch.manual_seed(0)
+    model = build_superres("sr-tiny", in_channels=1, out_size=16, num_classes=num_classes).eval()
+    for p in model.parameters():
+        p.data.add_(weight_noise * torch.randn_like(p))
+    meta = {**stage_meta(num_classes=num_classes), "prediction": prediction}
+    sampling = SuperResSamplingConfig(steps=steps, guidance=guidance, thresholding="none")
+    return SrStage(model, meta, sampling)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_class_conditional_stage_samples_with_guidance(batch):
+    low, labels = torch.rand(batch, 1, 8, 8) * 2 - 1, torch.arange(batch) % 3
+    unguided = class_conditional_stage(0.0)
+    plain = SrStage(LabelsBound(unguided.model, labels), stage_meta(num_classes=0), unguided.sampling)
+    at_zero = super_resolve(unguided, low, generators(batch), labels=labels)
+    torch.testing.assert_close(at_zero, super_resolve(plain, low, generators(batch)))
+    guided = super_resolve(class_conditional_stage(2.0), low, generators(batch), labels=labels)
+    assert guided.shape == (batch, 1, 16, 16) and torch.isfinite(guided).all()
+    assert not torch.allclose(guided, at_zero)
+
+
+def test_guidance_doubles_every_condition_and_combines_the_two_halves():
+    spy, low, labels = Spy(), torch.rand(2, 1, 8, 8) * 2 - 1, torch.tensor([0, 2])
+    super_resolve(SrStage(spy, stage_meta(num_classes=3), SuperResSamplingConfig(steps=2, guidance=1.5)),
+                  low, generators(2), labels=labels)
+    for call in spy.calls:  # one batch of 2N rows: the conditional half, then the null-label half
+        assert torch.equal(call["y"], torch.tensor([0, 2, 3, 3]))
+        assert torch.equal(call["cond"][:2], call["cond"][2:]) and torch.equal(call["levels"], torch.full((4,), 100))
+    # one deterministic DDIM step of an x0-model returns x̂_0 itself, so the guided sample is
+    # (1 + w)·conditional − w·unconditional (Ho & Salimans 2022, eq. 6) of the two unguided samples
+    w, null = 2.0, torch.full_like(labels, 3)
+    one_step = {"steps": 1, "prediction": "x0", "weight_noise": 0.02}  # small outputs: nothing clamped
+    conditional = super_resolve(class_conditional_stage(0.0, **one_step), low, generators(2), labels=labels)
+    unconditional = super_resolve(class_conditional_stage(0.0, **one_step), low, generators(2), labels=null)
+    guided = super_resolve(class_conditional_stage(w, **one_step), low, generators(2), labels=labels)
+    assert max(conditional.abs().max(), unconditional.abs().max()) < 1  # neither was clamped
+    expected = ((1 + w) * conditional - w * unconditional).clamp(-1, 1)
+    torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- hand-offs and the cascade
@@ -239,7 +297,7 @@ def test_stage_trains_and_resumes_after_a_crash(tmp_path):
                          augmentation={"noise": {"max_level": 0.5}, "blur": {"enabled": True}},
                          train=dict(max_steps=30, batch_size=16, lr=2e-3, ema_decay=0.9, log_every=10,
                                     checkpoint_every=10))
-    kwargs = resolve_model_kwargs(cfg, channels=1, num_classes=3)
+    kwargs = build_step_superres(cfg, channels=1, num_classes=3).arguments
     data = smooth_digits()
     crashing = FailingTask(cfg, kwargs, {"num_classes": 3}, in_memory=data)
     crashing.fail_at, crashing.losses = 25, []
@@ -301,7 +359,7 @@ def test_stage_trains_under_bf16_and_zero2(tmp_path):
     cfg = SuperResConfig(input_size=8, output_size=16, preset="sr-tiny",
                          train=dict(max_steps=3, batch_size=8, precision="bf16", zero_stage=2, log_every=1,
                                     checkpoint_every=100, ema_decay=0.5))
-    task = SuperResTask(cfg, resolve_model_kwargs(cfg, channels=1, num_classes=0), {"num_classes": 0},
+    task = SuperResTask(cfg, build_step_superres(cfg, channels=1, num_classes=0).arguments, {"num_classes": 0},
                         in_memory=smooth_digits(32))
     final = train_loop(task, cfg.train, LocalSession(tmp_path / "ckpt"), None)
     assert final["step"] == 3 and math.isfinite(final["loss"])

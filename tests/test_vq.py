@@ -21,7 +21,7 @@ from components.autoencoder.config import AutoencoderConfig, VQConfig
 from components.autoencoder.load import AE_META, AE_WEIGHTS, decode_scaled, encode_scaled, load_autoencoder
 from components.autoencoder.model import AutoencoderVQ, build_autoencoder
 from components.autoencoder.quantize import VectorQuantizer, code_statistics
-from components.autoencoder.train import RECONSTRUCTIONS, reconstruction_metrics, resolve_model_kwargs
+from components.autoencoder.train import RECONSTRUCTIONS, build_step_autoencoder, reconstruction_metrics
 from components.common.train_types import TrainConfig
 from test_autoencoder import INFO, TINY, digits, make_ctx, manifest_from, sqlite_tracker
 from test_models import AutoencoderContract
@@ -231,9 +231,9 @@ def test_config_switches_with_one_key_and_keeps_kl_cache_keys():
     assert kl.model_copy(update={"vq": VQConfig(codebook_size=8)}).cache_relevant() == kl.cache_relevant()
     assert vq.model_copy(update={"kl_weight": 1.0}).cache_relevant() == vq.cache_relevant()
     assert vq.model_copy(update={"vq": VQConfig(beta=1.0)}).cache_relevant() != vq.cache_relevant()
-    kwargs = resolve_model_kwargs(AutoencoderConfig(**VQ_TINY), INFO)
+    kwargs = build_step_autoencoder(AutoencoderConfig(**VQ_TINY), INFO).arguments
     assert kwargs["codebook_size"] == 64 and kwargs["beta"] == 0.25
-    assert "codebook_size" not in resolve_model_kwargs(AutoencoderConfig(**TINY), INFO)
+    assert "codebook_size" not in build_step_autoencoder(AutoencoderConfig(**TINY), INFO).arguments
 
 
 # ---------------------------------------------------------------- the step, in one process
@@ -350,7 +350,7 @@ def test_step_trains_reports_codebook_statistics_and_exports_the_codebook(vq_ste
 def test_latents_step_encodes_pre_quantisation_latents_and_refuses_sampling(vq_step, tmp_path):
     from components.common.storage import Storage
     from components.latents.config import LatentsConfig
-    from components.latents.data import load_latent_shards
+    from components.latents.load import load_latent_shards
     from components.latents.run import encode_shard, run
 
     manifest, _, shard, _ = vq_step

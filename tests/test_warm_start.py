@@ -11,7 +11,8 @@ from components.common.step import FileRecord, FileRef, IntegrityError, Manifest
 from components.common.storage import sha256_file
 from components.common.warm_start import load_into, resolve_registered, warm_start_source
 from components.dit.model import DiT
-from components.dit.train import LatentDitTask, resolve_model_kwargs
+from components.dit.task import LatentDitTask
+from components.dit.train import build_step_dit
 from tests.test_dit import LATENT, dit_cfg
 
 
@@ -21,7 +22,7 @@ def test_a_dit_task_starts_from_the_champion(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     cfg = dit_cfg()
-    kwargs = resolve_model_kwargs(cfg, LATENT, 3)
+    kwargs = build_step_dit(cfg, LATENT, 3).arguments
     torch.manual_seed(7)
     champion = LatentDitTask(cfg, kwargs, {}).build_model()
     source = tmp_path / "dit-output"
@@ -51,7 +52,7 @@ def test_a_dit_task_starts_from_the_champion(tmp_path):
     assert warm_start_source(uri, None, "dit.safetensors") == (None, {})
     with pytest.raises(ValueError, match="expected models:/"):
         warm_start_source(uri, "toy-dit@champion", "dit.safetensors")
-    bigger = resolve_model_kwargs(dit_cfg(model={"depth": 3}), LATENT, 3)
+    bigger = build_step_dit(dit_cfg(model={"depth": 3}), LATENT, 3).arguments
     with pytest.raises(ValueError, match="do not fit this model"):
         load_into(DiT(**bigger), champion_ref)
     # weights changed after they were registered: refused, naming the file, before they are loaded

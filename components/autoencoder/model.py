@@ -251,9 +251,14 @@ AUTOENCODER_CLASSES: dict[str, type[nn.Module]] = {"kl": AutoencoderKL, "vq": Au
 
 def build_autoencoder(preset: str, regularizer: str = "kl", **overrides) -> AutoencoderKL | AutoencoderVQ:
     """Build an autoencoder from an AUTOENCODER_PRESETS key and a regularizer ("kl" or "vq");
-    keyword overrides replace preset values (and give a VQ model its codebook arguments)."""
+    keyword overrides replace preset values (and give a VQ model its codebook arguments). The model
+    keeps them as ``model.arguments`` (autoencoder.json records them under ``model``)."""
     if preset not in AUTOENCODER_PRESETS:
         raise ValueError(f"unknown autoencoder preset {preset!r}; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
     if regularizer not in AUTOENCODER_CLASSES:
         raise ValueError(f"unknown regularizer {regularizer!r}; valid: {', '.join(AUTOENCODER_CLASSES)}")
-    return AUTOENCODER_CLASSES[regularizer](**{**AUTOENCODER_PRESETS[preset], **overrides})
+    arguments = {**AUTOENCODER_PRESETS[preset], **overrides}
+    arguments["channel_mult"] = list(arguments["channel_mult"])  # as JSON gives it back
+    model = AUTOENCODER_CLASSES[regularizer](**arguments)
+    model.arguments = arguments
+    return model

@@ -1,4 +1,4 @@
-"""Load a distilled student and sample it with its native number of steps.
+"""Sample a distilled student with its native number of steps (loading it: ``components.distill.load``).
 
 The distill step writes ``distill.safetensors`` (the EMA student), ``distill_raw.safetensors`` and
 ``distill.json``: the DiT's meta (model arguments, schedule, prediction, classes, shapes) plus
@@ -13,31 +13,14 @@ stream (``sample_generator(seed, i)``), whatever the batch size.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from components.common.images import to_uint8
 from components.diffusion import NoiseSchedule, draw_per_sample, sample_generator
 
-STUDENT_WEIGHTS, STUDENT_META = "distill.safetensors", "distill.json"
 PROGRESSIVE = "progressive"
-
-
-def load_student(source, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(student DiT in eval mode, meta) from a distill step's manifest (files checked against their
-    sha256), or its own output Storage or URI."""
-    import safetensors.torch
-
-    from components.common.step import read_output
-    from components.dit.model import DiT
-
-    meta = json.loads(read_output(source, STUDENT_META))
-    model = DiT(**meta["model"])
-    model.load_state_dict(safetensors.torch.load(read_output(source, STUDENT_WEIGHTS)))
-    return model.to(device).eval(), meta
 
 
 def supported_steps(meta: dict) -> list[int]:

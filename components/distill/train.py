@@ -24,41 +24,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from components.common.checkpoint import CheckpointError
 from components.common.step import CHECKPOINT_DIR, Manifest, StepContext, StepOutput
 from components.common.storage import sha256_file
 from components.distill.config import DistillConfig
-from components.distill.sample import (PROGRESSIVE, STUDENT_META, STUDENT_WEIGHTS, generate_student, load_student,
-                                       supported_steps)
+from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, load_student
+from components.distill.sample import PROGRESSIVE, generate_student, supported_steps
+from components.distill.task import ConsistencyTask, DistillTask, ProgressiveTask
 
 CODE_VERSION = "1"
-# Tests only: "K:S" makes progressive round K (or, with K = 0, the consistency run) raise at step S.
-FAIL_AT_ENV = "LATENTFLOW_TEST_DISTILL_FAIL_AT"
 SPACING = "trailing"
 ROUND_DONE = "round.json"
 STUDENT_FILES = (STUDENT_WEIGHTS, "distill_raw.safetensors", STUDENT_META)
 ROUND_FILES = (*STUDENT_FILES, "samples.png")  # what round_k/ holds besides round.json
 
+# The task classes the step trains: "progressive" (one per round) and "consistency" (both consistency
+# methods). Looked up when the step builds a task, on the driver: the seam for tests that need a worker
+# to fail inside a round (tests/crash_hooks.py stands a subclass in; it reaches the Ray Train workers
+# pickled, subclass and all), so no test switch lives in the stage.
+TASK_CLASSES: dict[str, type[DistillTask]] = {PROGRESSIVE: ProgressiveTask, "consistency": ConsistencyTask}
+
 if TYPE_CHECKING:
     from components.common.storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-def injected_failure(part: int) -> int | None:
-    value = os.environ.get(FAIL_AT_ENV)
-    if not value:
-        return None
-    which, step = value.split(":")
-    return int(step) if int(which) == part else None
 
 
 def base_meta(cfg: DistillConfig, dit_meta: dict, guidance: float) -> dict:
@@ -78,7 +72,7 @@ def base_meta(cfg: DistillConfig, dit_meta: dict, guidance: float) -> dict:
 def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_meta, name: str, steps: int | None):
     from components.common.tracking import png_bytes
     from components.common.images import class_grid
-    from components.dit.train import grid_labels
+    from components.dit.task import grid_labels
 
     student, meta = load_student(source)
     labels = grid_labels(int(meta["num_classes"]), cfg.grid_classes, cfg.grid_per_label)
@@ -95,7 +89,6 @@ def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifes
     from components.common.trainer import fit
     from components.diffusion import spaced_timesteps
     from components.distill.targets import halve_steps
-    from components.distill.tasks import ProgressiveTask
     from components.dit.load import DIT_WEIGHTS
 
     files, metrics = [], {}
@@ -114,8 +107,8 @@ def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifes
         else:
             child = ctx.tracker.child(f"round {k}: {steps} -> {steps // 2} steps",
                                       tags={"latentflow.round": k, "latentflow.student_steps": steps // 2})
-            task = ProgressiveTask(cfg, round_meta, init=teacher, teacher=teacher, latents=inputs["latents"],
-                                   fail_at_step=injected_failure(k))
+            task = TASK_CLASSES[PROGRESSIVE](cfg, round_meta, init=teacher, teacher=teacher,
+                                             latents=inputs["latents"])
             try:
                 result = fit(task, cfg.train, dataclasses.replace(ctx, tracker=child), name=folder)
             except BaseException:
@@ -190,7 +183,6 @@ def consistency_run(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest],
     from components.common.trainer import fit
     from components.diffusion import NoiseSchedule
     from components.distill.consistency import ConsistencyFunction, consistency_levels
-    from components.distill.tasks import ConsistencyTask
     from components.dit.load import DIT_WEIGHTS
 
     schedule = NoiseSchedule.from_name(meta["schedule"], int(meta["num_timesteps"]))
@@ -207,10 +199,9 @@ def consistency_run(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest],
         from components.autoencoder.lpips import check_lpips_file
 
         check_lpips_file(cfg.consistency.lpips_weights)  # before any worker starts
-    task = ConsistencyTask(cfg, full_meta, init=dit if cfg.student_init == "dit" else None,
-                           teacher=dit if distilling else None, latents=inputs["latents"],
-                           autoencoder=inputs["autoencoder"],
-                           fail_at_step=injected_failure(0))
+    task = TASK_CLASSES["consistency"](cfg, full_meta, init=dit if cfg.student_init == "dit" else None,
+                                       teacher=dit if distilling else None, latents=inputs["latents"],
+                                       autoencoder=inputs["autoencoder"])
     result = fit(task, cfg.train, ctx, name="consistency")
     files = result.upload_to(ctx.output)
     return files, {"loss": float(result.metrics.get("loss", float("nan"))),

@@ -13,6 +13,7 @@ Speed notes (CPU and GPU alike; the token count of a latent DiT is small, so per
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -237,10 +238,17 @@ class DiT(nn.Module):
 
 
 def build_dit(preset: str, **overrides) -> DiT:
-    """Build a DiT from a DIT_PRESETS key; keyword overrides replace preset or default arguments."""
+    """Build a DiT from a DIT_PRESETS key; keyword overrides replace preset or default arguments.
+    The model keeps every argument it was built with as ``model.arguments`` (dit.json records them
+    under ``model``, and ``DiT(**arguments)`` builds the same network without the presets table)."""
     if preset not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {preset!r}; valid presets: {', '.join(DIT_PRESETS)}")
-    return DiT(**{**_DIT_DEFAULTS, **DIT_PRESETS[preset], **overrides})
+    # an argument DiT does not take raises TypeError here, before any weight is allocated
+    bound = inspect.signature(DiT).bind(**{**_DIT_DEFAULTS, **DIT_PRESETS[preset], **overrides})
+    bound.apply_defaults()
+    model = DiT(**bound.arguments)
+    model.arguments = dict(bound.arguments)
+    return model
 
 
 def dit_flops_per_image(model: DiT, input_size: int | None = None) -> int:

@@ -45,7 +45,8 @@ def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, 
                   num_classes: int, device: str) -> tuple[list[dict], dict[str, float]]:
     """(rows, metrics named ``teacher_<s>step_*`` and ``student_<s>step_*``)."""
     from components.autoencoder.load import load_autoencoder
-    from components.distill.sample import generate_student, load_student, supported_steps
+    from components.distill.load import load_student
+    from components.distill.sample import generate_student, supported_steps
     from components.dit.generate import generate
     from components.dit.load import load_dit
 

@@ -27,7 +27,7 @@ def guidance_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier,
     from components.common.images import class_grid
     from components.dit.generate import generate
     from components.dit.load import load_dit
-    from components.noisy_classifier.train import load_noisy_classifier
+    from components.noisy_classifier.load import load_noisy_classifier
 
     settings = cfg.guidance_comparison
     labels = torch.arange(num_classes).repeat_interleave(settings.samples_per_class)

@@ -10,14 +10,11 @@ of images plus the D x D covariance, whatever the data set's size.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import tempfile
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,13 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from components.common.step import Manifest
-from components.common.storage import Storage
 from components.evaluate.classifier import EvalClassifier, build_classifier
 from components.evaluate.config import ClassifierTrainConfig
-from components.evaluate.metrics import RunningMoments
+from components.evaluate.metrics import RunningMoments, frechet_distance_to
 
-CLASSIFIER_WEIGHTS = "classifier.safetensors"
-CLASSIFIER_META = "classifier.json"
 LOG_EVERY = 50
 SCORE_BATCH = 500
 
@@ -253,8 +247,6 @@ def baseline_distance(judge: Judge, shard: Manifest, size: int | None, filter: s
     seeded stream of the training split: a random subset, read without holding the split."""
     from contextlib import closing
 
-    from components.evaluate.metrics import frechet_distance_to
-
     count = min(count, judge.train_count)
     with closing(training_batches(shard, size, filter, min(count, SCORE_BATCH), seed)) as batches:
         images = first_images(batches, count)
@@ -262,32 +254,20 @@ def baseline_distance(judge: Judge, shard: Manifest, size: int | None, filter: s
     return frechet_distance_to(judge.val.moments, features), len(images)
 
 
-# ---------------------------------------------------------------- saving and loading
+# ---------------------------------------------------------------- generated images
 
 
-def save_classifier(model: EvalClassifier, meta: dict[str, Any], output: Storage) -> list[str]:
-    """Write ``classifier.safetensors`` and ``classifier.json``; returns their relative paths."""
-    from safetensors.torch import save_file
-
-    scratch = Path(tempfile.mkdtemp(prefix="latentflow-classifier-"))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(scratch / CLASSIFIER_WEIGHTS), metadata={"preset": meta["preset"]})
-        output.upload(CLASSIFIER_WEIGHTS, scratch / CLASSIFIER_WEIGHTS)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    output.write_text(CLASSIFIER_META, json.dumps(meta, indent=2, sort_keys=True))
-    return [CLASSIFIER_WEIGHTS, CLASSIFIER_META]
+def metric_name(class_name: str) -> str:
+    return "sample_accuracy_class_" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(class_name))
 
 
-def load_classifier(manifest: Manifest, device: str = "cpu") -> tuple[EvalClassifier, dict[str, Any]]:
-    """The evaluate step's classifier (eval mode) and its meta: preset, in_channels, num_classes,
-    classes, image_size, val_accuracy, input range ("uint8 / 127.5 - 1")."""
-    from safetensors.torch import load as load_safetensors
-
-    from components.common.step import read_output
-
-    meta = json.loads(read_output(manifest, CLASSIFIER_META))  # checked against the manifest's sha256
-    model = build_classifier(meta["preset"], meta["in_channels"], meta["num_classes"])
-    model.load_state_dict(load_safetensors(read_output(manifest, CLASSIFIER_WEIGHTS)))
-    return model.to(device).eval(), meta
+def score_samples(judge: Judge, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Accuracy overall and per class, and the Fréchet distance to the validation images."""
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != judge.image_shape:
+        raise EvaluateError(f"generated images are {images.dtype} {tuple(images.shape)}; the classifier "
+                            f"needs uint8 (N, {', '.join(map(str, judge.image_shape))}) like the shard step's images")
+    logits, features = classify(judge.model, images)
+    correct = logits.argmax(1) == labels.numpy()
+    per_class = {name: float(correct[labels.numpy() == k].mean()) for k, name in enumerate(classes)}
+    return {"sample_accuracy": float(correct.mean()), "per_class": per_class,
+            "frechet_distance": frechet_distance_to(judge.val.moments, features)}

@@ -36,20 +36,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from typing import Any
 
 import torch
 
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.tracking import png_bytes
-from components.dit.config import SamplingConfig
 from components.common.images import class_grid
 from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cascade, stage_names
 from components.evaluate.config import EvaluateConfig
-from components.evaluate.judge import (CLASSIFIER_META, CLASSIFIER_WEIGHTS, EvaluateError, Judge, baseline_distance,
-                                       classify, fit_judge, save_classifier)
-from components.evaluate.metrics import frechet_distance_to
+from components.evaluate.judge import EvaluateError, Judge, baseline_distance, fit_judge, metric_name, score_samples
+from components.evaluate.load import CLASSIFIER_META, CLASSIFIER_WEIGHTS, ClassifierMeta, save_classifier
+from components.evaluate.sample import generate_samples
 
 CODE_VERSION = "6"
 SAMPLES_GRID = "eval_samples.png"
@@ -59,42 +56,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CODE_VERSION", "EvaluateError", "run", "CLASSIFIER_META", "CLASSIFIER_WEIGHTS", "EVALUATION",
            "SAMPLES_GRID"]
-
-
-def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling: SamplingConfig,
-                     batch_size: int, device: str, classes: list[str]) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples of the DiT (EMA weights) decoded by the autoencoder: the one
-    place the evaluate step touches the generator. Checks that the DiT knows the shard's classes."""
-    from components.autoencoder.load import load_autoencoder
-    from components.dit.generate import generate
-    from components.dit.load import load_dit
-
-    dit, dit_meta = load_dit(inputs["dit"], device=device, ema=True)
-    dit_classes = dit_meta.get("classes") or [str(i) for i in range(int(dit_meta["num_classes"]))]
-    if list(dit_classes) != list(classes):
-        raise EvaluateError(f"the dit step ({inputs['dit'].output_uri}) was trained on classes {dit_classes}, "
-                            f"the shard step has {classes}")
-    ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
-    return generate(dit, dit_meta, ae, ae_meta, labels, sampling, batch_size=batch_size, progress=True)
-
-
-def metric_name(class_name: str) -> str:
-    return "sample_accuracy_class_" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(class_name))
-
-
-def score_samples(judge: Judge, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy overall and per class, and the Fréchet distance to the validation images."""
-    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != judge.image_shape:
-        raise EvaluateError(f"generated images are {images.dtype} {tuple(images.shape)}; the classifier "
-                            f"needs uint8 (N, {', '.join(map(str, judge.image_shape))}) like the shard step's images")
-    logits, features = classify(judge.model, images)
-    correct = logits.argmax(1) == labels.numpy()
-    per_class = {name: float(correct[labels.numpy() == k].mean()) for k, name in enumerate(classes)}
-    return {"sample_accuracy": float(correct.mean()), "per_class": per_class,
-            "frechet_distance": frechet_distance_to(judge.val.moments, features)}
-
-
-# ---------------------------------------------------------------- the step
 
 
 def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
@@ -113,9 +74,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     judge = fit_judge(shard, size, "bicubic", cfg.classifier, num_classes, device, ctx.tracker.log_metrics)
     log.info("evaluate: classifier val accuracy %.4f after %d steps (%.1fs)", judge.val.accuracy,
              cfg.classifier.steps, judge.train_stats["classifier_train_seconds"])
-    meta = {"preset": cfg.classifier.preset, "in_channels": judge.image_shape[0], "num_classes": num_classes,
-            "classes": list(classes), "image_size": size, "val_accuracy": judge.val.accuracy,
-            "input_range": "uint8 / 127.5 - 1", "train": cfg.classifier.model_dump(mode="json")}
+    meta = ClassifierMeta(preset=cfg.classifier.preset, in_channels=judge.image_shape[0], num_classes=num_classes,
+                          classes=list(classes), image_size=size, val_accuracy=judge.val.accuracy,
+                          input_range="uint8 / 127.5 - 1", train=cfg.classifier.model_dump(mode="json"))
     files = save_classifier(judge.model, meta, ctx.output)
 
     # 2.-3. samples for every class, classified, and Fréchet distances against the validation images
@@ -129,7 +90,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                **judge.train_stats}
     inception = None
     if cfg.inception_enabled:  # FID/KID on the first inception.samples_per_class of each class
-        from components.evaluate.reference import InceptionScorer
+        from components.inception_reference.load import InceptionScorer
 
         if "inception_reference" not in inputs:
             raise EvaluateError("evaluate.inception is set, but the step has no inception_reference input")
@@ -140,7 +101,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     evaluation = {"metrics": metrics, "per_class_accuracy": scores["per_class"], "classes": list(classes),
                   "sampling": cfg.sample.model_dump(mode="json"), "generation_batch_size": cfg.batch_size,
                   "counts": counts, "reference_split": "val", "baseline_split": "train",
-                  "classifier": {k: v for k, v in meta.items() if k != "classes"}}
+                  "classifier": {k: v for k, v in meta.to_json().items() if k != "classes"}}
 
     files += [SAMPLES_GRID, EVALUATION]
     files += _optional_tables(cfg, inputs, ctx, judge, images, labels, list(classes), device, inception,

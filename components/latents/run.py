@@ -17,7 +17,7 @@ then uploaded (a shard appears whole or not at all): ``<key>.latent.npy`` ((c, h
 input shard, the same chunk boundaries for the same ``batch_size``), so re-running writes identical
 shards, and ``encode_shard`` in one process writes the same bytes as the pool when it runs as many
 torch threads as an actor does (BLAS rounding depends on it). Read them with
-``components.latents.data``.
+``components.latents.load``.
 
 A VQ autoencoder's latents are its encoder's pre-quantisation outputs (LDM): the codebook is
 applied when they are decoded. Its encoder is deterministic, so ``posterior: sample`` is refused.
@@ -45,7 +45,7 @@ from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
 from components.latents.config import LatentsConfig
-from components.latents.data import LABEL_KEY, LATENT_KEY
+from components.latents.load import LABEL_KEY, LATENT_KEY
 
 CODE_VERSION = "1"
 SPLITS = ("train", "val")

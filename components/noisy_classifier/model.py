@@ -50,8 +50,13 @@ class NoisyClassifier(nn.Module):
 
 
 def build_noisy_classifier(preset: str, in_channels: int, num_classes: int, **overrides) -> NoisyClassifier:
+    """Build a classifier from a NOISY_CLASSIFIER_PRESETS key; keyword overrides replace preset values.
+    The model keeps them as ``model.arguments`` (noisy_classifier.json records them under ``model``)."""
     if preset not in NOISY_CLASSIFIER_PRESETS:
         raise ValueError(f"noisy_classifier.preset: unknown preset {preset!r}; valid: "
                          f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")
-    kwargs = {**NOISY_CLASSIFIER_PRESETS[preset], **overrides}
-    return NoisyClassifier(in_channels, num_classes, **kwargs)
+    arguments = {**NOISY_CLASSIFIER_PRESETS[preset], **overrides, "in_channels": in_channels,
+                 "num_classes": num_classes}
+    model = NoisyClassifier(**arguments)
+    model.arguments = arguments
+    return model

@@ -7,89 +7,26 @@ trains beside the DiT. After training, the EMA classifier is scored on the valid
 classify), logged as ``val_accuracy_t<lo>_<hi>`` and as a chart.
 
 Outputs: ``noisy_classifier.safetensors`` (EMA), ``noisy_classifier_raw.safetensors``,
-``noisy_classifier.json`` (model arguments, schedule, classes; see ``load_noisy_classifier``) and
+``noisy_classifier.json`` (model arguments, schedule, classes; see ``components.noisy_classifier.load``) and
 ``accuracy_by_t.png``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.noisy_classifier.config import NoisyClassifierConfig
+from components.noisy_classifier.load import META, NoisyClassifierMeta, load_noisy_classifier
+from components.noisy_classifier.task import NoisyClassifierTask
 
 CODE_VERSION = "1"
-WEIGHTS, RAW_WEIGHTS, META = "noisy_classifier.safetensors", "noisy_classifier_raw.safetensors", "noisy_classifier.json"
 CHART = "accuracy_by_t.png"
 
 log = logging.getLogger(__name__)
-
-
-class NoisyClassifierTask:
-    """What the trainer trains; each worker streams its share of the training latents, like the DiT."""
-
-    def __init__(self, cfg: NoisyClassifierConfig, meta: dict[str, Any], latents: Manifest | None = None,
-                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.cfg, self.meta, self.latents_manifest, self.in_memory = cfg, dict(meta), latents, in_memory
-        self._schedule = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_schedule": None}
-
-    @property
-    def schedule(self):
-        from components.diffusion import NoiseSchedule
-
-        if self._schedule is None:
-            self._schedule = NoiseSchedule.from_name(self.cfg.schedule, self.cfg.num_timesteps)
-        return self._schedule
-
-    def build_model(self) -> torch.nn.Module:
-        from components.noisy_classifier.model import NoisyClassifier
-
-        return NoisyClassifier(**self.meta["model"])
-
-    def batch_source(self, rank: int, world_size: int, micro_batch: int):
-        from components.common.task_parts import latent_source
-
-        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
-
-    def loss(self, model, batch, step, generator):
-        from components.diffusion import q_sample
-
-        x0, y = batch["latent"], batch["label"].long().clamp(min=0)
-        dtype = x0.dtype  # the compute dtype; the forward process in fp32
-        t = torch.randint(0, self.cfg.num_timesteps, (len(x0),), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        x_t = q_sample(self.schedule, x0.float(), t, noise)
-        logits = model(x_t.to(dtype), t).float()
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        return loss, {"accuracy": float((logits.argmax(1) == y).float().mean())}
-
-    def export(self, model, ema_model, out_dir: Path) -> None:
-        from components.common.task_parts import export_weights
-
-        export_weights(model, ema_model, out_dir, WEIGHTS, RAW_WEIGHTS, META, self.meta)
-
-
-def load_noisy_classifier(source, device: str = "cpu", ema: bool = True) -> tuple[torch.nn.Module, dict]:
-    """(classifier in eval mode, meta) from the step's manifest (files checked against their sha256),
-    Storage or URI; safetensors only."""
-    import safetensors.torch
-
-    from components.common.step import read_output
-    from components.noisy_classifier.model import NoisyClassifier
-
-    meta = json.loads(read_output(source, META))
-    model = NoisyClassifier(**meta["model"])
-    model.load_state_dict(safetensors.torch.load(read_output(source, WEIGHTS if ema else RAW_WEIGHTS)))
-    return model.to(device).eval(), meta
 
 
 @torch.no_grad()
@@ -118,8 +55,8 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
     from components.common.plot import line_chart
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
-    from components.latents.data import load_latent_shards
-    from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS, NoisyClassifier
+    from components.latents.load import load_latent_shards
+    from components.noisy_classifier.model import NOISY_CLASSIFIER_PRESETS, build_noisy_classifier
 
     latents = inputs["latents"]
     classes = latents.info.get("classes")
@@ -131,12 +68,13 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
                          f"{', '.join(NOISY_CLASSIFIER_PRESETS)}")
     shape = [int(s) for s in latents.info["latent_shape"]]
     fixed = with_data_fixed("noisy_classifier", cfg.model, {"in_channels": shape[0], "num_classes": len(classes)})
-    model_kwargs = {**NOISY_CLASSIFIER_PRESETS[cfg.preset], **cfg.model, **fixed}
-    probe = NoisyClassifier(**model_kwargs)
-    meta = {"preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule,
-            "num_timesteps": cfg.num_timesteps, "classes": list(classes), "latent_shape": shape,
-            "parameters": sum(p.numel() for p in probe.parameters())}
+    overrides = {k: v for k, v in cfg.model.items() if k not in fixed}  # the fixed ones agree (checked above)
+    probe = build_noisy_classifier(cfg.preset, fixed["in_channels"], fixed["num_classes"], **overrides)
+    typed = NoisyClassifierMeta(preset=cfg.preset, model=probe.arguments, schedule=cfg.schedule,
+                                num_timesteps=cfg.num_timesteps, classes=list(classes), latent_shape=shape,
+                                parameters=sum(p.numel() for p in probe.parameters()))
     del probe
+    meta = typed.to_json()  # the task travels to the workers with the file's form
     result = fit(NoisyClassifierTask(cfg, meta, latents=latents), cfg.train, ctx)
     files = result.upload_to(ctx.output)
 

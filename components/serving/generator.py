@@ -105,7 +105,7 @@ def load_generator(autoencoder_dir: str | Path, denoiser_dir: str | Path, device
     ae, ae_meta = load_autoencoder(verified_manifest(Path(autoencoder_dir)), device=device)
     manifest = verified_manifest(denoiser_dir)
     if kind == "distill":
-        from components.distill.sample import load_student
+        from components.distill.load import load_student
 
         denoiser, meta = load_student(manifest, device=device)
     else:

@@ -15,6 +15,7 @@ sum as a per-channel scale and shift (FiLM, as in improved DDPM).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -154,6 +155,15 @@ class EfficientUNet(nn.Module):
 
 
 def build_superres(preset: str, **overrides) -> EfficientUNet:
+    """Build a U-Net from a SUPERRES_PRESETS key; keyword overrides replace preset or default arguments.
+    The model keeps every argument it was built with as ``model.arguments``, tuples as lists (as
+    superres.json records them under ``model``; ``EfficientUNet(**arguments)`` builds it again)."""
     if preset not in SUPERRES_PRESETS:
         raise ValueError(f"unknown super-resolution preset {preset!r}; valid presets: {', '.join(SUPERRES_PRESETS)}")
-    return EfficientUNet(**{**SUPERRES_PRESETS[preset], **overrides})
+    # an argument EfficientUNet does not take raises TypeError here, before any weight is allocated
+    bound = inspect.signature(EfficientUNet).bind(**{**SUPERRES_PRESETS[preset], **overrides})
+    bound.apply_defaults()
+    arguments = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
+    model = EfficientUNet(**arguments)
+    model.arguments = arguments
+    return model

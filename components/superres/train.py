@@ -3,8 +3,8 @@
 For every batch, x = resize(image, output_size) and z = resize(x, input_size) (``filter``), z is
 blurred and/or noise-augmented (``augmentation``, per example, levels given to the model), and the
 U-Net learns v (or eps: ``prediction``) for x_t given z, with the mean squared error on the
-stage's own noise schedule. Through the shared
-trainer (Ray Train + DeepSpeed, checkpoints, resume, EMA, MLflow).
+stage's own noise schedule (``components.superres.task``). Through the shared trainer (Ray Train +
+DeepSpeed, checkpoints, resume, EMA, MLflow).
 
 Afterwards, on ``eval_samples`` validation images: PSNR and SSIM of the super-resolved image against
 the ground truth, from the true low-resolution input and from a degraded one (blur + noise:
@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.superres.config import SuperResConfig
-from components.superres.load import SR_META, SR_RAW_WEIGHTS, SR_WEIGHTS
+from components.superres.load import SR_META, SR_WEIGHTS
+from components.superres.task import SuperResTask, training_pair
+
+if TYPE_CHECKING:
+    from components.superres.model import EfficientUNet
 
 CODE_VERSION = "1"
 GRID = "superres_samples.png"
@@ -33,113 +37,19 @@ GRID = "superres_samples.png"
 log = logging.getLogger(__name__)
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
-
-
-def training_pair(images: torch.Tensor, cfg: SuperResConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high-res target, low-res input), float in [-1, 1], from uint8 or float images."""
-    from components.common.resample import resize
-
-    x = to_float(images) if images.dtype == torch.uint8 else images.float()
-    high = resize(x, cfg.output_size, cfg.filter)
-    return high, resize(high, cfg.input_size, cfg.filter)
-
-
-class PairMaker:
-    """The stream's batch transform: uint8 shard images -> the (high, low) training pair, float32.
-    The conditioning augmentation stays in the loss: its noise comes from the (seed, step, rank)
-    generator, like every random choice of a step, so a resumed run repeats it exactly."""
-
-    def __init__(self, cfg: SuperResConfig):
-        self.cfg = cfg
-
-    def __call__(self, batch: dict) -> dict:
-        high, low = training_pair(batch["image"], self.cfg)
-        return {"high": high, "low": low, "label": batch["label"]}
-
-
-class SuperResTask:
-    """What the trainer trains: model, loss, export; (high, low) pairs streamed from the shard images."""
-
-    fp32_inputs = frozenset({"high", "low"})  # targets and conditioning stay fp32 under bf16
-
-    def __init__(self, cfg: SuperResConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
-                 shard: Manifest | None = None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 init: tuple[str, str] | None = None):
-        self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
-        self.init = init  # (directory URI, weights file) of a warm start
-        self.shard_manifest, self.in_memory = shard, in_memory  # in_memory: (uint8 images, labels)
-        self._schedule = None
-
-    def __getstate__(self):  # configs and manifests travel to the workers, not models
-        return {**self.__dict__, "_schedule": None}
-
-    @property
-    def schedule(self):  # built in each worker, not pickled
-        from components.diffusion import NoiseSchedule
-
-        self._schedule = self._schedule or NoiseSchedule.from_name(self.cfg.schedule, self.cfg.num_timesteps)
-        return self._schedule
-
-    def build_model(self) -> torch.nn.Module:
-        from components.common.warm_start import load_into
-        from components.superres.model import EfficientUNet
-
-        return load_into(EfficientUNet(**self.model_kwargs), self.init)
-
-    def batch_source(self, rank: int, world_size: int, micro_batch: int):
-        from components.common.task_parts import image_source
-
-        return image_source(self.shard_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
-                            transform=PairMaker(self.cfg))
-
-    def loss(self, model, batch, step, generator):
-        from components.diffusion import training_losses
-        from components.superres.augment import training_conditioning
-
-        high, low = batch["high"], batch["low"]  # fp32 (fp32_inputs), made in the stream by PairMaker
-        cond, levels = training_conditioning(low, self.schedule, self.cfg.augmentation, generator)
-        n, device = high.shape[0], high.device
-        t = torch.randint(0, self.cfg.num_timesteps, (n,), generator=generator, device=device)
-        noise = torch.randn(high.shape, generator=generator, device=device)
-        y = None
-        if self.cfg.class_conditional:
-            y = batch["label"].long().clamp(min=0)
-            drop = torch.rand(n, generator=generator, device=device) < self.cfg.class_dropout_prob
-            y = torch.where(drop, torch.full_like(y, int(self.meta["num_classes"])), y)
-        dtype = next(model.parameters()).dtype  # the compute dtype; the diffusion arithmetic stays fp32
-
-        def model_fn(x_t, tt):
-            return model(x_t.to(dtype), tt, cond.to(dtype), levels, y).float()
-
-        terms = training_losses(self.schedule, model_fn, high, t, noise, prediction=self.cfg.prediction)
-        return terms["loss"].mean(), {"mse": float(terms["mse"].detach().mean()),
-                                      "aug_level_mean": float(levels.float().mean())}
-
-    def export(self, model, ema_model, out_dir) -> None:
-        from components.common.task_parts import export_weights
-
-        export_weights(model, ema_model, out_dir, SR_WEIGHTS, SR_RAW_WEIGHTS, SR_META, self.meta)
-
-
-def resolve_model_kwargs(cfg: SuperResConfig, channels: int, num_classes: int) -> dict[str, Any]:
-    import inspect
-
-    from components.superres.model import SUPERRES_PRESETS, EfficientUNet
+def build_step_superres(cfg: SuperResConfig, channels: int, num_classes: int) -> "EfficientUNet":
+    """The stage's U-Net through ``build_superres``: preset <- cfg.model <- the data's channels, the
+    stage's output size and classes; its ``arguments`` are what superres.json records."""
+    from components.superres.model import SUPERRES_PRESETS, build_superres
 
     if cfg.preset not in SUPERRES_PRESETS:
         raise ValueError(f"superres.preset: unknown preset {cfg.preset!r}; valid: {', '.join(SUPERRES_PRESETS)}")
     fixed = with_data_fixed("superres", cfg.model, {"in_channels": channels, "out_size": cfg.output_size,
                                                     "num_classes": num_classes})
-    kwargs = {**SUPERRES_PRESETS[cfg.preset], **cfg.model, **fixed}
     try:
-        bound = inspect.signature(EfficientUNet).bind(**kwargs)
-    except TypeError as e:
+        return build_superres(cfg.preset, **{**cfg.model, **fixed})
+    except TypeError as e:  # an argument EfficientUNet does not take
         raise ValueError(f"superres.model: {e}") from e
-    bound.apply_defaults()
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
 
 
 def degrade(low: torch.Tensor, cfg: SuperResConfig, seed: int) -> torch.Tensor:
@@ -187,7 +97,6 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
     from components.superres.load import load_superres
-    from components.superres.model import EfficientUNet
 
     shard = inputs["shard"]
     info = shard.info
@@ -202,8 +111,8 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         log.warning("%s: the shard images are %d px, smaller than output_size %d: the targets are upsampled "
                     "(%s), so this stage can learn no detail beyond that filter", ctx.step, shard_size,
                     cfg.output_size, cfg.filter)
-    model_kwargs = resolve_model_kwargs(cfg, channels, num_classes)
-    probe = EfficientUNet(**model_kwargs)
+    probe = build_step_superres(cfg, channels, num_classes)
+    model_kwargs = probe.arguments
     meta = {
         "preset": cfg.preset, "model": model_kwargs, "input_size": cfg.input_size, "output_size": cfg.output_size,
         "channels": channels, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps, "filter": cfg.filter,

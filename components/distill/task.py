@@ -34,11 +34,9 @@ class DistillTask:
     weights_name, raw_weights_name, meta_name = "distill.safetensors", "distill_raw.safetensors", "distill.json"
 
     def __init__(self, cfg: DistillConfig, meta: dict[str, Any], init: WeightsRef | None,
-                 teacher: WeightsRef | None, latents=None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 fail_at_step: int | None = None):
+                 teacher: WeightsRef | None, latents=None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.cfg, self.meta, self.init, self.teacher_ref = cfg, dict(meta), init, teacher
         self.latents_manifest, self.in_memory = latents, in_memory
-        self.fail_at_step = fail_at_step  # tests: raise once this step is reached
         self._schedule = self._teacher = None
 
     def __getstate__(self):  # configs and references travel to the workers, not tensors
@@ -76,10 +74,6 @@ class DistillTask:
                                               int(self.meta["null_label"]), float(self.meta["teacher_cfg_weight"]))
         return self._teacher
 
-    def check_failure(self, step: int) -> None:
-        if self.fail_at_step is not None and step >= self.fail_at_step:
-            raise RuntimeError(f"injected failure at step {step}")
-
     def batch_source(self, rank: int, world_size: int, micro_batch: int):
         from components.common.task_parts import latent_source
 
@@ -106,7 +100,6 @@ class ProgressiveTask(DistillTask):
         from components.diffusion import predict_x0_eps
         from components.distill.targets import truncated_snr_weight
 
-        self.check_failure(step)
         x0, y, dtype = self.unpack(batch)
         n, device = x0.shape[0], x0.device
         teacher_levels = torch.as_tensor(self.meta["teacher_levels"], dtype=torch.long)
@@ -209,7 +202,6 @@ class ConsistencyTask(DistillTask):
         from components.distill.consistency import ConsistencyFunction
         from components.distill.targets import ode_step
 
-        self.check_failure(step)
         x0, y, dtype = self.unpack(batch)
         n, device = x0.shape[0], x0.device
         fn = ConsistencyFunction(self.schedule, self.levels_at(step))

@@ -1,0 +1,154 @@
+"""What the trainer trains in the DiT step (a ``TrainTask``): the DiT, its loss and export, and where
+its batches come from (``LatentDitTask``: the latents step's latents; ``PixelDitTask``: the shard
+images, encoded by the frozen autoencoder inside the loss).
+
+t uniform on [0, T), noise and t from the trainer's per-(step, rank) generator; L_simple on the
+configured prediction (eps / v / x0), L_hybrid when ``learn_sigma``; label dropout
+(``class_dropout_prob``) trains the unconditional branch that classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from components.common.step import Manifest
+from components.dit.config import DitConfig
+from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SAMPLES_SERIES = "samples"  # the grid as an MLflow image series: one per checkpoint, and the final one
+
+
+class DitTask:
+    """What the trainer trains: the DiT, its loss and export. The subclasses say where batches come
+    from: ``{"latent", "label"}`` (used as x_0) or ``{"image", "label"}`` (encoded first)."""
+
+    def __init__(self, cfg: DitConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
+                 latents: Manifest | None = None, autoencoder: Manifest | None = None,
+                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None, init: tuple[str, str] | None = None):
+        self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
+        self.init = init  # (directory URI, weights file) of a warm start
+        self.latents_manifest, self.autoencoder_manifest = latents, autoencoder
+        self.in_memory = in_memory  # (latents, labels): tests and benchmarks, instead of a manifest
+        self._schedule = self._data = self._ae = None
+
+    def __getstate__(self):  # what travels to workers: configs and manifests, no loaded models
+        return {**self.__dict__, "_schedule": None, "_data": None, "_ae": None}
+
+    @property
+    def schedule(self):
+        from components.diffusion import NoiseSchedule
+
+        if self._schedule is None:
+            self._schedule = NoiseSchedule.from_name(self.cfg.schedule, self.cfg.num_timesteps)
+        return self._schedule
+
+    def build_model(self) -> torch.nn.Module:
+        from components.common.warm_start import load_into
+        from components.dit.model import DiT
+
+        return load_into(DiT(**self.model_kwargs), self.init)
+
+    def set_autoencoder(self, model: torch.nn.Module, meta: dict) -> None:
+        """Use an already loaded autoencoder for ``data: pixels`` (benchmarks); else it is loaded
+        from the manifest in each worker on first use."""
+        self._ae = (model.eval().requires_grad_(False), meta)
+
+    def clean_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x_0 of the batch, float32: the stored latents, or the images encoded now."""
+        if "latent" in batch:
+            return batch["latent"].float()
+        from components.autoencoder.load import encode_scaled, load_autoencoder
+
+        if self._ae is None:
+            self.set_autoencoder(*load_autoencoder(self.autoencoder_manifest))
+        model, meta = self._ae
+        images = batch["image"]
+        model.to(images.device)
+        with torch.no_grad():
+            return encode_scaled(model, meta, images.float()).float()
+
+    def loss(self, model, batch, step, generator):
+        from components.diffusion import training_losses
+
+        x0 = self.clean_latents(batch)                                           # (N, c, h, w)
+        y = batch["label"].long().clamp(min=0)  # unlabelled samples (-1) are class 0 of 1
+        dtype = next(v for v in batch.values() if v.is_floating_point()).dtype  # the compute dtype
+        n, device = x0.shape[0], x0.device
+        t = torch.randint(0, self.cfg.num_timesteps, (n,), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        # Label dropout for classifier-free guidance, drawn here rather than inside the model so that
+        # every random choice of a step comes from the (seed, step, rank) generator: a resumed run
+        # repeats the steps of an uninterrupted one exactly.
+        drop = (torch.rand(n, generator=generator, device=device) < self.cfg.class_dropout_prob).long()
+
+        def model_fn(x, tt, y):  # the diffusion arithmetic stays fp32; the model runs in the compute dtype
+            return model(x.to(dtype), tt, y, force_drop_ids=drop).float()
+
+        terms = training_losses(self.schedule, model_fn, x0, t, noise, prediction=self.cfg.prediction,
+                                learned_variance=self.cfg.learn_sigma, vlb_weight=self.cfg.vlb_weight,
+                                model_kwargs={"y": y})
+        extras = {"mse": float(terms["mse"].detach().mean())}
+        if self.cfg.learn_sigma:
+            extras["vlb"] = float(terms["vlb"].detach().mean())
+        return terms["loss"].mean(), extras
+
+    def export(self, model, ema_model, out_dir: Path) -> None:
+        from components.common.task_parts import export_weights
+
+        export_weights(model, ema_model, out_dir, DIT_WEIGHTS, DIT_RAW_WEIGHTS, DIT_META, self.meta)
+
+    def preview(self, ema) -> tuple[str, "Image.Image"] | None:
+        """The step's sample grid drawn with the EMA weights so far (the trainer's checkpoint hook)."""
+        from components.autoencoder.load import load_autoencoder
+        from components.common.images import class_grid
+        from components.dit.generate import generate
+        from components.dit.model import DiT
+
+        if self.autoencoder_manifest is None and self._ae is None:
+            return None
+        if self._ae is None:
+            self.set_autoencoder(*load_autoencoder(self.autoencoder_manifest))
+        ae, ae_meta = self._ae
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a Ray GPU worker sees its own GPU as cuda:0
+        dit = ema.copy_to(DiT(**self.model_kwargs)).to(device).eval()
+        labels = grid_labels(int(self.meta["num_classes"]), self.cfg.grid_classes, self.cfg.grid_per_label)
+        images = generate(dit, self.meta, ae.to(device), ae_meta, labels, self.cfg.sample)
+        return SAMPLES_SERIES, class_grid(images, labels, self.cfg.grid_per_label)
+
+
+class LatentDitTask(DitTask):
+    """``data: latents``: each worker streams its share of the latents step's training latents."""
+
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
+        from components.common.task_parts import latent_source
+
+        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
+
+
+class PixelDitTask(DitTask):
+    """``data: pixels``: each worker streams the shard images (at the base size) and encodes every
+    batch with the frozen autoencoder inside the loss."""
+
+    def __init__(self, *args, shard: Manifest | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shard_manifest = shard
+
+    def batch_source(self, rank: int, world_size: int, micro_batch: int):
+        from components.autoencoder.load import to_model_range
+        from components.common.task_parts import ConvertImages, image_source
+
+        return image_source(self.shard_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
+                            size=int(self.meta["image_size"]), transform=ConvertImages(to_model_range))
+
+
+def grid_labels(num_classes: int, rows: int, per_label: int) -> list[int]:
+    """``rows`` classes evenly spaced over all (all when fewer), each repeated ``per_label`` times."""
+    rows = min(rows, num_classes)
+    chosen = sorted({round(i * (num_classes - 1) / max(rows - 1, 1)) for i in range(rows)})
+    return [label for label in chosen for _ in range(per_label)]

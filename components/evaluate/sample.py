@@ -1,0 +1,26 @@
+"""The evaluate step's samples: the one place the step touches the generator (DiT + autoencoder)."""
+
+from __future__ import annotations
+
+import torch
+
+from components.common.step import Manifest
+from components.dit.config import SamplingConfig
+from components.evaluate.judge import EvaluateError
+
+
+def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling: SamplingConfig,
+                     batch_size: int, device: str, classes: list[str]) -> torch.Tensor:
+    """uint8 (N, C, H, W) samples of the DiT (EMA weights) decoded by the autoencoder. Checks that
+    the DiT knows the shard's classes."""
+    from components.autoencoder.load import load_autoencoder
+    from components.dit.generate import generate
+    from components.dit.load import load_dit
+
+    dit, dit_meta = load_dit(inputs["dit"], device=device, ema=True)
+    dit_classes = dit_meta.get("classes") or [str(i) for i in range(int(dit_meta["num_classes"]))]
+    if list(dit_classes) != list(classes):
+        raise EvaluateError(f"the dit step ({inputs['dit'].output_uri}) was trained on classes {dit_classes}, "
+                            f"the shard step has {classes}")
+    ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
+    return generate(dit, dit_meta, ae, ae_meta, labels, sampling, batch_size=batch_size, progress=True)

@@ -1,0 +1,1 @@
+"""Inception reference stage: the real images' FID/KID features, computed once per dataset version."""

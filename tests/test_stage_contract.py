@@ -1,0 +1,93 @@
+"""Every stage of the smoke workflow against the stage contract (tests/stage_contract.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from components.autoencoder.load import AE_META, AE_WEIGHTS, load_autoencoder
+from components.common.step import read_manifest_at
+from components.common.storage import Storage
+from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, load_student
+from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
+from components.evaluate.load import CLASSIFIER_META, CLASSIFIER_WEIGHTS, load_classifier
+from components.inception_reference.load import SUMMARY, reference_file
+from components.superres.load import SR_META, SR_RAW_WEIGHTS, SR_WEIGHTS, load_superres
+from conftest import REPO, latentflow
+from stage_contract import StageContract
+
+SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
+
+
+def workflow_steps(root: str, workflow_id: str) -> dict[str, dict]:
+    summary = json.loads(Storage.from_uri(root).read_text(f"workflows/{workflow_id}/summary.json"))
+    return {record["name"]: record for record in summary["steps"]}
+
+
+@pytest.fixture(scope="module")
+def smoke_manifests(smoke_on_s3):
+    root, _, first = smoke_on_s3
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return {name: read_manifest_at(record["manifest_uri"]) for name, record in workflow_steps(root, "wf-one").items()}
+
+
+@pytest.fixture(scope="module")
+def smoke_rerun(smoke_on_s3, mlflow_server):
+    """The smoke workflow run again under a new workflow id: every step's record of that run."""
+    root, env, _ = smoke_on_s3
+    again = latentflow("run", str(SMOKE), "--set", f"storage.root={root}", "--set", f"tracking.uri={mlflow_server}",
+                       "--workflow-id", "wf-contract", env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    return workflow_steps(root, "wf-contract")
+
+
+class TestShard(StageContract):
+    step = "shard"
+    metrics = frozenset({"num_train", "num_val"})
+
+
+class TestAutoencoder(StageContract):
+    step = "autoencoder"
+    files = frozenset({AE_WEIGHTS, AE_META, "reconstructions.png"})
+    metrics = frozenset({"scale_factor", "steps"})
+    load = staticmethod(load_autoencoder)
+
+
+class TestLatents(StageContract):
+    step = "latents"
+    metrics = frozenset({"num_train", "num_val"})
+
+
+class TestDit(StageContract):
+    step = "dit"
+    files = frozenset({DIT_WEIGHTS, DIT_RAW_WEIGHTS, DIT_META, "samples.png"})
+    metrics = frozenset({"loss", "mse", "steps", "model_flops_per_image"})
+    load = staticmethod(load_dit)
+
+
+class TestDistill(StageContract):
+    step = "distill"
+    files = frozenset({STUDENT_WEIGHTS, STUDENT_META, "samples.png"})
+    metrics = frozenset({"native_steps"})
+    load = staticmethod(load_student)
+
+
+class TestSuperres(StageContract):
+    step = "superres_1"
+    files = frozenset({SR_WEIGHTS, SR_RAW_WEIGHTS, SR_META})
+    metrics = frozenset({"psnr", "steps"})
+    load = staticmethod(load_superres)
+
+
+class TestInceptionReference(StageContract):
+    step = "inception_reference"
+    files = frozenset({reference_file("base"), reference_file("cascade"), SUMMARY})
+    metrics = frozenset({"fid_real_baseline", "cascade_fid_real_baseline"})
+
+
+class TestEvaluate(StageContract):
+    step = "evaluate"
+    files = frozenset({CLASSIFIER_WEIGHTS, CLASSIFIER_META, "eval_samples.png", "evaluation.json"})
+    metrics = frozenset({"sample_accuracy", "frechet_distance", "classifier_val_accuracy"})
+    load = staticmethod(load_classifier)
