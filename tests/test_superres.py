@@ -121,6 +121,63 @@ def test_sampling_uses_the_fixed_level_and_draws_only_from_the_sample_streams():
     assert not torch.equal(first, super_resolve(stage, low, generators(3, seed=1)))
 
 
+# ---------------------------------------------------------------- classifier-free guidance
+
+
+class LabelsBound(torch.nn.Module):
+    """A class-conditional model with its labels fixed: sampled as an unconditional stage (num_classes 0),
+    it is the conditional model on the plain path, without the guidance wrapper."""
+
+    def __init__(self, model, labels):
+        super().__init__()
+        self.model, self.labels = model, labels
+
+    def forward(self, x, t, low_res, noise_cond_aug_level, y=None):
+        return self.model(x, t, low_res, noise_cond_aug_level, self.labels)
+
+
+def class_conditional_stage(guidance, num_classes=3, steps=3, prediction="eps", weight_noise=0.05):
+    """A tiny class-conditional SR stage with random weights (the same for every guidance weight)."""
+    torch.manual_seed(0)
+    model = build_superres("sr-tiny", in_channels=1, out_size=16, num_classes=num_classes).eval()
+    for p in model.parameters():
+        p.data.add_(weight_noise * torch.randn_like(p))
+    meta = {**stage_meta(num_classes=num_classes), "prediction": prediction}
+    sampling = SuperResSamplingConfig(steps=steps, guidance=guidance, thresholding="none")
+    return SrStage(model, meta, sampling)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_class_conditional_stage_samples_with_guidance(batch):
+    low, labels = torch.rand(batch, 1, 8, 8) * 2 - 1, torch.arange(batch) % 3
+    unguided = class_conditional_stage(0.0)
+    plain = SrStage(LabelsBound(unguided.model, labels), stage_meta(num_classes=0), unguided.sampling)
+    at_zero = super_resolve(unguided, low, generators(batch), labels=labels)
+    torch.testing.assert_close(at_zero, super_resolve(plain, low, generators(batch)))
+    guided = super_resolve(class_conditional_stage(2.0), low, generators(batch), labels=labels)
+    assert guided.shape == (batch, 1, 16, 16) and torch.isfinite(guided).all()
+    assert not torch.allclose(guided, at_zero)
+
+
+def test_guidance_doubles_every_condition_and_combines_the_two_halves():
+    spy, low, labels = Spy(), torch.rand(2, 1, 8, 8) * 2 - 1, torch.tensor([0, 2])
+    super_resolve(SrStage(spy, stage_meta(num_classes=3), SuperResSamplingConfig(steps=2, guidance=1.5)),
+                  low, generators(2), labels=labels)
+    for call in spy.calls:  # one batch of 2N rows: the conditional half, then the null-label half
+        assert torch.equal(call["y"], torch.tensor([0, 2, 3, 3]))
+        assert torch.equal(call["cond"][:2], call["cond"][2:]) and torch.equal(call["levels"], torch.full((4,), 100))
+    # one deterministic DDIM step of an x0-model returns x̂_0 itself, so the guided sample is
+    # (1 + w)·conditional − w·unconditional (Ho & Salimans 2022, eq. 6) of the two unguided samples
+    w, null = 2.0, torch.full_like(labels, 3)
+    one_step = {"steps": 1, "prediction": "x0", "weight_noise": 0.02}  # small outputs: nothing clamped
+    conditional = super_resolve(class_conditional_stage(0.0, **one_step), low, generators(2), labels=labels)
+    unconditional = super_resolve(class_conditional_stage(0.0, **one_step), low, generators(2), labels=null)
+    guided = super_resolve(class_conditional_stage(w, **one_step), low, generators(2), labels=labels)
+    assert max(conditional.abs().max(), unconditional.abs().max()) < 1  # neither was clamped
+    expected = ((1 + w) * conditional - w * unconditional).clamp(-1, 1)
+    torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- hand-offs and the cascade
 
 
