@@ -196,7 +196,7 @@ def superres_stages(summary: dict, summary_uri: str, device: str, **overrides: A
     try:
         return [load_superres(step_manifest(summary, name, summary_uri), device=device, **overrides) for name in names]
     except ValidationError as e:
-        problems = "; ".join(f"--sr-{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"--sr-{flag_name('.'.join(map(str, err['loc'])))}: {err['msg']}" for err in e.errors())
         raise BadFlag(f"invalid super-resolution sampler settings: {problems}") from None
 
 

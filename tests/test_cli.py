@@ -11,6 +11,9 @@ import sys
 import tomllib
 from importlib.metadata import version
 
+import pytest
+import typer
+
 from conftest import REPO
 
 SMOKE = REPO / "configs" / "pipeline" / "smoke.yaml"
@@ -73,3 +76,27 @@ def test_runs_finds_the_demo_root_without_storage(tmp_path):
     assert table.returncode == 0 and "wf-demo" in table.stdout and "succeeded" in table.stdout
     inspected = cli("inspect", "wf-demo", "--json", cwd=tmp_path)  # the same search, shared
     assert inspected.returncode == 0 and json.loads(inspected.stdout)["workflow_id"] == "wf-demo"
+
+
+def sample_options() -> set[str]:
+    """Every option name of `latentflow sample`, read from the console script's app (pyproject's entry)."""
+    from pipelines.cli import app
+
+    sample_command = typer.main.get_command(app).commands["sample"]
+    return {name for param in sample_command.params for name in param.opts}
+
+
+def test_an_invalid_sr_setting_names_the_real_option(monkeypatch):
+    import components.superres.load
+    import pipelines.sample
+    from components.superres.config import SuperResSamplingConfig
+
+    # the stage's own settings are not the point: loading applies the overrides, as load_superres does
+    monkeypatch.setattr(pipelines.sample, "step_manifest", lambda summary, name, uri: None)
+    monkeypatch.setattr(components.superres.load, "load_superres",
+                        lambda manifest, device, **overrides: SuperResSamplingConfig(**overrides))
+    summary = {"workflow_id": "w", "steps": [{"name": "superres_1"}]}
+    with pytest.raises(pipelines.sample.BadFlag, match="--sr-noise-cond-aug-level: ") as error:
+        pipelines.sample.superres_stages(summary, "file:///summary.json", "cpu", noise_cond_aug_level=2.0)
+    assert "--sr-noise_cond_aug_level" not in str(error.value)  # the field name is no option
+    assert "--sr-noise-cond-aug-level" in sample_options()

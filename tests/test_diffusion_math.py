@@ -291,6 +291,23 @@ def test_cfg_model_fn_batches_once_and_guides_only_the_mean_channels():
     torch.testing.assert_close(make_cfg_model_fn(model_fn, 0, 0.0)(x, t, y), cond)
 
 
+def test_cfg_model_fn_doubles_every_other_condition_and_refuses_one_without_a_row_per_example():
+    seen = {}
+
+    def model_fn(x, t, y, image=None, flag=None):
+        seen.update(image=image, flag=flag)
+        return x * (1 + y[:, None, None].float()) + image
+
+    x, t, y = torch.randn(3, 2, 5, generator=gen(28)), torch.tensor([4, 5, 6]), torch.tensor([1, 2, 3])
+    image = torch.randn(3, 2, 5, generator=gen(29))
+    guided = make_cfg_model_fn(model_fn, null_label=0, guidance_weight=2.0)(x, t, y, image=image, flag="on")
+    assert torch.equal(seen["image"], torch.cat([image, image])) and seen["flag"] == "on"
+    cond, uncond = model_fn(x, t, y, image), model_fn(x, t, torch.zeros_like(y), image)
+    torch.testing.assert_close(guided, 3 * cond - 2 * uncond)
+    with pytest.raises(ValueError, match="conditioning 'image' needs 3 rows"):
+        make_cfg_model_fn(model_fn, 0, 2.0)(x, t, y, image=image[:1])
+
+
 def test_thresholds():
     g = gen(27)
     inside = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1

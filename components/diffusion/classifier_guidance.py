@@ -45,12 +45,12 @@ def make_classifier_guided_model_fn(
     weight: float,
     prediction: str = "eps",
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Guided fn(x_t, t, y) returning the model's own parameterisation (ε, x0 or v), with ε replaced
+    """Guided fn(x_t, t, y, **cond) returning the model's own parameterisation (ε, x0 or v), with ε replaced
     by ε̄. With learned variance (2C output channels) only the first C change. ``t`` are training
     timesteps, as every sampler here passes them: ``schedule`` is the training schedule."""
 
-    def guided(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model_fn(x_t, t, y)
+    def guided(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **cond) -> torch.Tensor:
+        out = model_fn(x_t, t, y, **cond)  # the classifier sees x_t and t only; cond is the model's
         if weight == 0:
             return out
         channels = x_t.shape[1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -23,31 +23,50 @@ def guidance_weight_from_scale(scale: float) -> float:
 
 
 def make_cfg_model_fn(
-    model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    model_fn: Callable[..., torch.Tensor],
     null_label: int | torch.Tensor,
     guidance_weight: float,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Guided fn(x_t, t, y) running cond and uncond as one batch — Ho & Salimans 2022, alg. 2.
+) -> Callable[..., torch.Tensor]:
+    """Guided fn(x_t, t, y, **cond) running cond and uncond as one batch — Ho & Salimans 2022, alg. 2.
 
     `null_label` is the class id (or conditioning tensor for one example) that means "no condition".
+    Only y is nulled; every other conditioning tensor in `cond` (a low-resolution image and its noise
+    level, later text or a control image) is the same in both halves, so it is doubled here, in the one
+    place that doubles the batch: a model never sees 2N rows of x_t against N rows of a condition.
     With learned variance (2C output channels) only the first C are guided; Σ comes from the conditional
-    branch. Bind y for a sampler with `functools.partial(fn, y=labels)`.
+    branch. Bind y for a sampler with `functools.partial(fn, y=labels)` or pass it in `extra_args`.
     """
 
-    def guided(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def guided(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **cond) -> torch.Tensor:
         if guidance_weight == 0:
-            return model_fn(x_t, t, y)
+            return model_fn(x_t, t, y, **cond)
         if isinstance(null_label, torch.Tensor):
             y_null = null_label.to(y.device, y.dtype).expand_as(y)
         else:
             y_null = torch.full_like(y, null_label)
-        out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_null]))
+        doubled = doubled_conditioning(cond, x_t.shape[0])
+        out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_null]), **doubled)
         out_cond, out_uncond = out.chunk(2, dim=0)
         channels = x_t.shape[1]
         guided_part = cfg_combine(out_cond[:, :channels], out_uncond[:, :channels], guidance_weight)
         return torch.cat([guided_part, out_cond[:, channels:]], dim=1)
 
     return guided
+
+
+def doubled_conditioning(cond: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """Each per-example tensor of `cond` stacked on itself (N -> 2N rows) for the cond/uncond batch;
+    values that are not tensors (None, a flag) pass as they are. A tensor without N rows is refused,
+    naming it: guessing whether it broadcasts would hide a wrongly shaped condition."""
+    doubled = {}
+    for name, value in cond.items():
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 or value.shape[0] != batch_size:
+                raise ValueError(f"classifier-free guidance doubles the batch: conditioning {name!r} needs "
+                                 f"{batch_size} rows (one per example), got shape {tuple(value.shape)}")
+            value = torch.cat([value, value])
+        doubled[name] = value
+    return doubled
 
 
 def static_threshold(x0: torch.Tensor) -> torch.Tensor:

@@ -78,13 +78,15 @@ def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.
     if stop_at is not None:
         timesteps = timesteps[timesteps > stop_at]
 
-    def conditional(x_t, t, y=None):
-        return model(x_t, t, cond, levels, y)
+    def conditional(x_t, t, y=None, *, low_res, noise_cond_aug_level):
+        return model(x_t, t, low_res, noise_cond_aug_level, y)
 
-    extra_args = {}
+    # Every condition travels in extra_args, none in a closure: classifier-free guidance then doubles
+    # the low-res image and its level along with x_t and y (a closure's N rows met 2N of x_t).
+    extra_args = {"low_res": cond, "noise_cond_aug_level": levels}
     if int(meta.get("num_classes", 0)) and labels is not None:
         conditional = make_cfg_model_fn(conditional, int(meta["num_classes"]), sampling.guidance)
-        extra_args = {"y": labels.to(device)}
+        extra_args["y"] = labels.to(device)
     denoiser = Denoiser(conditional, prediction=meta.get("prediction", "eps"),
                         clip_x0=threshold_fn(sampling.thresholding, sampling.dynamic_threshold_percentile))
     out = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
