@@ -136,7 +136,7 @@ def retrain(
     from components.common.tracking import resolve_tracking
     from dataclasses import asdict
 
-    from pipelines.inspect import record_manifest
+    from pipelines.workflow_history import record_manifest
     from pipelines.registry import promote
 
     cfg = load(config, set_)
@@ -237,7 +237,7 @@ def plan(
 ):
     """Validate a config and print its steps in order, their resources, and whether each would run
     or come from cache. Runs nothing and starts no training."""
-    from pipelines.inspect import as_json
+    from pipelines.workflow_history import as_json
     from pipelines.latent_diffusion import build_workflow
 
     cfg = load(config, set_)
@@ -402,7 +402,7 @@ def inspect(
     as_json_: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Each step of a workflow: status, cached or ran, duration, key metrics, artifact URIs, its MLflow run."""
-    from pipelines.inspect import as_json, inspect_workflow
+    from pipelines.workflow_history import as_json, inspect_workflow
     from pipelines.sample import SampleError
 
     try:
@@ -444,7 +444,7 @@ def runs(
     as_json_: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Recent workflows under a storage root with their outcome, newest first."""
-    from pipelines.inspect import as_json, list_workflows
+    from pipelines.workflow_history import as_json, list_workflows
 
     try:
         rows = list_workflows(storage)
@@ -535,7 +535,7 @@ def _jobs_call(fn, *args):
 def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
               as_json_: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Every job the cluster knows, newest first."""
-    from pipelines.inspect import as_json
+    from pipelines.workflow_history import as_json
     from pipelines.jobs import list_jobs
 
     server = job_server(address)
