@@ -15,8 +15,9 @@ from rich.table import Table
 
 from components.common.config import ConfigError
 from components.common.redact import install_log_redaction, install_output_redaction, redact_text
+from components.common.s3_access import s3_credentials_available
 from components.common.step import IntegrityError
-from components.common.storage import Storage, StorageError, s3_credentials_available
+from components.common.storage import Storage, StorageError
 from components.common.tracking import TrackingConfigError
 from pipelines.console import STATE_STYLE as STATUS_STYLE
 
