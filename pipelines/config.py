@@ -181,7 +181,7 @@ class PipelineConfig(StrictModel):
         bucket or reading tars at plan time is neither cheap nor always possible from here."""
         if self.evaluate is None and self.noisy_classifier is None:
             return
-        from components.shard.sources import planned_class_count
+        from components.shard.source_probe import planned_class_count
 
         count = planned_class_count(self.shard.source)
         if count is None:
