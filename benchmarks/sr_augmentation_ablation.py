@@ -135,6 +135,11 @@ def main() -> None:
         quality, _ = evaluate_stage(stage, torch.from_numpy(val_x[:64]), None, cfg)
         rows[name] = {"accuracy": float((logits.argmax(1) == labels.numpy()).mean()),
                       "fd": frechet_distance_of(val_features, features), **quality}
+    print_results(rows, train_seconds)
+
+
+def print_results(rows: dict[str, dict], train_seconds: dict[str, float]) -> None:
+    """One row per stage variant, then the augmented stage against the one trained without."""
     header = f"{'stage':<22}{'train s':>8}{'acc (base in)':>15}{'FD (base in)':>14}{'PSNR real':>11}" \
              f"{'PSNR degraded':>15}{'SSIM real':>11}"
     print(header)
