@@ -70,7 +70,3 @@ LATENT_DIFFUSION: tuple[StepSpec, ...] = (
              ("shard", "autoencoder", "dit", "distill", "noisy_classifier", "inception_reference", "superres"),
              needs=("autoencoder", "dit")),
 )
-
-
-def spec_named(name: str, dag: tuple[StepSpec, ...] = LATENT_DIFFUSION) -> StepSpec:
-    return next(spec for spec in dag if spec.name == name)
