@@ -1,4 +1,9 @@
-"""``latentflow``: run, plan and inspect latent diffusion pipelines."""
+"""``latentflow``: run, plan and inspect latent diffusion pipelines.
+
+This module holds the app, what every invocation sets up (redaction, the version), and the
+commands that run or plan a pipeline; ``sample`` (``cli_sample``), ``inspect`` and ``runs``
+(``cli_history``), and ``submit`` and ``jobs`` (``cli_jobs``) are registered from their modules,
+in the order ``--help`` lists them."""
 
 from __future__ import annotations
 
@@ -13,32 +18,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from components.common.config import ConfigError
 from components.common.redact import install_log_redaction, install_output_redaction, redact_text
-from components.common.step import IntegrityError
-from components.common.storage import Storage, StorageError, s3_credentials_available
+from components.common.s3_access import s3_credentials_available
+from components.common.storage import Storage, StorageError
 from components.common.tracking import TrackingConfigError
-from pipelines.console import STATE_STYLE as STATUS_STYLE
+from pipelines.cli_history import inspect, runs
+from pipelines.cli_jobs import jobs_app, submit
+from pipelines.cli_sample import sample
+from pipelines.cli_shared import (CONFIG_HELP, JSON_HELP, SET_HELP, STATUS_STYLE, VERBOSE_HELP, RedactingConsole,
+                                  console, err, key_prefix, load)
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Distributed latent diffusion training pipelines on Ray, DeepSpeed and MLflow.",
 )
-
-
-class RedactingConsole(Console):
-    """Errors quote what failed (a tracking URI with its password, a config value): every string
-    printed here is redacted before rich wraps it, since a URL folded across two lines would slip
-    past the redacting stdout/stderr underneath."""
-
-    def print(self, *objects, **kwargs) -> None:
-        super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
-
-
-# Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = RedactingConsole(stderr=True, highlight=False)
 
 
 def redacted_excepthook(exc_type, exc, tb) -> None:
@@ -80,30 +74,6 @@ def _redact_this_process(
     install_output_redaction()  # what bypasses logging: MLflow's "View run at <URI>", Ray's worker lines
     sys.excepthook = redacted_excepthook
 
-CONFIG_HELP = "Pipeline config YAML, e.g. configs/pipeline/mnist.yaml."
-SET_HELP = ("Override a config value, typed like its field: --set dit.optimizer.lr=1e-4 (repeatable). "
-            "Order, last wins: the config file, then MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME "
-            "(tracking.uri, tracking.experiment), then --set.")
-VERBOSE_HELP = ("Also show what Ray, the workers, DeepSpeed and MLflow print (always kept in the workflow's "
-                "log file, workflows/<id>/logs/ under the storage root).")
-JSON_HELP = "Print one JSON document on stdout instead of tables (messages go to stderr)."
-
-
-
-def load(config: str, overrides: list[str]):
-    from pipelines.config import load_pipeline_config
-
-    try:
-        return load_pipeline_config(config, overrides)
-    except ConfigError as e:
-        err.print(f"[bold red]config error[/]\n{e}")
-        raise typer.Exit(2)
-
-
-def key_prefix(key: str | None) -> str:
-    return key[:12] if key else "-"
-
-
 @app.command()
 def run(
     config: str = typer.Argument(..., help=CONFIG_HELP),
@@ -136,7 +106,7 @@ def retrain(
     from components.common.tracking import resolve_tracking
     from dataclasses import asdict
 
-    from pipelines.inspect import record_manifest
+    from pipelines.workflow_history import record_manifest
     from pipelines.registry import promote
 
     cfg = load(config, set_)
@@ -237,7 +207,7 @@ def plan(
 ):
     """Validate a config and print its steps in order, their resources, and whether each would run
     or come from cache. Runs nothing and starts no training."""
-    from pipelines.inspect import as_json
+    from pipelines.workflow_history import as_json
     from pipelines.latent_diffusion import build_workflow
 
     cfg = load(config, set_)
@@ -293,294 +263,9 @@ def print_plan(title: str, rows: list[dict]) -> None:
             console.print(escape(f"  {row['step']}: {row['note']}"), soft_wrap=True)
 
 
-@app.command()
-def sample(
-    workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="The workflow whose DiT samples (see `latentflow run`)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Instead of --workflow-id: a registered DiT or "
-                                        "distilled student, models:/NAME@champion or models:/NAME/VERSION."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="--model: the registry's MLflow URI. "
-                                               "Default: MLFLOW_TRACKING_URI."),
-    labels: str = typer.Option(..., "--labels", help="Comma-separated class indices or class names, e.g. 0,1,2."),
-    per_label: int = typer.Option(..., "--per-label", min=1, help="Images per label."),
-    out: str = typer.Option(..., "--out", help="Output folder: OUT/<label>/<index>.png and OUT/grid.png (a row per label)."),
-    storage: Optional[str] = typer.Option(
-        None, "--storage", help="The pipeline's storage root (local path or s3://). "
-                                "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
-    step: str = typer.Option(
-        "dit", "--step", help="dit: the DiT's images; distill: the distilled student's, with its native steps "
-                              "(guidance is folded into it); cascade: the base images through every "
-                              "super-resolution stage of the workflow (written at the final resolution)."),
-    base: str = typer.Option("dit", "--base", help="cascade: the base sampler, dit or distill (the student)."),
-    sampler: Optional[str] = typer.Option(
-        None, "--sampler", help="ddim, ddpm, langevin (annealed Langevin dynamics) or pc (predictor-corrector). "
-                                "Default: the DiT step's setting."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting "
-                                                              "(distill: the student's native steps)."),
-    guidance: Optional[float] = typer.Option(
-        None, "--guidance", help="Classifier-free guidance weight w (0: none). Default: the DiT step's setting."),
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta in [0, 1] (0: deterministic). Default: the DiT step's setting."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed; the same seed gives the same images. Default: the DiT step's setting."),
-    snr: Optional[float] = typer.Option(
-        None, "--snr", help="langevin, pc: signal-to-noise ratio r of the Langevin step size "
-                            "2(1-beta_t)(r|z|/|score|)^2. Default: the DiT step's setting (0.16)."),
-    corrector_steps: Optional[int] = typer.Option(
-        None, "--corrector-steps", help="pc: Langevin corrector steps at each noise level (0: predictor only). "
-                                        "Default: the DiT step's setting (1)."),
-    pc_predictor: Optional[str] = typer.Option(
-        None, "--pc-predictor", help="pc: ancestral (DDPM's step, right on coarse grids) or reverse_diffusion "
-                                     "(the paper's, wants ~100+ steps). Default: the DiT step's setting (ancestral)."),
-    langevin_steps: Optional[int] = typer.Option(
-        None, "--langevin-steps", help="langevin: Langevin steps per noise level (model calls: steps x this + 1). "
-                                       "Default: the DiT step's setting (5)."),
-    langevin_step_size: Optional[float] = typer.Option(
-        None, "--langevin-step-size", help="langevin: classic step size rule c(1-alphabar_t) with this c, instead "
-                                           "of --snr. Default: the DiT step's setting (none: the snr rule)."),
-    classifier_guidance: Optional[float] = typer.Option(
-        None, "--classifier-guidance", help="Classifier guidance weight w with the workflow's noisy_classifier step "
-                                            "(Dhariwal & Nichol): alone with --guidance 0, or on top of "
-                                            "classifier-free guidance. Default: the DiT step's setting (0: none)."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass (does not change the images)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
-    sr_sampler: Optional[str] = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
-                                                                      "Default: each stage's setting."),
-    sr_steps: Optional[int] = typer.Option(None, "--sr-steps", help="cascade: denoising steps of every SR stage."),
-    sr_guidance: Optional[float] = typer.Option(None, "--sr-guidance",
-                                                help="cascade: guidance of class-conditional SR stages."),
-    sr_noise_cond_aug_level: Optional[float] = typer.Option(
-        None, "--sr-noise-cond-aug-level", help="cascade: noise-conditioning augmentation level in [0, 1] (fraction "
-                                                "of the stage's schedule) at every hand-off."),
-    sr_handoff: Optional[str] = typer.Option(
-        None, "--sr-handoff", help="cascade: non_truncated (finish the stage below, then noise its output) or "
-                                   "truncated (stop the stage below at the level; SR-to-SR hand-offs only)."),
-):
-    """Generate images with a finished workflow's DiT and autoencoder (and, with --step cascade, its
-    super-resolution stages) and write them as PNG files."""
-    from pipelines.sample import BadFlag, SampleError, sample as sample_images
-
-    if (workflow_id is None) == (model is None):
-        err.print("[bold red]error:[/] give --workflow-id or --model (one of them)")
-        raise typer.Exit(2)
-    try:
-        result = sample_images(workflow_id, labels, per_label, out, storage=storage, step=step, base=base, sampler=sampler,
-                               steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
-                               device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
-                                                            "guidance": sr_guidance, "noise_cond_aug_level": sr_noise_cond_aug_level,
-                                                            "handoff": sr_handoff},
-                               model=model, tracking_uri=tracking_uri,
-                               sampler_options={k: v for k, v in {
-                                   "snr": snr, "corrector_steps": corrector_steps, "pc_predictor": pc_predictor,
-                                   "langevin_steps": langevin_steps, "langevin_step_size": langevin_step_size,
-                                   "classifier_guidance": classifier_guidance,
-                               }.items() if v is not None})
-    except BadFlag as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(2)
-    except (SampleError, StorageError, IntegrityError) as e:  # IntegrityError: a file changed after it was written
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(1)
-    s = result.sampling
-    names = ", ".join(result.classes[i] for i in result.labels)
-    langevin_rule = f"step size {s.langevin_step_size:g}" if s.langevin_step_size else f"snr {s.snr:g}"
-    score_settings = {"pc": f", {s.pc_predictor} predictor, {s.corrector_steps} corrector steps, snr {s.snr:g}",
-                      "langevin": f", {s.langevin_steps} steps per level, {langevin_rule}"}.get(s.sampler, "")
-    if s.classifier_guidance:
-        score_settings += f", classifier guidance {s.classifier_guidance:g}"
-    console.print(escape(f"{workflow_id or model}: {len(result.files) - 1} images of {names} "
-                         f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed}"
-                         f"{score_settings})"),
-                  soft_wrap=True)
-    console.print(escape(f"wrote {result.out}/<label>/<index>.png and {result.out / 'grid.png'}"), soft_wrap=True)
-
-
-@app.command()
-def inspect(
-    workflow_id: str = typer.Argument(..., help="The workflow (see `latentflow run` or `latentflow runs`)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="The pipeline's storage root. Default: search "
-                                                                   "./outputs/workflows/ID and ./outputs/*/workflows/ID."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI. Default: "
-                                               "MLFLOW_TRACKING_URI, else the root's embedded mlflow.db."),
-    as_json_: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-):
-    """Each step of a workflow: status, cached or ran, duration, key metrics, artifact URIs, its MLflow run."""
-    from pipelines.inspect import as_json, inspect_workflow
-    from pipelines.sample import SampleError
-
-    try:
-        view = inspect_workflow(workflow_id, storage, tracking_uri)
-    except (SampleError, StorageError) as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(1)
-    if as_json_:
-        print(as_json(view))
-        return
-    table = Table(title=escape(f"workflow {view['workflow_id']} ({view['pipeline']}): {view['status']}, "
-                               f"{view['started_at']} -> {view['ended_at']}"))
-    for column in ("step", "status", "duration", "key metrics", "mlflow run", "artifacts"):
-        table.add_column(column)
-    for s in view["steps"]:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (s.get("metrics") or {}).items())
-        run = f"{s['mlflow_run_id'] or '-'} {s.get('mlflow_status', '')}".strip()
-        duration = f"{s['duration_s']:.1f}s" if s.get("duration_s") is not None else "-"
-        table.add_row(s["step"], status_markup(s["status"]), duration, escape(metrics), run,
-                      str(s.get("artifact_count", 0)))
-    console.print(table)
-    for s in view["steps"]:
-        if s.get("location"):
-            console.print(escape(f"{s['step']}: {s['location']} ({s['artifact_count']} files)"), soft_wrap=True)
-        if s.get("error"):
-            err.print(escape(f"{s['step']} failed: {s['error']}"), soft_wrap=True)
-    for v in view["registered_models"]:
-        aliases = f" @{', @'.join(v['aliases'])}" if v["aliases"] else ""
-        console.print(escape(f"registered: {v['name']} v{v['version']}{aliases}"), soft_wrap=True)
-    console.print(escape(f"MLflow: {view['tracking_uri'] or 'not reachable from here'}; parent run "
-                         f"{view['mlflow_parent_run_id']}"), soft_wrap=True)
-
-
-@app.command()
-def runs(
-    storage: Optional[str] = typer.Option(None, "--storage", help="The pipeline's storage root (local or s3://). "
-                                          "Default: every root under ./outputs and ./outputs/* (the presets' "
-                                          "storage.root, the demo's ./outputs/mnist included)."),
-    as_json_: bool = typer.Option(False, "--json", help=JSON_HELP),
-):
-    """Recent workflows under a storage root with their outcome, newest first."""
-    from pipelines.inspect import as_json, list_workflows
-
-    try:
-        rows = list_workflows(storage)
-    except StorageError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(1)
-    if storage is None and not rows:
-        err.print("no workflows under ./outputs or ./outputs/*; pass --storage ROOT (the pipeline's storage.root)")
-    if as_json_:
-        print(as_json(rows))
-        return
-    roots = storage or ", ".join(sorted({r["storage"] for r in rows})) or "./outputs"
-    table = Table(title=escape(f"workflows under {roots}"))
-    for column in ("workflow id", "pipeline", "status", "started", "ended", "ran", "cached", "failed"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(escape(str(r["workflow_id"])), escape(str(r["pipeline"])), status_markup(r["status"]),
-                      str(r["started_at"]), str(r["ended_at"]), str(r["ran"]), str(r["cached"]), str(r["failed"]))
-    console.print(table)
-
-
-def status_markup(status: str | None) -> str:
-    style = STATUS_STYLE.get(status or "", {"succeeded": "green"}.get(status or "", "white"))
-    return f"[{style}]{status}[/]"
-
-
-ADDRESS_HELP = ("The Ray job server (the head's dashboard), e.g. http://127.0.0.1:8265. "
-                "Default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (as `ray job submit`).")
-
-
-def job_server(address: str | None) -> str:
-    from pipelines.jobs import NoAddress, resolve_address
-
-    try:
-        return resolve_address(address)
-    except NoAddress as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(2)
-
-
-@app.command()
-def submit(
-    config: str = typer.Argument(..., help=CONFIG_HELP),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="Name the workflow. Default: generated."),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs until it ends and exit with "
-                                                             "its outcome (--no-wait: print its id and return)."),
-):
-    """Submit `latentflow run CONFIG` as a Ray job, with this repository as its working_dir and the
-    config's ray.runtime_env. The job runs with the cluster's environment, not this shell's: its
-    MLFLOW_TRACKING_URI is the cluster's; choose another with --set tracking.uri=..."""
-    from pipelines.jobs import JobError, follow, submit as submit_job
-
-    cfg = load(config, set_)  # a bad config fails here, not on the cluster
-    server = job_server(address)
-    try:
-        submission_id = submit_job(server, config, set_, workflow_id, cfg.ray.runtime_env)
-    except JobError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(1)
-    console.print(f"submission id: {submission_id}")
-    if not wait:
-        flag = f" --address {address}" if address else ""  # else the same variables name it again
-        console.print(f"follow it with: latentflow jobs logs {submission_id} --follow{flag}", soft_wrap=True)
-        return
-    outcome = _jobs_call(follow, server, submission_id, lambda text: print(text, end="", flush=True))
-    console.print(f"job {submission_id}: {outcome}")
-    if outcome != "SUCCEEDED":
-        raise typer.Exit(1)
-
-
-jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
+for command in (sample, inspect, runs, submit):
+    app.command()(command)
 app.add_typer(jobs_app, name="jobs")
-
-
-def _jobs_call(fn, *args):
-    from pipelines.jobs import JobError
-
-    try:
-        return fn(*args)
-    except JobError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(1)
-
-
-@jobs_app.command("list")
-def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-              as_json_: bool = typer.Option(False, "--json", help=JSON_HELP)):
-    """Every job the cluster knows, newest first."""
-    from pipelines.inspect import as_json
-    from pipelines.jobs import list_jobs
-
-    server = job_server(address)
-    rows = _jobs_call(list_jobs, server)
-    if as_json_:
-        print(as_json(rows))
-        return
-    table = Table(title=escape(f"jobs at {server}"))
-    for column in ("submission id", "status", "workflow id", "entrypoint"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["submission_id"] or "-", row["status"], row["workflow_id"] or "-", escape(row["entrypoint"]))
-    console.print(table)
-
-
-@jobs_app.command("status")
-def jobs_status(submission_id: str = typer.Argument(...),
-                address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
-    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    from pipelines.jobs import status
-
-    console.print(_jobs_call(status, job_server(address), submission_id))
-
-
-@jobs_app.command("logs")
-def jobs_logs(submission_id: str = typer.Argument(...),
-              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-              follow_: bool = typer.Option(False, "--follow", help="Keep streaming until the job ends.")):
-    """The job's driver logs."""
-    from pipelines.jobs import follow, logs
-
-    if follow_:
-        _jobs_call(follow, job_server(address), submission_id, lambda text: print(text, end="", flush=True))
-    else:
-        print(_jobs_call(logs, job_server(address), submission_id), end="")
-
-
-@jobs_app.command("stop")
-def jobs_stop(submission_id: str = typer.Argument(...),
-              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
-    """Ask the cluster to stop a job."""
-    from pipelines.jobs import stop
-
-    stopped = _jobs_call(stop, job_server(address), submission_id)
-    console.print(f"job {submission_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 def main() -> None:  # pragma: no cover - console entry when run as a module

@@ -21,9 +21,8 @@ from components.latents.config import LatentsConfig
 from components.noisy_classifier.config import NoisyClassifierConfig
 from components.shard.config import ShardConfig
 from components.superres.config import SuperResConfig
+from pipelines.dag import LATENT_DIFFUSION, SUPERRES_STEP
 from pipelines.shapes import check_models_follow_data
-
-SUPERRES_STEP = "superres_{}"  # the k-th stage's step name, k from 1
 # evaluate metrics that compare a sample's class with the one asked for: meaningless for one class
 CLASS_ACCURACY_METRICS = ("sample_accuracy", "cascade_sample_accuracy")
 
@@ -56,14 +55,7 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _needed_sections_present(self):
-        needs = {"latents": ["autoencoder"], "dit": ["autoencoder"], "evaluate": ["autoencoder", "dit"],
-                 "distill": ["autoencoder", "latents", "dit"], "noisy_classifier": ["latents"]}
-        if self.dit is not None and self.dit.data == "latents":
-            needs["dit"].append("latents")
-        for section, required in needs.items():
-            missing = [r for r in required if getattr(self, section) is not None and getattr(self, r) is None]
-            if missing:
-                raise ValueError(f"section '{section}' needs section(s) {missing}")
+        self._check_needed_sections()
         self._check_cascade()
         self._check_global_batches()
         # Each of these would otherwise fail inside its step, after the steps upstream have trained.
@@ -85,6 +77,20 @@ class PipelineConfig(StrictModel):
                              f"evaluate.cascade_samples_per_class ({self.evaluate.cascade_samples_per_class}); "
                              "lower it or set evaluate.inception.cascade: false")
         return self
+
+    def _check_needed_sections(self) -> None:
+        """A step's section may only be present with the sections of the steps it needs, as the DAG
+        declares them (``pipelines.dag``). Every such problem is named, upstream first."""
+        problems = []
+        for spec in LATENT_DIFFUSION:
+            section = getattr(self, spec.config_attribute) if spec.needs or spec.needs_when else None
+            if section is None:
+                continue
+            missing = [needed for needed in spec.needed_sections(section) if getattr(self, needed) is None]
+            if missing:
+                problems.append(f"section '{spec.name}' needs section(s) {missing}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def _check_cascade(self) -> None:
         """Stage k's input size is the size below it (for stage 1 the base resolution the autoencoder
@@ -176,7 +182,7 @@ class PipelineConfig(StrictModel):
         bucket or reading tars at plan time is neither cheap nor always possible from here."""
         if self.evaluate is None and self.noisy_classifier is None:
             return
-        from components.shard.sources import planned_class_count
+        from components.shard.source_probe import planned_class_count
 
         count = planned_class_count(self.shard.source)
         if count is None:

@@ -1,59 +1,35 @@
-"""The latent diffusion pipeline, read as a recipe: one line per step, naming its component and inputs.
-
-    shard ──► autoencoder ──► latents ─┬─► dit ──► distill ──► evaluate
-      │                                 └─► noisy_classifier  (classifier guidance)
-      ├──► superres_1 ───────────────────────────────────┤
-      ├──► superres_2 …  (one step per ``superres`` entry) ┤
-      └──► inception_reference  (with evaluate.inception) ──┘
-
-Each super-resolution stage needs only the shards, so on a cluster the stages train in parallel
-with the autoencoder/DiT branch; they meet in evaluate, which scores the composed cascade.
-``inception_reference`` (the real images' FID/KID features) also needs only the shards, so it is
-computed once per dataset version and served from cache to every later evaluation.
-A preset includes the steps whose sections it has; inputs absent from a preset are dropped
-(e.g. ``dit.data: pixels`` trains without the latents step).
-"""
+"""The latent diffusion workflow, built from its declaration in ``pipelines.dag``: each declared
+step the config has becomes one workflow step (a fan-out, one per entry), its component imported
+here, by the path the declaration names, and its inputs those of its declared inputs that the
+config has."""
 
 from __future__ import annotations
 
-from components.autoencoder.train import run as train_autoencoder
-from components.distill.train import run as distill
-from components.dit.train import run as train_dit
-from components.evaluate.run import run as evaluate
-from components.inception_reference.run import run as inception_reference
-from components.latents.run import run as encode_latents
-from components.noisy_classifier.train import run as train_noisy_classifier
-from components.shard.run import run as shard
-from components.superres.train import run as train_superres
+import importlib
+from typing import Any
+
 from pipelines.config import PipelineConfig
-from pipelines.workflow import Workflow, step
-
-RECIPE = [
-    # step                  component             inputs
-    ("shard",               shard,                ()),
-    ("inception_reference", inception_reference,  ("shard",)),
-    ("autoencoder",         train_autoencoder,    ("shard",)),
-    ("latents",             encode_latents,       ("shard", "autoencoder")),
-    ("noisy_classifier",    train_noisy_classifier, ("latents",)),
-    ("dit",                 train_dit,            ("shard", "autoencoder", "latents")),
-    ("distill",             distill,              ("autoencoder", "latents", "dit")),
-    ("evaluate",            evaluate,             ("shard", "autoencoder", "dit", "distill", "noisy_classifier",
-                                                   "inception_reference")),
-]
+from pipelines.dag import LATENT_DIFFUSION, StepSpec
+from pipelines.workflow import StageEntry, Step, Workflow, step
 
 
-def build_workflow(cfg: PipelineConfig) -> Workflow:
-    present = {name for name, _, _ in RECIPE if getattr(cfg, name) is not None}
-    stages = [step(name, train_superres, stage, ("shard",))
-              for name, stage in zip(cfg.superres_steps, cfg.superres or [])]
-    steps = []
-    for name, entry, inputs in RECIPE:
-        if name not in present:
+def build_workflow(cfg: PipelineConfig, dag: tuple[StepSpec, ...] = LATENT_DIFFUSION) -> Workflow:
+    built: dict[str, list[str]] = {}  # declared name -> the workflow steps it became
+    steps: list[Step] = []
+    for spec in dag:
+        section = getattr(cfg, spec.config_attribute)
+        if section is None:
             continue
-        inputs = tuple(i for i in inputs if i in present)
-        if name == "evaluate":  # scores the composed cascade too
-            inputs += tuple(cfg.superres_steps)
-        steps.append(step(name, entry, getattr(cfg, name), inputs))
-        if name == "shard":
-            steps += stages
+        built[spec.name] = spec.step_names(section)
+        inputs = tuple(name for declared in spec.inputs for name in built.get(declared, ()))
+        entry = component(spec.component)
+        configs = section if spec.fan_out else [section]
+        steps += [step(name, entry, config, inputs) for name, config in zip(built[spec.name], configs)]
     return Workflow(cfg.name, steps)
+
+
+def component(path: str) -> StageEntry:
+    """The stage entry ``"package.module:function"`` names."""
+    module_name, _, function = path.partition(":")
+    entry: Any = getattr(importlib.import_module(module_name), function)
+    return entry

@@ -1,5 +1,5 @@
 """``WorkflowRunner``: runs a Workflow on Ray, steps concurrently as their inputs become ready, with
-an MLflow parent run and a nested run per step (``tracking``, a ``pipelines.tracking.RunTracker``).
+an MLflow parent run and a nested run per step (``tracking``, a ``pipelines.workflow_tracking.RunTracker``).
 
 ``on_event(event, record)`` is called as each step starts, ends, comes from cache or fails
 (``pipelines.runtime`` writes summary.json from it, so a killed driver leaves a record). When

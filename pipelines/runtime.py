@@ -18,7 +18,7 @@ from components.common.progress import start_board
 from components.common.storage import Storage, StorageError
 from components.common.tracking import resolve_tracking
 from pipelines.config import PipelineConfig
-from pipelines.tracking import RunTracker
+from pipelines.workflow_tracking import RunTracker
 from pipelines.runner import WorkflowInterrupted, WorkflowRunner
 from pipelines.workflow import StepRecord, Workflow, WorkflowResult, git_commit
 

@@ -29,7 +29,7 @@ def check_models_follow_data(config: PipelineConfig) -> None:
 def data_fixed_arguments(config: PipelineConfig) -> list[tuple[str, dict[str, Any], dict[str, tuple[Any, str]]]]:
     """(section, its ``model`` settings, {argument: (the data's value, where it comes from)}) for each
     learned step; a class count is left out where it cannot be known before the shard step runs."""
-    from components.shard.sources import planned_class_count
+    from components.shard.source_probe import planned_class_count
 
     channels = (config.shard.channels, "shard.channels")
     count = planned_class_count(config.shard.source)

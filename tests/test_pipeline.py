@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
-import subprocess
-import sys
 
 import boto3
 import pytest
@@ -107,9 +103,31 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
 
     root, s3_env, first = smoke_on_s3
     args = ("run", str(SMOKE), "--set", f"storage.root={root}", "--set", f"tracking.uri={mlflow_server}")
+    storage = Storage.from_uri(root)
+    summary, steps, shard = check_the_first_run(first, storage)
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("latentflow-smoke")
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    check_the_step_runs(client, exp, runs, summary, steps, shard)
+    sample_args = ("sample", "--workflow-id", "wf-one", "--storage", root, "--labels", "3,7",
+                   "--per-label", "2", "--steps", "3", "--out")
+    out = check_sampling_from_the_workflow_id(sample_args, s3_env, tmp_path)
+    evaluation = runs[steps["evaluate"]["mlflow_run_id"]].data.metrics
+    check_the_cascade(evaluation, runs, steps, sample_args, s3_env, tmp_path)
+    check_the_distilled_student(client, runs, steps, evaluation, root, s3_env, tmp_path)
+    check_inspect_and_runs(root, s3_env, mlflow_server, evaluation)
+    check_a_second_run_from_cache(args, s3_env, storage)
+    retrain_args = ("retrain", *args[1:])
+    check_retrain_registers_and_promotes(client, exp, retrain_args, s3_env, steps, evaluation)
+    check_the_registered_models_sample(mlflow_server, root, s3_env, tmp_path, out)
+    check_a_warm_started_dit(client, retrain_args, s3_env, storage)
+
+
+def check_the_first_run(first, storage: Storage):
+    """The run succeeded with every step run (not cached), quietly; the shard manifest verifies.
+    Returns (summary, steps by name, the shard manifest)."""
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.stdout.splitlines()[0] == "workflow id: wf-one"
-    storage = Storage.from_uri(root)
     assert_a_quiet_console(first.stdout, storage, "wf-one")
     summary = json.loads(storage.read_text("workflows/wf-one/summary.json"))
     assert summary["status"] == "succeeded"
@@ -119,10 +137,11 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     shard = read_manifest_at(steps["shard"]["manifest_uri"])
     assert shard.metrics["num_train"] + shard.metrics["num_val"] == 600
     assert not shard.verify()
+    return summary, steps, shard
 
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("latentflow-smoke")
-    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+
+def check_the_step_runs(client, exp, runs, summary, steps, shard) -> None:
+    """A nested MLflow run per step under the workflow's parent, with its artifacts in the S3 bucket."""
     parent = runs[summary["mlflow_parent_run_id"]]
     assert parent.data.tags["latentflow.workflow_id"] == "wf-one"
     for name, record in steps.items():
@@ -139,10 +158,10 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=ARTIFACT_BUCKET)["Contents"]]
     assert any(k.endswith(f"{shard_run.info.run_id}/artifacts/contact_sheet.png") for k in keys)
 
-    # `latentflow sample` reproduces images from the workflow id alone
+
+def check_sampling_from_the_workflow_id(sample_args, s3_env, tmp_path):
+    """`latentflow sample` reproduces images from the workflow id alone; returns their folder."""
     out = tmp_path / "samples"
-    sample_args = ("sample", "--workflow-id", "wf-one", "--storage", root, "--labels", "3,7",
-                   "--per-label", "2", "--steps", "3", "--out")
     sampled = cli(*sample_args, str(out), env=s3_env)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
@@ -151,8 +170,11 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert Image.open(out / "3" / "0.png").size == (16, 16) and Image.open(out / "3" / "0.png").mode == "L"
     again = cli(*sample_args, str(tmp_path / "again"), env=s3_env)
     assert again.returncode == 0 and (tmp_path / "again" / "7" / "1.png").read_bytes() == (out / "7" / "1.png").read_bytes()
-    # ... and through the cascade, at the super-resolution stage's 32 px
-    evaluation = runs[steps["evaluate"]["mlflow_run_id"]].data.metrics
+    return out
+
+
+def check_the_cascade(evaluation, runs, steps, sample_args, s3_env, tmp_path) -> None:
+    """... and through the cascade, at the super-resolution stage's 32 px."""
     assert 0 <= evaluation["cascade_sample_accuracy"] <= 1 and evaluation["cascade_frechet_distance"] >= 0
     # FID/KID on Inception features at the base 16 px and the cascade's 32 px, beside the real floor
     for prefix in ("", "cascade_"):
@@ -168,7 +190,9 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
               env=s3_env)
     assert bad.returncode == 2 and "latent space" in bad.stderr
 
-    # the distilled student: one progressive round (4 -> 2 steps) with its own child run and grid
+
+def check_the_distilled_student(client, runs, steps, evaluation, root, s3_env, tmp_path) -> None:
+    """The distilled student: one progressive round (4 -> 2 steps) with its own child run and grid."""
     distill_run = runs[steps["distill"]["mlflow_run_id"]]
     rounds = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == distill_run.info.run_id]
     assert [r.info.run_name for r in rounds] == ["round 1: 4 -> 2 steps"]
@@ -187,7 +211,9 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     refused = cli(*student_args, "--step", "distill", "--guidance", "2", "--out", str(tmp_path / "y"), env=s3_env)
     assert refused.returncode == 2 and "--guidance" in refused.stderr
 
-    # `latentflow inspect` answers from the workflow id alone (storage + the MLflow server)
+
+def check_inspect_and_runs(root, s3_env, mlflow_server, evaluation) -> None:
+    """`latentflow inspect` answers from the workflow id alone (storage + the MLflow server)."""
     inspected = cli("inspect", "wf-one", "--storage", root, "--json", env={**s3_env, "MLFLOW_TRACKING_URI": mlflow_server})
     assert inspected.returncode == 0, inspected.stderr[-3000:]
     view = json.loads(inspected.stdout)
@@ -200,14 +226,17 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     listed = cli("runs", "--storage", root, env=s3_env)
     assert listed.returncode == 0 and "wf-one" in listed.stdout and "succeeded" in listed.stdout
 
+
+def check_a_second_run_from_cache(args, s3_env, storage: Storage) -> None:
     second = cli(*args, env=s3_env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("cached") >= len(EXPECTED_STEPS) and " ran " not in second.stdout
     second_id = second.stdout.splitlines()[0].split()[-1]
     assert "pid=" not in workflow_log(storage, second_id)  # a fully cached run never waits for Ray workers
 
-    # `latentflow retrain`: nothing re-runs; the models are registered and, with no champion yet, promoted
-    retrain_args = ("retrain", *args[1:])
+
+def check_retrain_registers_and_promotes(client, exp, retrain_args, s3_env, steps, evaluation) -> None:
+    """`latentflow retrain`: nothing re-runs; the models are registered and, with no champion yet, promoted."""
     promoted = cli(*retrain_args, env=s3_env)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
     assert " ran " not in promoted.stdout and "PROMOTED to champion: no champion yet" in promoted.stdout
@@ -223,6 +252,10 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     assert len(client.search_model_versions("name='smoke-dit'")) == 1  # the same cache key: no new version
     parent_runs = client.search_runs([exp.experiment_id], "tags.`latentflow.promotion` = 'kept'")
     assert parent_runs and "promotion.json" in {a.path for a in client.list_artifacts(parent_runs[0].info.run_id)}
+
+
+def check_the_registered_models_sample(mlflow_server, root, s3_env, tmp_path, out) -> None:
+    """The registered DiT samples what wf-one's did; the registered student too, and as a pyfunc."""
     registered = cli("sample", "--model", "models:/smoke-dit/1", "--tracking-uri", mlflow_server, "--labels",
                      "3", "--per-label", "2", "--steps", "3", "--out", str(tmp_path / "registered"), env=s3_env)
     assert registered.returncode == 0, registered.stderr[-3000:]
@@ -244,8 +277,11 @@ def test_smoke_through_the_cli_on_s3_with_an_mlflow_server_then_from_cache(mlflo
     finally:
         mlflow.set_tracking_uri(None)
     assert answer["image"][0] == (tmp_path / "registered_student" / "7" / "0.png").read_bytes()
-    # a warm-started DiT (from the champion) re-runs the DiT and what follows; the gate compares
-    # (without the distill step, which would only re-run too: CI time)
+
+
+def check_a_warm_started_dit(client, retrain_args, s3_env, storage: Storage) -> None:
+    """A warm-started DiT (from the champion) re-runs the DiT and what follows; the gate compares
+    (without the distill step, which would only re-run too: CI time)."""
     warm = cli(*retrain_args, "--set", "dit.warm_start=models:/smoke-dit@champion", "--set", "distill=null",
                "--workflow-id", "wf-warm", env=s3_env)
     assert warm.returncode == 0, warm.stderr[-3000:]
@@ -307,70 +343,3 @@ def assert_looks_like_training(client, exp, runs, steps, shard) -> None:
         model = client.get_logged_model(outputs[0].model_id)
         assert model.source_run_id == steps[step]["mlflow_run_id"], step
         assert (model.model_type == "latentflow-generator") == (step in ("dit", "distill")), step
-
-
-@pytest.mark.integration
-def test_retrain_reruns_only_when_the_source_changes(tmp_path):
-    """What a schedule runs: twice on an unchanged folder nothing re-runs; a new image re-runs the
-    shard step (the source fingerprint is in its cache key)."""
-    import numpy as np
-
-    from components.shard.sources import mnist_arrays
-
-    images, labels = mnist_arrays()
-    source = tmp_path / "digits"
-    for i in range(40):
-        folder = source / str(int(labels[i * 50]))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i * 50]).save(folder / f"{i}.png")
-    config = tmp_path / "retrain.yaml"
-    config.write_text(f"name: retrain\nstorage: {{root: {tmp_path / 'out'}}}\n"
-                      f"shard: {{source: {source}, image_size: 16, samples_per_shard: 20, val_fraction: 0.2,\n"
-                      f"        resources: {{num_workers: 1}}}}\n")
-    first = cli("retrain", str(config))
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    assert "ran shard" in " ".join(first.stdout.split()) and "promotion gate" in first.stdout
-    again = cli("retrain", str(config))
-    assert again.returncode == 0 and "cached shard" in " ".join(again.stdout.split())
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(source / "3" / "new.png")
-    changed = cli("retrain", str(config))
-    assert changed.returncode == 0 and "ran shard" in " ".join(changed.stdout.split()), changed.stdout[-2000:]
-
-
-def rgb_folder(root, per_class: int = 40, size: int = 32):
-    """A class folder of small RGB images: each class a hue, each image a noisy disc somewhere."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    hues = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
-    yy, xx = np.mgrid[:size, :size]
-    for name, colour in hues.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            cy, cx, r = rng.integers(8, size - 8, 2).tolist() + [int(rng.integers(4, 9))]
-            disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)[..., None]
-            pixels = np.where(disc, colour, 20) + rng.normal(0, 12, (size, size, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(root / name / f"{i}.png")
-    return root
-
-
-@pytest.mark.integration
-def test_an_rgb_folder_trains_with_two_settings(tmp_path):
-    """The models follow the data: the smoke recipe's models are grayscale presets, yet a 3-class RGB
-    folder trains end to end with the source and its channels set, and nothing else."""
-    source = rgb_folder(tmp_path / "colours")
-    root = tmp_path / "out"
-    two = ["--set", f"shard.source={source}", "--set", "shard.channels=3"]
-    done = cli("run", str(SMOKE), *two, "--set", f"storage.root={root}", "--workflow-id", "rgb", timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    storage = Storage.from_uri(str(root))
-    steps = {r["name"]: r for r in json.loads(storage.read_text("workflows/rgb/summary.json"))["steps"]}
-    assert set(steps) == set(EXPECTED_STEPS) and all(r["status"] == "ran" for r in steps.values()), steps
-    manifests = {name: read_manifest_at(r["manifest_uri"]) for name, r in steps.items()}
-    assert manifests["shard"].info["channels"] == 3 and len(manifests["shard"].info["classes"]) == 3
-    ae = json.loads(Storage.from_uri(manifests["autoencoder"].output_uri).read_text("autoencoder.json"))
-    assert ae["model"]["in_channels"] == 3  # ae-mnist's own is 1
-    dit = json.loads(Storage.from_uri(manifests["dit"].output_uri).read_text("dit.json"))
-    assert dit["num_classes"] == 3 and dit["image_channels"] == 3
-    grid = Image.open(io.BytesIO(Storage.from_uri(manifests["evaluate"].output_uri).read_bytes("eval_samples.png")))
-    assert grid.mode == "RGB" and grid.size[0] > 16

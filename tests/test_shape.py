@@ -130,3 +130,36 @@ def test_reshaping_the_code_keeps_the_presets_cache_keys():
     a step writes bumps its CODE_VERSION and this file together, on purpose."""
     recorded = json.loads((REPO / "tests" / "data" / "preset_cache_keys.json").read_text())
     assert preset_cache_keys() == recorded
+
+
+SIZED_FOLDERS = ("components", "pipelines", "benchmarks", "tests")
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def oversized(folders: tuple[str, ...] = SIZED_FOLDERS) -> list[str]:
+    """Every Python file over MAX_FILE_LINES lines and every function (or method) over
+    MAX_FUNCTION_LINES (``def`` to its last line), as ``path: what``."""
+    found = []
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            name, text = path.relative_to(REPO).as_posix(), path.read_text()
+            if (lines := len(text.splitlines())) > MAX_FILE_LINES:
+                found.append(f"{name}: {lines} lines")
+            for node in ast.walk(ast.parse(text, name)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if (length := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                        found.append(f"{name}:{node.lineno}: function {node.name} is {length} lines")
+    return found
+
+
+def test_the_size_finder_names_a_long_function(tmp_path, monkeypatch):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert oversized(("pkg",)) == [f"pkg/long.py:5: function long is {MAX_FUNCTION_LINES + 1} lines"]
+
+
+def test_no_file_over_400_lines_and_no_function_over_80():
+    """Files short enough to read in one sitting, functions short enough to hold in one's head."""
+    assert oversized() == []

@@ -261,7 +261,7 @@ def test_source_fingerprint_follows_the_source_not_its_listing_order(tmp_path, s
 
     import boto3
 
-    from components.shard.sources import source_fingerprint
+    from components.shard.source_probe import source_fingerprint
     from pipelines.workflow import cache_key, step
 
     folder = tmp_path / "images"

@@ -16,30 +16,12 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-if TYPE_CHECKING:
-    import pyarrow.fs
+from components.common.s3_access import s3_client
+from components.common.storage_errors import StorageError, s3_storage_error
 
 CHUNK = 1 << 20
-
-
-class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URI at fault.
-
-    ``missing``: the object is not there (and the storage said so): the one answer a cache check
-    may read as "no result". Every other error (unreachable, denied, throttled) means "cannot tell".
-    ``transient``: the kind of failure that can pass (an unreachable endpoint, a timeout,
-    throttling, a 5xx), worth retrying; a missing object or denied access is not."""
-
-    def __init__(self, message: str, transient: bool = False, missing: bool = False):
-        super().__init__(message)
-        self.transient, self.missing = transient, missing
-
-
-TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                                "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "500", "502",
-                                "503", "504"})
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -267,23 +249,6 @@ class LocalStorage(Storage):
             return self._version(rel)
 
 
-def s3_client():
-    """A boto3 S3 client from the standard AWS environment, with adaptive retries on throttling
-    and transient errors. ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) selects an
-    S3-compatible server; boto3 reads it itself."""
-    import boto3
-    from botocore.config import Config
-
-    retries = {"max_attempts": int(os.environ.get("LATENTFLOW_S3_MAX_ATTEMPTS", "8")), "mode": "adaptive"}
-    return boto3.client("s3", config=Config(retries=retries, connect_timeout=10, read_timeout=120))
-
-
-def s3_credentials_available() -> bool:
-    import boto3
-
-    return boto3.session.Session().get_credentials() is not None
-
-
 def split_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not bucket:
@@ -309,35 +274,15 @@ class S3Storage(Storage):
     def key(self, rel: str) -> str:
         return join(self.prefix, rel)
 
+    def object_uri(self, rel: str) -> str:
+        """The object's full URI, as errors name it."""
+        return f"s3://{self.bucket}/{self.key(rel)}"
+
     def _call(self, what: str, rel: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - mapped to a StorageError naming the object, or re-raised
-            raise self._storage_error(what, rel, e) from e
-
-    def _storage_error(self, what: str, rel: str, error: Exception) -> Exception:
-        """The StorageError, naming the object, that a boto3/botocore error means (others unchanged)."""
-        from boto3.exceptions import Boto3Error  # s3transfer's "failed after retries"
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, EndpointConnectionError,
-                                         NoCredentialsError)
-
-        uri = f"s3://{self.bucket}/{self.key(rel)}"
-        if isinstance(error, ClientError):
-            code = error.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchBucket",):
-                return StorageError(f"{what} {uri}: bucket {self.bucket!r} does not exist")
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return StorageError(f"{what} {uri}: access denied ({code}); check the AWS credentials")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return StorageError(f"{what} {uri}: not found", missing=True)
-            return StorageError(f"{what} {uri}: {code or error}", transient=code in TRANSIENT_S3_CODES)
-        if isinstance(error, NoCredentialsError):
-            return StorageError(f"{what} {uri}: no AWS credentials in the environment")
-        if isinstance(error, EndpointConnectionError):
-            return StorageError(f"{what} {uri}: S3 endpoint unreachable ({error})", transient=True)
-        if isinstance(error, (ConnectionError, BotoCoreError, Boto3Error)):  # reset, timed out, cut off mid-body
-            return StorageError(f"{what} {uri}: {type(error).__name__}: {error}", transient=True)
-        return error
+            raise s3_storage_error(what, self.object_uri(rel), self.bucket, e) from e
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -431,41 +376,11 @@ class S3Storage(Storage):
         except ClientError as e:  # lost the race: the condition did not hold, or a concurrent write won
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 return None
-            raise self._storage_error("write", rel, e) from e
+            raise s3_storage_error("write", self.object_uri(rel), self.bucket, e) from e
         except Exception as e:  # noqa: BLE001 - the same mapping to StorageError as every other call
-            raise self._storage_error("write", rel, e) from e
+            raise s3_storage_error("write", self.object_uri(rel), self.bucket, e) from e
         return response["ETag"]
 
     def delete(self, prefix: str) -> None:
         for rel in self.list(prefix):
             self._call("delete", rel, self.client.delete_object, Bucket=self.bucket, Key=self.key(rel))
-
-
-# ---------------------------------------------------------------- pyarrow, for Ray Train's storage
-
-
-def s3_filesystem() -> "pyarrow.fs.S3FileSystem":
-    """A pyarrow S3 file system from the standard AWS environment. ``AWS_ENDPOINT_URL_S3`` or
-    ``AWS_ENDPOINT_URL`` selects an S3-compatible server (MinIO, moto), as boto3 does."""
-    from pyarrow import fs
-
-    kwargs: dict = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        scheme, sep, host = endpoint.partition("://")
-        kwargs["endpoint_override"] = host.rstrip("/") if sep else endpoint
-        kwargs["scheme"] = scheme if sep else "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return fs.S3FileSystem(**kwargs)
-
-
-def arrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem | None", str]:
-    """(file system, path inside it) for a local path or s3:// URI; None means "local, let the
-    library decide". Ray Train's RunConfig takes this pair."""
-    if uri.startswith("s3://"):
-        return s3_filesystem(), uri.removeprefix("s3://").rstrip("/")
-    if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported URI scheme: {uri!r} (use a local path or s3://)")
-    return None, os.path.abspath(uri.removeprefix("file://"))

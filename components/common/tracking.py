@@ -1,4 +1,5 @@
-"""MLflow tracking through ``MlflowClient`` with explicit run ids.
+"""MLflow tracking through ``MlflowClient`` with explicit run ids: the connection, and ``StepTracker``,
+through which a step logs to its run (the workflow's own runs: ``pipelines.workflow_tracking``).
 
 The driver creates one parent run per ``latentflow run`` and one nested run per step; steps (in
 Ray tasks and Ray Train workers, in other processes) log to their run by id. Nothing here uses the

@@ -4,12 +4,11 @@ process (debugging, fast tests)."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,13 +16,12 @@ from typing import TYPE_CHECKING
 from components.common import checkpoint
 from components.common.checkpoint import TrainState
 from components.common.epoch_plan import mix_seed
-from components.common.stream import StreamedBatch
+from components.common.train_batches import DataAudit, batch_source, batch_stream
 from components.common.train_types import NonFiniteLossError, TrainConfig, TrainTask
 
 if TYPE_CHECKING:
     import torch
 
-    from components.common.stream import BatchSource
     from components.common.tracking import StepTracker
 
 logger = logging.getLogger(__name__)
@@ -135,10 +133,10 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, tracker: "StepTracker
             state.resumed_from_step = state.step
             logger.info("rank %d resumed from %s at step %d (epoch %d, data position %d)", rank, found,
                         state.step, state.epoch, state.data_position)
-    source = _batch_source(task, cfg, session)
+    source = batch_source(task, cfg, session)
     audit = DataAudit(audit_uri, rank, session.node_id, state.step) if audit_uri else None
     try:
-        _train_steps(task, cfg, session, tracker, engine, ema, state, _batch_stream(source, state, audit), audit,
+        _train_steps(task, cfg, session, tracker, engine, ema, state, batch_stream(source, state, audit), audit,
                      name)
     finally:
         source.close()
@@ -244,71 +242,6 @@ def _export(task: TrainTask, engine, ema, out_dir: Path, rank: int) -> None:
 
 
 # ---------------------------------------------------------------- loop helpers
-
-
-def _batch_source(task: TrainTask, cfg: TrainConfig, session) -> "BatchSource":
-    if callable(getattr(task, "batch_source", None)):
-        return task.batch_source(session.rank, session.world_size, cfg.micro_batch_size(session.world_size))
-    return ReplaySource(task, session.rank, session.world_size)
-
-
-class ReplaySource:
-    """A task's plain ``batches(epoch, rank, world_size)`` as a BatchSource: the position is the
-    batch count, and resuming re-iterates the epoch up to it (fine for small synthetic data only)."""
-
-    def __init__(self, task: TrainTask, rank: int, world_size: int):
-        self.task, self.rank, self.world_size = task, rank, world_size
-
-    def batches_per_epoch(self, epoch: int) -> int | None:
-        return None  # as many as batches() yields
-
-    def epoch(self, epoch: int, position: int, batches_done: int) -> Iterator[StreamedBatch]:
-        batches = self.task.batches(epoch, self.rank, self.world_size)
-        for index, batch in enumerate(itertools.islice(batches, batches_done, None), start=batches_done):
-            yield StreamedBatch(batch, epoch, index + 1)
-
-    def close(self) -> None:
-        pass
-
-
-def _batch_stream(source: "BatchSource", state: TrainState, audit: "DataAudit | None") -> Iterator[dict]:
-    """Batches forever, epoch after epoch, keeping the data position in ``state`` current."""
-    while True:
-        produced = False
-        for item in source.epoch(state.epoch, state.data_position, state.batches_in_epoch):
-            produced = True
-            state.data_position, state.batches_in_epoch = item.position, state.batches_in_epoch + 1
-            state.bad_samples += item.skipped
-            if audit is not None:
-                audit.record(item)
-            yield item.tensors
-        if not produced and state.batches_in_epoch == 0:
-            raise ValueError(f"epoch {state.epoch} gave this worker no batches: the dataset has fewer "
-                             "rows than num_workers x the micro-batch")
-        state.epoch, state.data_position, state.batches_in_epoch = state.epoch + 1, 0, 0
-
-
-class DataAudit:
-    """``train.audit_data``: the keys of every consumed batch, written at each checkpoint to
-    ``<audit_uri>/rank-<r>/upto-step-<step>.json``. A crash loses only what no checkpoint covers,
-    and the resumed run writes those files again, so the files are exactly what the final weights saw."""
-
-    def __init__(self, uri: str, rank: int, node_id: str, step: int):
-        self.uri, self.rank, self.node_id, self.from_step = uri, rank, node_id, step
-        self.batches: list[dict] = []
-
-    def record(self, item: StreamedBatch) -> None:
-        self.batches.append({"epoch": item.epoch, "position": item.position, "keys": item.keys})
-
-    def commit(self, step: int) -> None:
-        import json
-
-        from components.common.storage import Storage
-
-        record = {"rank": self.rank, "node_id": self.node_id, "from_step": self.from_step, "to_step": step,
-                  "batches": self.batches}
-        Storage.from_uri(self.uri).write_text(f"rank-{self.rank}/upto-step-{step:09d}.json", json.dumps(record))
-        self.batches, self.from_step = [], step
 
 
 def _to_device(batch: dict, engine, keep_fp32: frozenset[str] = frozenset()) -> dict:

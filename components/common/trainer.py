@@ -54,7 +54,7 @@ def fit(task: TrainTask, cfg: TrainConfig, ctx: "StepContext", name: str = "trai
     from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
     from components.common.parallel import check_pool_fits_cluster
-    from components.common.storage import arrow_filesystem
+    from components.common.s3_access import arrow_filesystem
     from components.common.train_loop import ray_worker
 
     res = ctx.resources

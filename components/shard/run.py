@@ -49,8 +49,8 @@ __all__ = ["CODE_VERSION", "ShardError", "run", "is_val", "shard_name", "source_
 
 
 def source_fingerprint(cfg: ShardConfig) -> str:
-    """The source's current content as a digest (see ``sources.source_fingerprint``)."""
-    from components.shard.sources import source_fingerprint as fingerprint
+    """The source's current content as a digest (see ``source_probe.source_fingerprint``)."""
+    from components.shard.source_probe import source_fingerprint as fingerprint
 
     return fingerprint(cfg.source)
 

@@ -1,4 +1,5 @@
-"""The workflow's MLflow runs: one parent run per ``latentflow run``, one nested run per step.
+"""The workflow-level MLflow runs: one parent run per ``latentflow run``, one nested run per step
+(the steps log to theirs through ``components.common.tracking.StepTracker``).
 
 A cached step still gets its nested run, tagged ``cache_hit=true`` with the id of the run that
 produced its outputs, so every workflow reads complete in the MLflow UI.

@@ -1,0 +1,123 @@
+"""``latentflow sample``: images from a finished workflow's models, or a registered one, as PNG
+files (the sampling itself: ``pipelines.sample``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from components.common.step import IntegrityError
+from components.common.storage import StorageError
+from pipelines.cli_shared import console, err
+
+
+def sample(
+    workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="The workflow whose DiT samples (see `latentflow run`)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Instead of --workflow-id: a registered DiT or "
+                                        "distilled student, models:/NAME@champion or models:/NAME/VERSION."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="--model: the registry's MLflow URI. "
+                                               "Default: MLFLOW_TRACKING_URI."),
+    labels: str = typer.Option(..., "--labels", help="Comma-separated class indices or class names, e.g. 0,1,2."),
+    per_label: int = typer.Option(..., "--per-label", min=1, help="Images per label."),
+    out: str = typer.Option(..., "--out", help="Output folder: OUT/<label>/<index>.png and OUT/grid.png (a row per label)."),
+    storage: Optional[str] = typer.Option(
+        None, "--storage", help="The pipeline's storage root (local path or s3://). "
+                                "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
+    step: str = typer.Option(
+        "dit", "--step", help="dit: the DiT's images; distill: the distilled student's, with its native steps "
+                              "(guidance is folded into it); cascade: the base images through every "
+                              "super-resolution stage of the workflow (written at the final resolution)."),
+    base: str = typer.Option("dit", "--base", help="cascade: the base sampler, dit or distill (the student)."),
+    sampler: Optional[str] = typer.Option(
+        None, "--sampler", help="ddim, ddpm, langevin (annealed Langevin dynamics) or pc (predictor-corrector). "
+                                "Default: the DiT step's setting."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting "
+                                                              "(distill: the student's native steps)."),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", help="Classifier-free guidance weight w (0: none). Default: the DiT step's setting."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta in [0, 1] (0: deterministic). Default: the DiT step's setting."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed; the same seed gives the same images. Default: the DiT step's setting."),
+    snr: Optional[float] = typer.Option(
+        None, "--snr", help="langevin, pc: signal-to-noise ratio r of the Langevin step size "
+                            "2(1-beta_t)(r|z|/|score|)^2. Default: the DiT step's setting (0.16)."),
+    corrector_steps: Optional[int] = typer.Option(
+        None, "--corrector-steps", help="pc: Langevin corrector steps at each noise level (0: predictor only). "
+                                        "Default: the DiT step's setting (1)."),
+    pc_predictor: Optional[str] = typer.Option(
+        None, "--pc-predictor", help="pc: ancestral (DDPM's step, right on coarse grids) or reverse_diffusion "
+                                     "(the paper's, wants ~100+ steps). Default: the DiT step's setting (ancestral)."),
+    langevin_steps: Optional[int] = typer.Option(
+        None, "--langevin-steps", help="langevin: Langevin steps per noise level (model calls: steps x this + 1). "
+                                       "Default: the DiT step's setting (5)."),
+    langevin_step_size: Optional[float] = typer.Option(
+        None, "--langevin-step-size", help="langevin: classic step size rule c(1-alphabar_t) with this c, instead "
+                                           "of --snr. Default: the DiT step's setting (none: the snr rule)."),
+    classifier_guidance: Optional[float] = typer.Option(
+        None, "--classifier-guidance", help="Classifier guidance weight w with the workflow's noisy_classifier step "
+                                            "(Dhariwal & Nichol): alone with --guidance 0, or on top of "
+                                            "classifier-free guidance. Default: the DiT step's setting (0: none)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass (does not change the images)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
+    sr_sampler: Optional[str] = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
+                                                                      "Default: each stage's setting."),
+    sr_steps: Optional[int] = typer.Option(None, "--sr-steps", help="cascade: denoising steps of every SR stage."),
+    sr_guidance: Optional[float] = typer.Option(None, "--sr-guidance",
+                                                help="cascade: guidance of class-conditional SR stages."),
+    sr_noise_cond_aug_level: Optional[float] = typer.Option(
+        None, "--sr-noise-cond-aug-level", help="cascade: noise-conditioning augmentation level in [0, 1] (fraction "
+                                                "of the stage's schedule) at every hand-off."),
+    sr_handoff: Optional[str] = typer.Option(
+        None, "--sr-handoff", help="cascade: non_truncated (finish the stage below, then noise its output) or "
+                                   "truncated (stop the stage below at the level; SR-to-SR hand-offs only)."),
+):
+    """Generate images with a finished workflow's DiT and autoencoder (and, with --step cascade, its
+    super-resolution stages) and write them as PNG files."""
+    if (workflow_id is None) == (model is None):
+        err.print("[bold red]error:[/] give --workflow-id or --model (one of them)")
+        raise typer.Exit(2)
+    result = sample_or_exit(workflow_id, labels, per_label, out, storage=storage, step=step, base=base, sampler=sampler,
+                            steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
+                            device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
+                                                         "guidance": sr_guidance,
+                                                         "noise_cond_aug_level": sr_noise_cond_aug_level,
+                                                         "handoff": sr_handoff},
+                            model=model, tracking_uri=tracking_uri,
+                            sampler_options={k: v for k, v in {
+                                "snr": snr, "corrector_steps": corrector_steps, "pc_predictor": pc_predictor,
+                                "langevin_steps": langevin_steps, "langevin_step_size": langevin_step_size,
+                                "classifier_guidance": classifier_guidance,
+                            }.items() if v is not None})
+    print_sampled(workflow_id or model, result)
+
+
+def sample_or_exit(*args, **kwargs):
+    """``pipelines.sample.sample``'s result; a bad flag exits 2, a workflow or model that cannot be
+    sampled exits 1, each with its message."""
+    from pipelines.sample import BadFlag, SampleError, sample as sample_images
+
+    try:
+        return sample_images(*args, **kwargs)
+    except BadFlag as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2)
+    except (SampleError, StorageError, IntegrityError) as e:  # IntegrityError: a file changed after it was written
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def print_sampled(source: str, result) -> None:
+    """One line naming what was sampled and with which settings, one naming where it went."""
+    s = result.sampling
+    names = ", ".join(result.classes[i] for i in result.labels)
+    langevin_rule = f"step size {s.langevin_step_size:g}" if s.langevin_step_size else f"snr {s.snr:g}"
+    score_settings = {"pc": f", {s.pc_predictor} predictor, {s.corrector_steps} corrector steps, snr {s.snr:g}",
+                      "langevin": f", {s.langevin_steps} steps per level, {langevin_rule}"}.get(s.sampler, "")
+    if s.classifier_guidance:
+        score_settings += f", classifier guidance {s.classifier_guidance:g}"
+    console.print(escape(f"{source}: {len(result.files) - 1} images of {names} "
+                         f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed}"
+                         f"{score_settings})"),
+                  soft_wrap=True)
+    console.print(escape(f"wrote {result.out}/<label>/<index>.png and {result.out / 'grid.png'}"), soft_wrap=True)
