@@ -185,6 +185,22 @@ def test_a_renamed_field_hashes_as_before_and_its_old_name_still_loads():
         SuperResSamplingConfig(aug_level=0.25, noise_cond_aug_level=0.25)
 
 
+def test_an_added_field_left_at_its_old_meaning_keeps_the_cache_key():
+    """A capability added later (``cache_added``) re-keys nothing while it is off, and re-keys when it is on."""
+    from components.common.config import StrictModel
+
+    class Before(StrictModel):
+        seed: int = 0
+
+    class After(StrictModel):
+        seed: int = 0
+        conditioning: str = "class"
+        cache_added = {"conditioning": "class"}
+
+    assert After().cache_relevant() == Before().cache_relevant() == {"seed": 0}
+    assert After(conditioning="text").cache_relevant() == {"seed": 0, "conditioning": "text"}
+
+
 # ---------------------------------------------------------------- refused at plan time, not in the step
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "smoke.yaml"

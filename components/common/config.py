@@ -31,6 +31,9 @@ class StrictModel(BaseModel):
     # Fields renamed after cache keys were recorded: {new name: old name}. A cache key hashes such a field
     # under its old name, so renaming a setting neither re-runs nor re-keys what users have cached.
     cache_names: ClassVar[dict[str, str]] = {}
+    # Fields added after cache keys were recorded: {name: the value that means "as before"}. At that
+    # value the field is left out of the key, so adding a capability re-keys nothing users cached.
+    cache_added: ClassVar[dict[str, Any]] = {}
 
     def cache_relevant(self) -> dict[str, Any]:
         """The config as JSON, without cache-exempt fields at any depth, renamed fields under their old names."""
@@ -40,6 +43,9 @@ class StrictModel(BaseModel):
 def _cache_view(model: StrictModel, dumped: dict[str, Any]) -> dict[str, Any]:
     for name in model.cache_exempt:
         dumped.pop(name, None)
+    for name, as_before in model.cache_added.items():
+        if name in dumped and dumped[name] == as_before:
+            dumped.pop(name)
     for name, value in dumped.items():
         child = getattr(model, name)
         if isinstance(child, StrictModel) and isinstance(value, dict):
