@@ -21,7 +21,7 @@ from components.latents.config import LatentsConfig
 from components.noisy_classifier.config import NoisyClassifierConfig
 from components.shard.config import ShardConfig
 from components.superres.config import SuperResConfig
-from pipelines.dag import LATENT_DIFFUSION, SUPERRES_STEP
+from pipelines.dag import LATENT_DIFFUSION, LEARNED, SUPERRES_STEP
 from pipelines.shapes import check_models_follow_data
 # evaluate metrics that compare a sample's class with the one asked for: meaningless for one class
 CLASS_ACCURACY_METRICS = ("sample_accuracy", "cascade_sample_accuracy")
@@ -112,18 +112,26 @@ class PipelineConfig(StrictModel):
             size = stage.output_size
 
     def _learned_sections(self) -> list[tuple[str, Any]]:
-        """(dotted key, section) of every step that trains through the trainer."""
-        sections = [(name, getattr(self, name)) for name in ("autoencoder", "dit", "distill", "noisy_classifier")]
-        sections += [(f"superres.{k}", stage) for k, stage in enumerate(self.superres or [])]
-        return [(name, section) for name, section in sections if section is not None]
+        """(dotted key, section) of every step the DAG declares as trained through the trainer, in
+        the DAG's order (``superres.0`` for a fan-out's entries)."""
+        sections = []
+        for spec in LATENT_DIFFUSION:
+            section = getattr(self, spec.config_attribute) if spec.role == LEARNED else None
+            if section is not None:
+                sections += spec.section_keys(section)
+        return sections
 
     def _check_global_batches(self) -> None:
-        """Every learned step's global batch must split into equal micro-batches over its workers."""
+        """Every learned step's global batch must split into equal micro-batches over its workers
+        (every step that does not is named)."""
+        problems = []
         for name, section in self._learned_sections():
             try:
                 section.train.micro_batch_size(section.resources.num_workers)
             except ValueError as e:
-                raise ValueError(f"{name}: {e} ({name}.resources.num_workers)") from None
+                problems.append(f"{name}: {e} ({name}.resources.num_workers)")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def _check_latent_grid(self) -> None:
         """The autoencoder's factor f = 2**(levels - 1) must divide the base size, and the DiT's patch
@@ -170,10 +178,12 @@ class PipelineConfig(StrictModel):
     def _check_fp16_has_gpus(self) -> None:
         """DeepSpeed refuses fp16 on CPU ('fp16 is not supported'); the trainer says so only once the
         step has started."""
-        for name, section in self._learned_sections():
-            if section.train.precision == "fp16" and section.resources.gpus_per_worker == 0:
-                raise ValueError(f"{name}.train.precision: fp16 needs GPUs, but {name}.resources.gpus_per_worker "
-                                 "is 0 (DeepSpeed refuses fp16 on CPU); use bf16 or fp32, or give its workers GPUs")
+        problems = [f"{name}.train.precision: fp16 needs GPUs, but {name}.resources.gpus_per_worker is 0 "
+                    "(DeepSpeed refuses fp16 on CPU); use bf16 or fp32, or give its workers GPUs"
+                    for name, section in self._learned_sections()
+                    if section.train.precision == "fp16" and section.resources.gpus_per_worker == 0]
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def _check_classes(self) -> None:
         """The evaluate step needs labels, a class-accuracy gate two classes or more (with one, every

@@ -35,6 +35,10 @@ class StepSpec:
     needs_when: tuple[tuple[str, str, Any], ...] = ()
     config: str = ""  # the PipelineConfig attribute holding the step's config; "": the step's name
     fan_out: str = ""  # the config is a list: one step per entry, named fan_out.format(k), k from 1
+    # What the step is, for the checks and the MLflow records that treat kinds of steps alike:
+    #   "data" writes a data set (run inputs of the steps that read it), "learned" trains through the
+    #   shared trainer (global batch and precision checks), "evaluation" reads data sets to score them.
+    role: str = ""
 
     @property
     def config_attribute(self) -> str:
@@ -51,22 +55,36 @@ class StepSpec:
             return [self.name]
         return [self.fan_out.format(k) for k in range(1, len(section) + 1)]
 
+    def section_keys(self, section: Any) -> list[tuple[str, Any]]:
+        """(dotted config key, section) of each step this declaration becomes: ``dit``, ``superres.0``."""
+        if not self.fan_out:
+            return [(self.config_attribute, section)]
+        return [(f"{self.config_attribute}.{k}", entry) for k, entry in enumerate(section)]
+
 
 SUPERRES_STEP = "superres_{}"  # the k-th stage's step name, k from 1
+DATA, LEARNED, EVALUATION = "data", "learned", "evaluation"
 
 LATENT_DIFFUSION: tuple[StepSpec, ...] = (
-    StepSpec("shard", "components.shard.run:run"),
-    StepSpec("superres", "components.superres.train:run", ("shard",), fan_out=SUPERRES_STEP),
+    StepSpec("shard", "components.shard.run:run", role=DATA),
+    StepSpec("superres", "components.superres.train:run", ("shard",), fan_out=SUPERRES_STEP, role=LEARNED),
     # its config is derived from evaluate.inception (PipelineConfig.inception_reference)
-    StepSpec("inception_reference", "components.inception_reference.run:run", ("shard",)),
-    StepSpec("autoencoder", "components.autoencoder.train:run", ("shard",)),
-    StepSpec("latents", "components.latents.run:run", ("shard", "autoencoder"), needs=("autoencoder",)),
-    StepSpec("noisy_classifier", "components.noisy_classifier.train:run", ("latents",), needs=("latents",)),
+    StepSpec("inception_reference", "components.inception_reference.run:run", ("shard",), role=EVALUATION),
+    StepSpec("autoencoder", "components.autoencoder.train:run", ("shard",), role=LEARNED),
+    StepSpec("latents", "components.latents.run:run", ("shard", "autoencoder"), needs=("autoencoder",),
+             role=DATA),
+    StepSpec("noisy_classifier", "components.noisy_classifier.train:run", ("latents",), needs=("latents",),
+             role=LEARNED),
     StepSpec("dit", "components.dit.train:run", ("shard", "autoencoder", "latents"), needs=("autoencoder",),
-             needs_when=(("latents", "data", "latents"),)),
+             needs_when=(("latents", "data", "latents"),), role=LEARNED),
     StepSpec("distill", "components.distill.train:run", ("autoencoder", "latents", "dit"),
-             needs=("autoencoder", "latents", "dit")),
+             needs=("autoencoder", "latents", "dit"), role=LEARNED),
     StepSpec("evaluate", "components.evaluate.run:run",
              ("shard", "autoencoder", "dit", "distill", "noisy_classifier", "inception_reference", "superres"),
-             needs=("autoencoder", "dit")),
+             needs=("autoencoder", "dit"), role=EVALUATION),
 )
+
+
+def steps_of_role(role: str, recipe: tuple[StepSpec, ...] = LATENT_DIFFUSION) -> tuple[str, ...]:
+    """The declared names of the recipe's steps of one role (a fan-out by its declared name)."""
+    return tuple(spec.name for spec in recipe if spec.role == role)

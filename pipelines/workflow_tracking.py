@@ -17,11 +17,12 @@ from typing import Any
 from components.common.redact import redact_command, redact_config, redact_text
 from components.common.step import Manifest
 from components.common.tracking import StepTracker, check_reachable, client_for, ensure_experiment, redact_tags
+from pipelines.dag import DATA, EVALUATION, steps_of_role
 from pipelines.workflow import Step, WorkflowResult
 
 TAG_PREFIX = "latentflow."
-DATASET_STEPS = ("shard", "latents")  # steps whose output is a data set (images; their latents)
-EVALUATION_STEPS = ("evaluate", "inception_reference")  # read data sets to score, not to train
+DATASET_STEPS = steps_of_role(DATA)  # steps whose output is a data set (images; their latents)
+EVALUATION_STEPS = steps_of_role(EVALUATION)  # read data sets to score, not to train
 
 log = logging.getLogger("latentflow")
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from components.common.config import ConfigError
 from conftest import REPO
 from pipelines.config import PipelineConfig, load_pipeline_config
-from pipelines.dag import LATENT_DIFFUSION
+from pipelines.dag import DATA, EVALUATION, LATENT_DIFFUSION, LEARNED, steps_of_role
 from pipelines.latent_diffusion import build_workflow
 
 PINNED = json.loads((REPO / "tests" / "data" / "preset_workflows.json").read_text())
@@ -74,6 +74,26 @@ def nested_models(annotation, in_list: bool = False) -> list[tuple[type[BaseMode
         return [(annotation, in_list)]
     is_list = typing.get_origin(annotation) is list
     return [found for arg in typing.get_args(annotation) for found in nested_models(arg, in_list or is_list)]
+
+
+def test_each_step_declares_its_role_and_the_checks_follow_it():
+    """The learned steps' checks and the MLflow data-set records read the roles, not lists of names."""
+    from pipelines.workflow_tracking import DATASET_STEPS, EVALUATION_STEPS
+
+    assert all(spec.role in (DATA, LEARNED, EVALUATION) for spec in LATENT_DIFFUSION)
+    assert (DATASET_STEPS, EVALUATION_STEPS) == (("shard", "latents"), ("inception_reference", "evaluate"))
+    config = load_pipeline_config(REPO / "configs" / "pipeline" / "imagenet256.yaml", [])
+    learned = [key for key, _ in config._learned_sections()]
+    assert learned == ["superres.0", "superres.1", "autoencoder", "dit", "distill"]
+    assert all(hasattr(section, "train") for _, section in config._learned_sections())
+    assert set(steps_of_role(LEARNED)) == {"superres", "autoencoder", "noisy_classifier", "dit", "distill"}
+
+
+def test_every_learned_step_whose_batch_does_not_split_is_named_at_once():
+    with pytest.raises(ConfigError) as refused:
+        load_pipeline_config(REPO / "configs" / "pipeline" / "smoke.yaml",
+                             ["dit.resources.num_workers=7", "superres.0.resources.num_workers=7"])
+    assert "superres.0: " in str(refused.value) and "dit: " in str(refused.value)
 
 
 def test_the_walk_finds_the_preset_fields_of_the_stages():
