@@ -101,3 +101,41 @@ def test_distances():
     assert torch.allclose(pseudo_huber(a, tiny), (tiny.pow(2).flatten(1).sum(1)) / (2 * c), rtol=1e-3)
     with pytest.raises(ValueError, match="distance"):
         distance(a, b, "lpips")
+
+
+class TinyV(torch.nn.Module):
+    """A v-model with the DiT's call convention (``force_drop_ids``), depending on x, t and y."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Conv2d(2, 2, 1)
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        return self.mix(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000) + 0.1 * y.float().view(-1, 1, 1, 1)
+
+
+def test_the_registry_consistency_sampler_is_song_et_al_algorithm_1_in_ve_variables():
+    """The registry's ``consistency`` sampler on the student's x̂_0 model against alg. 1 written out in the
+    variables the student was trained in (x = x̂_0 + √(σ_k² − σ_min²) z), with the same draws."""
+    from components.diffusion import Denoiser, run_sampler
+    from components.diffusion.consistency_sampler import top_level_input
+    from components.distill.consistency import ConsistencyFunction, consistency_levels
+
+    torch.manual_seed(0)
+    model, fn = TinyV(), ConsistencyFunction(SCHEDULE, consistency_levels(SCHEDULE, 12))
+    y, top = torch.tensor([0, 3, 7]), int(fn.levels[-1])
+    draws = [torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    sample_levels = [int(fn.levels[-4]), int(fn.levels[-8])]
+
+    index = torch.full((3,), len(fn.levels) - 1)
+    expected = fn(model, draws[0] * float(fn.sigmas[-1]), index, y)
+    for level, z in zip(sample_levels, draws[1:]):
+        k = fn.nearest_index(level)
+        expected = fn(model, expected + (float(fn.sigmas[k]) ** 2 - fn.sigma_min**2) ** 0.5 * z, torch.full((3,), k), y)
+
+    stream = iter(draws[1:])
+    got = run_sampler("consistency", Denoiser(fn.x0_model(model), prediction="x0"),
+                      top_level_input(SCHEDULE, draws[0], top), torch.tensor([top, *sample_levels]), SCHEDULE,
+                      noise=lambda like: next(stream), extra_args={"y": y})
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, fn(model, draws[0] * float(fn.sigmas[-1]), index, y))  # the steps did something

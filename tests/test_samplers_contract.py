@@ -12,6 +12,7 @@ and run_sampler as the one entry.
 from __future__ import annotations
 
 import inspect
+import typing
 
 import pytest
 import torch
@@ -194,6 +195,10 @@ class TestPredictorCorrector(SamplerContract):
     options = {"corrector_steps": 1}
 
 
+class TestConsistency(SamplerContract):
+    name = "consistency"  # re-noises between its model calls: draws with no option set
+
+
 def test_every_registered_sampler_has_a_contract_test():
     covered = {cls.name for cls in SamplerContract.__subclasses__()}
     assert covered == set(SAMPLERS)
@@ -201,7 +206,7 @@ def test_every_registered_sampler_has_a_contract_test():
 
 def test_run_sampler_refuses_an_unknown_sampler_naming_the_choices():
     s = NoiseSchedule.from_name("linear", T)
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; choose one of \['ddim', 'ddpm', 'langevin', 'pc'\]"):
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; choose one of \['consistency', 'ddim', 'ddpm', 'langevin', 'pc'\]"):
         run_sampler("euler", random_linear_model(CHANNELS, T), torch.zeros(1, CHANNELS, 3, 3), torch.tensor([50]), s)
 
 
@@ -212,7 +217,10 @@ def test_per_sample_noise_refuses_a_batch_of_another_size():
 
 def test_a_sampling_config_feeds_each_sampler_exactly_its_options_by_name():
     """The DiT config's per-sampler fields are the samplers' option names: generate() picks them by name."""
-    for name in SAMPLERS:
+    offered = typing.get_args(SamplingConfig.model_fields["sampler"].annotation)
+    assert set(offered) == set(SAMPLERS) - {"consistency"}  # a consistency student's own chain, not a DiT's
+    assert config_options("consistency", SamplingConfig(eta=0.3)) == {}
+    for name in offered:
         picked = config_options(name, SamplingConfig(sampler=name, eta=0.3, langevin_steps=3))
         expected = {"eta"} if name == "ddim" else set(SCORE_SAMPLER_FIELDS.get(name, ()))
         assert set(picked) == expected, name

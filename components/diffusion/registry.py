@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
+from components.diffusion.consistency_sampler import consistency_sample
 from components.diffusion.noise import NoiseStream
 from components.diffusion.samplers import ExtraArgs, ddim_sample, ddpm_sample
 from components.diffusion.schedule import NoiseSchedule
 from components.diffusion.score import langevin_sample, pc_sample
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "langevin": langevin_sample, "pc": pc_sample}
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "langevin": langevin_sample, "pc": pc_sample,
+            "consistency": consistency_sample}
 # The positional arguments and the keywords that every sampler takes; the rest of a signature are its options.
 COMMON = ("denoiser", "x", "timesteps", "schedule", "noise", "extra_args")
 

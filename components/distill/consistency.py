@@ -17,8 +17,6 @@ timesteps it was trained on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from components.diffusion import NoiseSchedule
@@ -68,6 +66,16 @@ class ConsistencyFunction:
         """The position of the level nearest to ``timestep``."""
         return int((self.levels - int(timestep)).abs().argmin())
 
+    def x0_model(self, model):
+        """The student as an x̂_0-predicting network of the VP variables, ``(x_t, t, y) -> x̂_0``, for the
+        sampler registry's ``consistency`` sampler: ``Denoiser(fn.x0_model(student), prediction="x0")``.
+        Each timestep is taken at its nearest level."""
+        def predict(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            index = (self.levels[None, :] - t.cpu()[:, None]).abs().argmin(1)
+            sigma = self.sigmas[index].to(x_t.device, torch.float32).view((-1,) + (1,) * (x_t.ndim - 1))
+            return self(model, x_t.float() * (1 + sigma**2).sqrt(), index, y)  # x_VE = x_t / sqrt(abar)
+        return predict
+
     def teacher_denoiser(self, guided_v, y: torch.Tensor):
         """D(x, sigma) -> x0_hat of a (guided) v-model ``guided_v(z, t, y)``, for ``ode_step``; every
         sigma must be one of the levels' sigmas."""
@@ -92,19 +100,3 @@ def ct_target_decay(num_levels: int, initial_levels: int, initial_ema: float) ->
     import math
 
     return math.exp(initial_levels * math.log(initial_ema) / num_levels)
-
-
-@torch.inference_mode()
-def consistency_sample(fn: ConsistencyFunction, model, noise: torch.Tensor, y: torch.Tensor,
-                       renoise: Sequence[torch.Tensor], sample_levels: Sequence[int]) -> torch.Tensor:
-    """Song et al. 2023, alg. 1: x0 = f(sigma_max z, sigma_max), then for each level tau of
-    ``sample_levels`` (descending): x = x0 + sqrt(sigma_tau^2 - sigma_min^2) z_tau, x0 = f(x, tau).
-    ``noise``: (N, c, h, w) standard normal; ``renoise[k]``: the fresh normal draw of step k + 1.
-    Returns x0 in the data (latent) space."""
-    top = torch.full((noise.shape[0],), len(fn.levels) - 1, dtype=torch.long)
-    x0 = fn(model, noise * float(fn.sigmas[-1]), top, y)
-    for level, z in zip(sample_levels, renoise):
-        index = fn.nearest_index(int(level))
-        scale = (float(fn.sigmas[index]) ** 2 - fn.sigma_min**2) ** 0.5
-        x0 = fn(model, x0 + scale * z.to(x0.device), torch.full_like(top, index), y)
-    return x0

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from components.common.images import to_uint8
-from components.diffusion import NoiseSchedule, draw_per_sample, sample_generator
+from components.diffusion import Denoiser, NoiseSchedule, draw_per_sample, per_sample_noise, run_sampler, sample_generator
 
 PROGRESSIVE = "progressive"
 
@@ -36,7 +36,8 @@ def generate_student(student: torch.nn.Module, meta: dict, ae: torch.nn.Module, 
                      batch_size: int = 256) -> torch.Tensor:
     """uint8 images (N, C, H, W) of ``labels`` from a distilled student, decoded by the autoencoder."""
     from components.autoencoder.load import decode_scaled
-    from components.distill.consistency import ConsistencyFunction, consistency_sample
+    from components.diffusion.consistency_sampler import top_level_input
+    from components.distill.consistency import ConsistencyFunction
     from components.dit.config import SamplingConfig
     from components.dit.generate import generate
 
@@ -52,17 +53,19 @@ def generate_student(student: torch.nn.Module, meta: dict, ae: torch.nn.Module, 
     schedule = NoiseSchedule.from_name(meta["schedule"], int(meta["num_timesteps"]))
     fn = ConsistencyFunction(schedule, torch.as_tensor(meta["consistency_levels"], dtype=torch.long))
     shape, device = tuple(int(s) for s in meta["latent_shape"]), next(student.parameters()).device
-    renoise_levels = list(meta["sample_levels"])[:steps - 1]
+    top = int(fn.levels[-1])
+    timesteps = torch.as_tensor([top, *list(meta["sample_levels"])[:steps - 1]], dtype=torch.long)
+    denoiser = Denoiser(fn.x0_model(student), prediction="x0")
     chunks = []
     was_training, _ = student.training, student.eval()
     try:
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
             generators = [sample_generator(seed, start + i) for i in range(len(y))]
-            noise = draw_per_sample(generators, shape, device)
-            renoise = [draw_per_sample(generators, shape, device) for _ in renoise_levels]
-            z = consistency_sample(fn, student, noise, y, renoise, renoise_levels)
+            x = top_level_input(schedule, draw_per_sample(generators, shape, device), top)
             with torch.inference_mode():
+                z = run_sampler("consistency", denoiser, x, timesteps, schedule,
+                                noise=per_sample_noise(generators), extra_args={"y": y})
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())
     finally:
         student.train(was_training)
