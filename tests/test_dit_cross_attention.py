@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from components.diffusion import make_cfg_model_fn
-from components.dit.model import CrossAttention, DiTBlock, build_dit
+from components.dit.model import CrossAttention, DiT, DiTBlock, build_dit, dit_flops_per_image
+from components.text.config import TextEncoderConfig
+from components.text.load import build_text_encoder, tokenizer_from_captions
+from components.text.model import drop_captions
 
 CONTEXT_DIM, POOLED_DIM, TOKENS = 12, 10, 5
 
@@ -160,3 +165,62 @@ def test_guidance_with_class_and_text_nulls_both_and_refuses_nothing_to_null():
     with pytest.raises(ValueError, match="'context' needs 2 rows"):
         make_cfg_model_fn(model_fn, None, 1.5, null_text=null)(a["x"], a["t"], context=a["context"][:1],
                                                                pooled=a["pooled"])
+
+
+def test_flop_count_of_a_text_model_matches_the_torch_counter():
+    model = text_dit()
+    a = inputs()
+    counter = FlopCounterMode(display=False)
+    # the math SDPA backend decomposes into bmm, which the torch counter sees
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(a["x"], a["t"], a["y"], context=a["context"], context_mask=a["context_mask"], pooled=a["pooled"])
+    assert counter.get_total_flops() == 2 * dit_flops_per_image(model, context_tokens=TOKENS)
+
+
+def test_text_off_leaves_the_recorded_arguments_as_before():
+    class_model = build_dit("DiT-Micro/2", input_size=4, num_classes=3)
+    assert not {"context_dim", "pooled_dim"} & set(class_model.arguments)
+    text_model = text_dit()
+    assert text_model.arguments["context_dim"] == CONTEXT_DIM and text_model.arguments["pooled_dim"] == POOLED_DIM
+    rebuilt = DiT(**text_model.arguments)
+    assert list(rebuilt.state_dict()) == list(text_model.state_dict())
+
+
+def test_the_joint_encoder_trains_with_the_dit_and_its_null_guides():
+    """tau_theta and the DiT as one model: the text gets gradients once the zero entries move, and the
+    encoder's empty-caption null is what guidance's unconditional half computes with."""
+    captions = ["a thick seven", "a thin two", "seven leaning right", "two upright"]
+    torch.manual_seed(0)
+    text_cfg = TextEncoderConfig(width=CONTEXT_DIM, depth=1, heads=2, max_tokens=8, caption_dropout=0.5)
+    encoder = build_text_encoder(text_cfg, tokenizer_from_captions(text_cfg, captions))
+    model = build_dit("DiT-Micro/2", input_size=4, in_channels=4, num_classes=None, learn_sigma=False,
+                      context_dim=encoder.context_dim, pooled_dim=encoder.pooled_dim)
+    optimizer = torch.optim.Adam([*model.parameters(), *encoder.parameters()], lr=1e-2)
+    before = encoder.token_embedding.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, target = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
+        text = encoder(drop_captions(captions, text_cfg.caption_dropout, g))
+        loss = ((model(x, torch.tensor([1, 200, 400, 900]), **text.extra_args()) - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = (encoder.token_embedding.weight.detach() - before).abs().sum(dim=1)
+    tokenizer = encoder.tokenizer
+    assert moved[tokenizer.ids["seven"]] > 0 and moved[tokenizer.bos_id] > 0 and moved[tokenizer.unk_id] == 0
+
+    encoder.eval()
+    with torch.no_grad():
+        null, prompts = encoder.null(1), encoder(["a thick seven", "two"])
+        seen = {}
+
+        def model_fn(x, t, y, **cond):
+            seen.update(cond)
+            return model.eval()(x, t, y, **cond)
+
+        x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([300, 300])
+        make_cfg_model_fn(model_fn, None, 1.0, null_text=null.extra_args())(x, t, **prompts.extra_args())
+        expected = encoder.null(2)
+    torch.testing.assert_close(seen["context"][2:, :2], expected.tokens)
+    assert seen["context_mask"][2:].sum(dim=1).tolist() == [2, 2]
+    torch.testing.assert_close(seen["pooled"][2:], expected.pooled)

@@ -34,6 +34,8 @@ from components.dit.presets import DIT_PRESETS
 
 # Defaults for the non-architecture arguments: ImageNet-256 latents (32x32x4), 1000 classes.
 _DIT_DEFAULTS = dict(input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1, learn_sigma=True)
+# Left out of model.arguments while off, so a class-conditional model's dit.json reads as before.
+_TEXT_ARGUMENTS = ("context_dim", "pooled_dim")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -363,12 +365,13 @@ def build_dit(preset: str, **overrides) -> DiT:
     bound = inspect.signature(DiT).bind(**{**_DIT_DEFAULTS, **DIT_PRESETS[preset], **overrides})
     bound.apply_defaults()
     model = DiT(**bound.arguments)
-    model.arguments = dict(bound.arguments)
+    model.arguments = {k: v for k, v in bound.arguments.items() if not (k in _TEXT_ARGUMENTS and v is None)}
     return model
 
 
-def dit_flops_per_image(model: DiT, input_size: int | None = None) -> int:
-    """Forward matmul FLOPs (2 x multiply-accumulates) for one image, attention scores included.
+def dit_flops_per_image(model: DiT, input_size: int | None = None, context_tokens: int = 0) -> int:
+    """Forward matmul FLOPs (2 x multiply-accumulates) for one image, attention scores included;
+    ``context_tokens`` text tokens for a text-conditioned model (the text encoder's own cost left out).
 
     Elementwise ops, norms and the label lookup are left out. Training costs about 3x this.
     """
@@ -383,6 +386,9 @@ def dit_flops_per_image(model: DiT, input_size: int | None = None) -> int:
     per_block += 2 * tokens * tokens * d  # q @ k^T and attn @ v, over all heads
     per_block += tokens * d * d  # output projection
     per_block += 2 * tokens * d * mlp_hidden  # fc1 and fc2
+    if model.context_dim:  # cross-attention: q and output projection, k/v of the text, scores and values
+        per_block += 2 * tokens * d * d + context_tokens * model.context_dim * 2 * d + 2 * tokens * context_tokens * d
     macs += model.depth * per_block
+    macs += (model.pooled_dim * d + d * d) if model.pooled_dim else 0  # pooled text MLP
     macs += d * 2 * d + tokens * d * (p * p * model.out_channels)  # final adaLN and linear
     return 2 * macs
