@@ -224,3 +224,13 @@ def test_the_joint_encoder_trains_with_the_dit_and_its_null_guides():
     torch.testing.assert_close(seen["context"][2:, :2], expected.tokens)
     assert seen["context_mask"][2:].sum(dim=1).tolist() == [2, 2]
     torch.testing.assert_close(seen["pooled"][2:], expected.pooled)
+
+
+def test_fp32_text_meets_bf16_weights():
+    """DeepSpeed casts the DiT to bf16; the text encoder's fp32 output is cast at the model's entry."""
+    model = text_dit().to(torch.bfloat16)
+    perturb(model)
+    a = inputs()
+    out = model(a["x"].bfloat16(), a["t"], a["y"], context=a["context"], context_mask=a["context_mask"],
+                pooled=a["pooled"])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
