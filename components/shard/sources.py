@@ -103,7 +103,8 @@ class Source:
         raise NotImplementedError
 
 
-def open_source(spec: str) -> Source:
+def open_source(spec: str, hidden: Callable[[str], bool] | None = None) -> Source:
+    """The source ``spec`` names; ``hidden``: names a folder source does not list (caption files)."""
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name != "mnist":
@@ -111,7 +112,7 @@ def open_source(spec: str) -> Source:
         return MnistSource()
     if spec.startswith("webdataset:"):
         return WebdatasetSource(spec.removeprefix("webdataset:"))
-    return FolderSource(spec)
+    return FolderSource(spec, hidden)
 
 
 def storage_for(uri: str) -> Storage:
@@ -181,12 +182,15 @@ class MnistSource(Source):
 
 
 class FolderSource(Source):
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, hidden: Callable[[str], bool] | None = None):
         self.uri = uri.rstrip("/") or uri
         self.storage = storage_for(self.uri)
+        self.hidden = hidden
 
     def list_items(self):
         names = listing(self.storage, self.uri)
+        if self.hidden is not None:  # caption files beside the images are no images
+            names = [n for n in names if not self.hidden(n)]
         if not names:
             raise ShardError(f"source folder is empty: {self.uri}")
         labelled = any("/" in n for n in names)
