@@ -235,3 +235,27 @@ def test_step_records_caption_facts_in_its_manifest(ray_cluster, tmp_path):
     with pytest.raises(ShardError, match=r"a/im2\.txt: caption is not UTF-8.*\(on_bad_caption: fail\)"):
         run(ShardConfig(source=str(root), captions="sidecar", on_bad_caption="fail", val_fraction=0.0), {},
             make_ctx(tmp_path, str(tmp_path / "fail")))
+
+
+@pytest.mark.integration
+def test_s3_sidecars_and_s3_captions_file(tmp_path, s3_bucket):
+    import boto3
+
+    root = bad_caption_folder(tmp_path / "src")
+    client = boto3.client("s3")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.put_object(Bucket=s3_bucket, Key=f"images/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
+    source = f"s3://{s3_bucket}/images"
+    result, samples = chunk(ShardConfig(source=source, captions="sidecar", val_fraction=0.0), tmp_path / "sidecar")
+    assert list(samples) == ["a/im0.png"] and samples["a/im0.png"]["txt"] == b"good"
+    assert result["bad_captions"] == {"empty": 1, "not_utf8": 1, "missing": 1}
+
+    captions = write_captions_file(tmp_path / "c.csv", [("a/im0.png", "from s3"), ("b/im1.png", "one")])
+    client.put_object(Bucket=s3_bucket, Key="meta/c.csv", Body=captions.read_bytes())
+    cfg = ShardConfig(source=source, captions=f"s3://{s3_bucket}/meta/c.csv", val_fraction=0.0)
+    result, samples = chunk(cfg, tmp_path / "file")
+    assert {name: s["txt"] for name, s in samples.items()} == {"a/im0.png": b"from s3", "b/im1.png": b"one"}
+    assert result["bad_captions"] == {"missing": 2}  # the other two images (the .txt are bad images here)
+    before = source_fingerprint(cfg)
+    client.put_object(Bucket=s3_bucket, Key="meta/c.csv", Body=captions.read_bytes() + b"a/im2.png,two\r\n")
+    assert source_fingerprint(cfg) != before
