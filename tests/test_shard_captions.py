@@ -63,6 +63,10 @@ def test_config_refuses_unknown_captions_and_keys_its_cache_as_before():
         ShardConfig(captions="maybe")
     with pytest.raises(ValueError, match="attributes.*measures the bundled digits"):
         ShardConfig(source="/data", captions="attributes")
+    with pytest.raises(ValueError, match="'sidecar' needs an image folder or webdataset source"):
+        ShardConfig(captions="sidecar")
+    with pytest.raises(ValueError, match="webdataset source keeps its samples' own .txt"):
+        ShardConfig(source="webdataset:/shards", captions="/c.jsonl")
     default = ShardConfig().cache_relevant()
     assert "captions" not in default and "on_bad_caption" not in default
     assert ShardConfig(captions="attributes").cache_relevant()["captions"] == "attributes"

@@ -61,6 +61,12 @@ class ShardConfig(StepConfig):
         if self.captions == "attributes" and self.source != "builtin:mnist":
             raise ValueError(f"captions: 'attributes' measures the bundled digits; source is {self.source!r} "
                              "(use sidecar or a captions file)")
+        if self.source.startswith("builtin:") and self.captions not in ("none", "attributes"):
+            raise ValueError(f"captions: {self.captions!r} needs an image folder or webdataset source; "
+                             f"{self.source} has no caption files (use attributes)")
+        if self.source.startswith("webdataset:") and self.caption_file():
+            raise ValueError("captions: a captions file names files of an image folder; a webdataset source "
+                             "keeps its samples' own .txt (use sidecar)")
         return self
 
     def caption_file(self) -> str | None:
