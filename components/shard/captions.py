@@ -3,7 +3,7 @@ surrounding white space), the webdataset convention. ``shard.captions`` picks wh
 
 - ``sidecar``: ``image.txt`` beside ``image.png`` in a folder source (local or S3); the ``.txt``
   files are then captions, not images, and are left out of the listing. A ``webdataset:`` source
-  keeps each sample's own ``.txt``.
+  keeps each sample's own ``.txt``, read in the same pass over the tar as the image.
 - a captions file (``.jsonl``: lines ``{"file": ..., "caption": ...}``; ``.csv``: a ``file,caption``
   header), local or ``s3://``, ``file`` relative to the source root. Memory: each task streams the
   file once and keeps only the captions of its own chunk's files (a map of at most
@@ -77,15 +77,26 @@ class CaptionPlan:
     file: str | None = None  # the captions file's URI
     tertiles: dict[str, list[float]] = field(default_factory=dict)  # attributes: per-class ink tertiles
 
+    def members(self, source: Source) -> tuple[str, ...]:
+        """The files of a source's own samples the captions are: read with the images, in one pass."""
+        return (CAPTION_KEY,) if self.mode == "sidecar" and isinstance(source, WebdatasetSource) else ()
+
     def for_chunk(self, items: list[SourceItem], source: Source) -> dict[str, bytes | BadCaption]:
-        """{item key: caption bytes or BadCaption} for one chunk's items."""
+        """{item key: caption bytes or BadCaption} for one chunk's items; {} where they are the
+        samples' own files (``members``)."""
         if self.mode == "attributes":
             return {item.key: attribute_caption(item, self.tertiles) for item in items}
         if self.mode == "file":
             return file_captions(self.file, items)
-        if isinstance(source, WebdatasetSource):
-            return webdataset_captions(source, items)
+        if self.members(source):
+            return {}
         return sidecar_captions(source, items)
+
+    def caption(self, item: SourceItem, source: Source, chunk: dict[str, bytes | BadCaption],
+                extra: dict[str, bytes]) -> bytes | BadCaption:
+        if self.members(source):
+            return checked(extra.get(CAPTION_KEY), f"{source.storage.uri(item.ref)}#{item.member}.{CAPTION_KEY}")
+        return chunk[item.key]
 
 
 def caption_plan(cfg: ShardConfig) -> CaptionPlan | None:
@@ -145,18 +156,6 @@ def sidecar_captions(source: Source, items: list[SourceItem]) -> dict[str, bytes
             raw = None
         out[item.key] = checked(raw, source.storage.uri(rel))
     return out
-
-
-def webdataset_captions(source: WebdatasetSource, items: list[SourceItem]) -> dict[str, bytes | BadCaption]:
-    by_tar: dict[str, set[str]] = {}
-    for item in items:
-        by_tar.setdefault(item.ref, set()).add(item.member)
-    found: dict[tuple[str, str], bytes] = {}
-    for rel, wanted in by_tar.items():
-        samples, _ = source.read_tar(rel, lambda members: [CAPTION_KEY] if CAPTION_KEY in members else [], wanted)
-        found.update(((rel, key), sample[CAPTION_KEY]) for key, sample in samples if CAPTION_KEY in sample)
-    return {item.key: checked(found.get((item.ref, item.member)),
-                              f"{source.storage.uri(item.ref)}#{item.member}.{CAPTION_KEY}") for item in items}
 
 
 @contextmanager
@@ -230,10 +229,3 @@ def caption_fingerprint(uri: str) -> list:
         raise ShardError(f"captions file not found: {uri}")
     return [list(v) for v in versions]
 
-
-def stored_caption(text: bytes | BadCaption, policy: str) -> bytes | None:
-    """The bytes to store for a checked caption under ``on_bad_caption``; None: skip the sample
-    (``fail`` is the caller's, which names the file)."""
-    if not isinstance(text, BadCaption):
-        return text
-    return b"" if policy == "keep_empty" else None

@@ -33,8 +33,8 @@ from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
 from components.common.tracking import png_bytes
-from components.shard.captions import (BAD_CAPTION_KINDS, CAPTION_KEY, BadCaption, CaptionPlan, caption_fingerprint, caption_plan,
-                                       hidden_names, stored_caption)
+from components.shard.captions import (BAD_CAPTION_KINDS, CAPTION_KEY, BadCaption, CaptionPlan, caption_fingerprint,
+                                       caption_plan, hidden_names)
 from components.shard.config import ShardConfig
 from components.shard.contact_sheet import SheetPicker, contact_sheet, merge
 from components.shard.images import BadSample, decode, encode, prepare
@@ -150,6 +150,16 @@ def encode_sample(item: SourceItem, image: Image.Image, meta: dict, cfg: ShardCo
     return sample
 
 
+def handle_bad_caption(caption: BadCaption, cfg: ShardConfig, skipped: list[dict[str, str]]) -> bytes | None:
+    """A bad caption under ``skip`` (None: the sample is skipped, and listed) or ``keep_empty`` (b"")."""
+    keep = cfg.on_bad_caption == "keep_empty"
+    log.warning("shard: %s: %s (%s)", caption.file, caption.reason, "kept with an empty caption" if keep else "skipped")
+    if keep:
+        return b""
+    skipped.append({"file": caption.file, "reason": caption.reason, "kind": f"caption_{caption.kind}"})
+    return None
+
+
 def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardConfig,
                 output: Storage, captions: CaptionPlan | None = None) -> dict[str, Any]:
     """One Ray task: read, check, normalise and write one chunk of items; return what it did.
@@ -165,7 +175,7 @@ def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardC
     chunk_captions = captions.for_chunk(items, source) if captions is not None else {}
     bad_captions: Counter = Counter()
     try:
-        for item, name, payload in source.read_chunk(items):
+        for item, name, payload, extra in source.read_chunk(items, captions.members(source) if captions else ()):
             try:
                 if isinstance(payload, BadSample):
                     raise payload
@@ -178,18 +188,15 @@ def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardC
                 log.warning("shard: skipping %s: %s", name, bad.reason)
                 skipped.append({"file": name, "reason": bad.reason, "kind": bad.kind})
                 continue
-            caption = chunk_captions.get(item.key)
+            caption = captions.caption(item, source, chunk_captions, extra) if captions is not None else None
             if isinstance(caption, BadCaption):
                 bad_captions[caption.kind] += 1
                 if cfg.on_bad_caption == "fail":
                     return {"chunk": chunk, "error": {"file": caption.file, "reason": caption.reason,
                                                       "policy": "on_bad_caption"}}
-                log.warning("shard: %s: %s (%s)", caption.file, caption.reason,
-                            "kept with an empty caption" if cfg.on_bad_caption == "keep_empty" else "sample skipped")
-                if cfg.on_bad_caption == "skip":
-                    skipped.append({"file": caption.file, "reason": caption.reason, "kind": f"caption_{caption.kind}"})
+                caption = handle_bad_caption(caption, cfg, skipped)
+                if caption is None:
                     continue
-                caption = stored_caption(caption, cfg.on_bad_caption)
             source_path = f"{item.ref}#{item.member}" if item.member else item.ref
             meta = {"source": source_path, "class": item.class_name, **original}
             split = "val" if is_val(item.key, cfg.val_fraction) else "train"
@@ -210,11 +217,10 @@ def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardC
 
 
 def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig, ctx: StepContext,
-               total: int) -> list[dict[str, Any]]:
+               total: int, captions: CaptionPlan | None = None) -> list[dict[str, Any]]:
     """One Ray task per chunk, at most ``num_workers`` in flight; a progress bar of samples written."""
     results: list[dict[str, Any]] = []
     skipped = 0
-    captions = caption_plan(cfg)
     jobs = ((index, chunk, source, cfg, ctx.output, captions) for index, chunk in enumerate(chunks))
     with closing(progress_bar(total, "samples written", unit="sample", channel=ctx.tracker.progress)) as bar:
         for result in bounded_imap(shard_chunk, jobs, ctx.resources.num_workers, ctx.resources.cpus_per_worker):
@@ -245,7 +251,8 @@ def run(cfg: ShardConfig, inputs: dict[str, Manifest], ctx: StepContext) -> Step
 
     per_task = cfg.task_items()
     chunks = [items[i : i + per_task] for i in range(0, len(items), per_task)]
-    results = run_chunks(chunks, source, cfg, ctx, total=len(items))
+    captions = caption_plan(cfg)
+    results = run_chunks(chunks, source, cfg, ctx, total=len(items), captions=captions)
 
     class_order = list(source.classes) if source.classes is not None else [UNLABELLED]
     counts = {split: {c: 0 for c in class_order} for split in SPLITS}
@@ -288,14 +295,15 @@ def run(cfg: ShardConfig, inputs: dict[str, Manifest], ctx: StepContext) -> Step
     }
     metrics = {"num_train": num["train"], "num_val": num["val"], "num_skipped": len(skipped),
                "num_shards": len(shards["train"]) + len(shards["val"])}
-    if cfg.captions != "none":  # nothing added otherwise: the manifest of a caption-less step is as before
-        caption_facts(cfg, results, info, metrics)
+    if captions is not None:  # nothing added otherwise: the manifest of a caption-less step is as before
+        caption_facts(cfg, captions, results, info, metrics)
     log.info("shard: %d train + %d val samples in %d shards, %d skipped", num["train"], num["val"],
              metrics["num_shards"], len(skipped))
     return StepOutput(files=files, metrics={k: float(v) for k, v in metrics.items()}, info=info)
 
 
-def caption_facts(cfg: ShardConfig, results: list[dict[str, Any]], info: dict, metrics: dict) -> None:
+def caption_facts(cfg: ShardConfig, captions: CaptionPlan, results: list[dict[str, Any]], info: dict,
+                  metrics: dict) -> None:
     """The captions' facts in the manifest: their source, the bad ones by kind, and for
     ``attributes`` the thresholds the evaluate step measures generated samples against."""
     bad = Counter()
@@ -307,7 +315,7 @@ def caption_facts(cfg: ShardConfig, results: list[dict[str, Any]], info: dict, m
     if cfg.captions == "attributes":
         from components.shard.digit_attributes import SLANT_DEAD_ZONE, THICKNESS
 
-        info["caption_attributes"] = {"ink_tertiles": caption_plan(cfg).tertiles, "slant_dead_zone": SLANT_DEAD_ZONE,
+        info["caption_attributes"] = {"ink_tertiles": captions.tertiles, "slant_dead_zone": SLANT_DEAD_ZONE,
                                       "thickness": list(THICKNESS), "measured_on": "the 28x28 source pixels"}
     metrics["num_bad_captions"] = sum(bad.values())
     log.info("shard: captions from %s, bad captions %s (%s)", cfg.captions, dict(bad) or "none", cfg.on_bad_caption)

@@ -98,8 +98,11 @@ class Source:
     def list_items(self) -> tuple[list[SourceItem], list[Rejected]]:
         raise NotImplementedError
 
-    def read_chunk(self, items: list[SourceItem]) -> Iterator[tuple[SourceItem, str, Payload]]:
-        """(item, file name for messages, bytes of the image file | a decoded image | BadSample)."""
+    def read_chunk(self, items: list[SourceItem], extras: tuple[str, ...] = ()
+                   ) -> Iterator[tuple[SourceItem, str, Payload, dict[str, bytes]]]:
+        """(item, file name for messages, bytes of the image file | a decoded image | BadSample,
+        the sample's files of the suffixes ``extras`` where it has them: sources whose samples have
+        files of their own, webdataset shards, read them in the same pass as the image)."""
         raise NotImplementedError
 
 
@@ -173,9 +176,9 @@ class MnistSource(Source):
                  for row in order]
         return items, []
 
-    def read_chunk(self, items):
+    def read_chunk(self, items, extras=()):
         for item in items:
-            yield item, item.ref, Image.fromarray(item.pixels, "L")
+            yield item, item.ref, Image.fromarray(item.pixels, "L"), {}
 
 
 # ------------------------------------------------------------------ image folder
@@ -209,14 +212,14 @@ class FolderSource(Source):
                                     label=index[class_name] if labelled else None))
         return items, rejected
 
-    def read_chunk(self, items):
+    def read_chunk(self, items, extras=()):
         for item in items:
             name = self.storage.uri(item.ref)
             try:
                 data: Payload = self.storage.read_bytes(item.ref)
             except OSError as e:  # local permission problems and the like; S3 errors propagate
                 data = BadSample("unreadable", f"unreadable file: {e}")
-            yield item, name, data
+            yield item, name, data, {}
 
 
 # ------------------------------------------------------------------ webdataset shards
@@ -333,21 +336,24 @@ class WebdatasetSource(Source):
                  for k, (rel, key, label, _) in zip(keys, found)]
         return items, rejected
 
-    def read_chunk(self, items):
+    def read_chunk(self, items, extras=()):
         by_tar: dict[str, set[str]] = {}
         for item in items:
             by_tar.setdefault(item.ref, set()).add(item.member)
         loaded: dict[tuple[str, str], dict] = {}
+        def fields(members: dict) -> list[str]:
+            return image_member(members) + [e for e in extras if e in members]
         for rel, wanted in by_tar.items():
-            samples, _ = self.read_tar(rel, image_member, wanted)
+            samples, _ = self.read_tar(rel, fields, wanted)
             loaded.update(((rel, key), sample) for key, sample in samples)  # problems: counted by list_items
         for item in items:
             name = f"{self.storage.uri(item.ref)}#{item.member}"
             sample = loaded.get((item.ref, item.member))
             field = image_field(sample) if sample is not None else None
+            extra = {e: sample[e] for e in extras if e in sample} if sample is not None else {}
             if sample is None:
-                yield item, name, BadSample("missing", "sample vanished from its shard")
+                yield item, name, BadSample("missing", "sample vanished from its shard"), extra
             elif field is None:
-                yield item, name, BadSample("not_image", "sample has no image field")
+                yield item, name, BadSample("not_image", "sample has no image field"), extra
             else:
-                yield item, f"{name}.{field}", sample[field]
+                yield item, f"{name}.{field}", sample[field], extra
