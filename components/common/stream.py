@@ -57,7 +57,7 @@ class LoaderConfig(StrictModel):
 
 @dataclass
 class StreamedBatch:
-    tensors: dict[str, "torch.Tensor"]
+    tensors: dict[str, "torch.Tensor"]  # and a list of str per text field (``caption``) when decoded
     epoch: int
     position: int  # the position just after this batch, in the rank's epoch order
     skipped: int = 0  # bad samples passed over while assembling it

@@ -7,7 +7,8 @@ bytes of a chunk of them (inside a Ray task, possibly in another process or on a
 - an image folder, local or ``s3://bucket/prefix``: every file below it, sorted by relative path;
   names starting with ``.`` (files or folders) are ignored. If any file sits in a sub-folder, the
   first path component is the class (classes sorted by name -> index) and files directly in the
-  root are rejected ("not in a class sub-folder"); a flat folder is unlabelled.
+  root are rejected ("not in a class sub-folder"); a flat folder is unlabelled. Names the step's
+  captions claim (``hidden``: sidecar ``.txt`` files, a captions file inside the folder) are not listed.
 - ``webdataset:PATH`` / ``webdataset:s3://...``: every ``.tar`` below PATH (or PATH itself), opened
   as a plain file and read by member offsets (``components.common.tar_index``); S3 shards are first
   downloaded to a scratch dir. A name is never handed to webdataset's URL parsing (``a::b`` chains,
