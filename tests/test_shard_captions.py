@@ -235,6 +235,7 @@ def test_step_records_caption_facts_in_its_manifest(ray_cluster, tmp_path):
                   make_ctx(tmp_path, str(tmp_path / "skip")))
     assert skipped.info["bad_captions_by_kind"] == {"missing": 1, "empty": 1, "not_utf8": 1}
     assert skipped.metrics["num_bad_captions"] == 3 and skipped.metrics["num_train"] == 1
+    assert [skipped.metrics[f"bad_captions_{kind}"] for kind in ("missing", "empty", "not_utf8")] == [1, 1, 1]
     assert skipped.info["skipped_by_kind"] == {"caption_empty": 1, "caption_missing": 1, "caption_not_utf8": 1}
     with pytest.raises(ShardError, match=r"a/im2\.txt: caption is not UTF-8.*\(on_bad_caption: fail\)"):
         run(ShardConfig(source=str(root), captions="sidecar", on_bad_caption="fail", val_fraction=0.0), {},

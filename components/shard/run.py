@@ -318,4 +318,5 @@ def caption_facts(cfg: ShardConfig, captions: CaptionPlan, results: list[dict[st
         info["caption_attributes"] = {"ink_tertiles": captions.tertiles, "slant_dead_zone": SLANT_DEAD_ZONE,
                                       "thickness": list(THICKNESS), "measured_on": "the 28x28 source pixels"}
     metrics["num_bad_captions"] = sum(bad.values())
+    metrics.update({f"bad_captions_{kind}": bad.get(kind, 0) for kind in BAD_CAPTION_KINDS})
     log.info("shard: captions from %s, bad captions %s (%s)", cfg.captions, dict(bad) or "none", cfg.on_bad_caption)
