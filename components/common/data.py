@@ -8,6 +8,12 @@ a sample's bytes into arrays (run on the stream's decode threads, see ``componen
   the one resampler (``components.common.resample``), ``label`` int64 (-1: unlabelled);
 - ``LatentDecoder()``: -> ``latent`` float32 (c, h, w), ``label``.
 
+Captions (``<key>.txt``, issue 17) are opt-in, so a stage that does not ask for them gets exactly
+what it got before, from the same shards: ``image_split(m, split, captions=True)`` (or
+``latent_split``) makes the ``txt`` file required, and ``ImageDecoder(..., captions=True)`` /
+``LatentDecoder(captions=True)`` add ``caption`` (str); the stream batches it as a list of str,
+``batch["caption"]``. ``has_captions(manifest)`` says whether a step's shards carry them.
+
 Per-shard sample counts come from the manifest (``<split>_counts``); manifests written before the
 counts were recorded are counted once from the shards' headers (local) or downloads (S3).
 """
@@ -28,11 +34,12 @@ if TYPE_CHECKING:
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 LATENT_KEY = "latent.npy"
 LABEL_KEY = "cls"
+CAPTION_KEY = "txt"
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_KEYS", "ImageDecoder", "LatentDecoder", "ShardDataError", "decode_image", "image_split",
-           "latent_split", "parse_label", "split_counts"]
+__all__ = ["IMAGE_KEYS", "ImageDecoder", "LatentDecoder", "ShardDataError", "decode_image", "has_captions",
+           "image_split", "latent_split", "parse_caption", "parse_label", "split_counts"]
 
 
 def decode_image(data: bytes, key: str = "") -> np.ndarray:
@@ -58,11 +65,22 @@ def parse_label(value: bytes | None, key: str) -> int:
         raise ShardDataError(f"sample {key!r}: cls is not an integer: {value[:20]!r}") from e
 
 
+def parse_caption(value: bytes | None, key: str) -> str:
+    """A ``txt`` field -> str (the shard step wrote it as UTF-8; an empty one is the null caption)."""
+    if value is None:
+        raise ShardDataError(f"sample {key!r}: has no caption ({CAPTION_KEY}) file")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShardDataError(f"sample {key!r}: caption is not UTF-8: {e}") from e
+
+
 class ImageDecoder:
-    def __init__(self, image_key: str = "png", size: int | None = None, filter: str = "bicubic"):
+    def __init__(self, image_key: str = "png", size: int | None = None, filter: str = "bicubic",
+                 captions: bool = False):
         if image_key not in IMAGE_KEYS:
             raise ValueError(f"image_key must be one of {IMAGE_KEYS}, got {image_key!r}")
-        self.image_key, self.size, self.filter = image_key, size, filter
+        self.image_key, self.size, self.filter, self.captions = image_key, size, filter, captions
 
     def __call__(self, key: str, data: dict[str, bytes]) -> dict[str, np.ndarray]:
         from components.common.resample import resize_uint8
@@ -70,16 +88,25 @@ class ImageDecoder:
         image = decode_image(data[self.image_key], key)
         if self.size is not None and image.shape[-1] != self.size:
             image = resize_uint8(image[None], self.size, self.filter)[0]
-        return {"image": image, "label": np.int64(parse_label(data.get(LABEL_KEY), key))}
+        decoded = {"image": image, "label": np.int64(parse_label(data.get(LABEL_KEY), key))}
+        if self.captions:
+            decoded["caption"] = parse_caption(data.get(CAPTION_KEY), key)
+        return decoded
 
 
 class LatentDecoder:
+    def __init__(self, captions: bool = False):
+        self.captions = captions
+
     def __call__(self, key: str, data: dict[str, bytes]) -> dict[str, np.ndarray]:
         try:
             latent = np.load(io.BytesIO(data[LATENT_KEY]), allow_pickle=False).astype(np.float32)
         except (ValueError, OSError) as e:
             raise ShardDataError(f"sample {key!r}: cannot read its latent: {e}") from e
-        return {"latent": latent, "label": np.int64(parse_label(data.get(LABEL_KEY), key))}
+        decoded = {"latent": latent, "label": np.int64(parse_label(data.get(LABEL_KEY), key))}
+        if self.captions:
+            decoded["caption"] = parse_caption(data.get(CAPTION_KEY), key)
+        return decoded
 
 
 def split_counts(manifest: "Manifest", split: str) -> list[int]:
@@ -110,16 +137,28 @@ def shard_digests(manifest: "Manifest", rels: tuple[str, ...]) -> tuple[str, ...
     return tuple(manifest.file(rel).sha256 for rel in rels)
 
 
-def image_split(manifest: "Manifest", split: str) -> SplitSpec:
-    """The shard step's images of one split."""
-    rels = tuple(manifest.info.get(f"{split}_shards") or ())
-    return SplitSpec(manifest.output_uri, rels, tuple(split_counts(manifest, split)),
-                     (manifest.info.get("image_format", "png"),), (LABEL_KEY,), bad_sample_policy(manifest),
-                     f"{manifest.step} {split}", shard_digests(manifest, rels))
+def has_captions(manifest: "Manifest") -> bool:
+    """Whether the step's shards (the shard step's, or the latents made of them) carry ``txt`` captions."""
+    return manifest.info.get("captions", "none") != "none"
 
 
-def latent_split(manifest: "Manifest", split: str) -> SplitSpec:
-    """The latents step's latents of one split."""
+def required_fields(manifest: "Manifest", main: str, captions: bool) -> tuple[str, ...]:
+    if captions and not has_captions(manifest):
+        raise ValueError(f"step {manifest.step}: its shards carry no captions (shard.captions is none)")
+    return (main, CAPTION_KEY) if captions else (main,)
+
+
+def image_split(manifest: "Manifest", split: str, captions: bool = False) -> SplitSpec:
+    """The shard step's images of one split (and their captions, when asked)."""
     rels = tuple(manifest.info.get(f"{split}_shards") or ())
-    return SplitSpec(manifest.output_uri, rels, tuple(split_counts(manifest, split)), (LATENT_KEY,), (LABEL_KEY,),
+    fields = required_fields(manifest, manifest.info.get("image_format", "png"), captions)
+    return SplitSpec(manifest.output_uri, rels, tuple(split_counts(manifest, split)), fields, (LABEL_KEY,),
+                     bad_sample_policy(manifest), f"{manifest.step} {split}", shard_digests(manifest, rels))
+
+
+def latent_split(manifest: "Manifest", split: str, captions: bool = False) -> SplitSpec:
+    """The latents step's latents of one split (and their captions, when asked)."""
+    rels = tuple(manifest.info.get(f"{split}_shards") or ())
+    fields = required_fields(manifest, LATENT_KEY, captions)
+    return SplitSpec(manifest.output_uri, rels, tuple(split_counts(manifest, split)), fields, (LABEL_KEY,),
                      bad_sample_policy(manifest), f"{manifest.step} {split}", shard_digests(manifest, rels))

@@ -9,7 +9,10 @@ is read or decoded again, and on one node the batches are exactly those of an un
   thread reads each sample's bytes (``SampleReader``), decodes them (``decoder``, on
   ``decode_threads`` threads, results kept in order), stacks ``micro_batch`` of them, applies the
   batch ``transform`` (resizing, SR pairs) and queues up to ``prefetch_batches`` batches ahead.
-- ``TensorSource``: from tensors already in memory (tests, benchmarks), in the same plan order.
+- ``TensorSource``: from tensors already in memory (tests, benchmarks), in the same plan order; a
+  list (captions) is indexed like a tensor.
+
+A decoder's str values (captions) are batched as a list of str, not a tensor.
 
 Every rank yields ``span_length // micro_batch`` batches per epoch (the plan gives every rank the
 same span length), so no rank waits at the end of an epoch for a collective another never reaches.
@@ -54,7 +57,7 @@ class LoaderConfig(StrictModel):
 
 @dataclass
 class StreamedBatch:
-    tensors: dict[str, "torch.Tensor"]
+    tensors: dict[str, "torch.Tensor"]  # and a list of str per text field (``caption``) when decoded
     epoch: int
     position: int  # the position just after this batch, in the rank's epoch order
     skipped: int = 0  # bad samples passed over while assembling it
@@ -77,11 +80,13 @@ def batches_per_epoch(plan: EpochPlan, micro_batch: int) -> int:
     return count
 
 
-def stack(samples: list[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
-    """Per-sample dicts of arrays and numbers -> one dict of batched tensors."""
+def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-sample dicts of arrays and numbers -> one dict of batched tensors; text (a caption) stays
+    a list of str, one per sample."""
     import torch
 
-    return {name: torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples])) for name in samples[0]}
+    return {name: [s[name] for s in samples] if isinstance(samples[0][name], str)
+            else torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples])) for name in samples[0]}
 
 
 class ShardSource:
@@ -218,7 +223,8 @@ class TensorSource:
         for _ in range(self.batches_per_epoch(epoch) - batches_done):
             rows = [next(entries) for _ in range(self.micro_batch)]
             index = torch.tensor([sample for _, _, _, sample in rows])
-            tensors = {name: value[index] for name, value in self.tensors.items()}
+            tensors = {name: [value[i] for i in index.tolist()] if isinstance(value, list) else value[index]
+                       for name, value in self.tensors.items()}
             tensors = self.transform(tensors) if self.transform is not None else tensors
             yield StreamedBatch(tensors, epoch, rows[-1][0] + 1, 0, [str(int(i)) for i in index])
 

@@ -12,8 +12,9 @@ Before the pool starts, a pool the cluster can never hold is refused, naming the
 
 The output is ``train/latents-XXXXX.tar`` (XXXXX: the input shard's index in
 ``info["train_shards"]``; val alike), written with webdataset's ``TarWriter`` to a scratch file and
-then uploaded (a shard appears whole or not at all): ``<key>.latent.npy`` ((c, h, w), ``dtype``) and
-``<key>.cls`` when labelled. Bytes are deterministic (fixed mtime/owner/mode, sample order of the
+then uploaded (a shard appears whole or not at all): ``<key>.latent.npy`` ((c, h, w), ``dtype``),
+``<key>.cls`` when labelled and ``<key>.txt`` (the caption, bytes unchanged) when the image shard has
+one. Bytes are deterministic (fixed mtime/owner/mode, sample order of the
 input shard, the same chunk boundaries for the same ``batch_size``), so re-running writes identical
 shards, and ``encode_shard`` in one process writes the same bytes as the pool when it runs as many
 torch threads as an actor does (BLAS rounding depends on it). Read them with
@@ -50,6 +51,7 @@ from components.latents.load import LABEL_KEY, LATENT_KEY
 CODE_VERSION = "1"
 SPLITS = ("train", "val")
 SHARD_LABEL_KEY = "cls"  # the shard step's label field
+CAPTION_KEY = "txt"  # the shard step's caption, copied as it is
 RESULT_KEYS = ("split", "index", "file", "count", "sum", "sum_sq", "elements")
 
 log = logging.getLogger(__name__)
@@ -70,15 +72,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def iter_image_chunks(storage: Storage, rel: str, image_key: str, size: int, batch_size: int
-                      ) -> Iterator[tuple[list[str], np.ndarray, list[int]]]:
-    """(keys, images uint8 (B, C, size, size), labels with -1 for none) of one shard, ``batch_size``
-    samples at a time in file order: only one chunk of the shard is ever decoded in memory."""
+                      ) -> Iterator[tuple[list[str], np.ndarray, list[int], list[bytes | None]]]:
+    """(keys, images uint8 (B, C, size, size), labels with -1 for none, captions: ``txt`` bytes or
+    None) of one shard, ``batch_size`` samples at a time in file order: only one chunk of the shard
+    is ever decoded in memory."""
     from components.common.data import ShardDataError, decode_image
     from components.common.resample import resize_uint8
     from components.common.shard_reader import iter_shard_samples, parse_label
 
     keys, images, labels, shape = [], [], [], None
-    for sample in iter_shard_samples(storage, [rel], (image_key, SHARD_LABEL_KEY)):
+    texts: list[bytes | None] = []
+    for sample in iter_shard_samples(storage, [rel], (image_key, SHARD_LABEL_KEY, CAPTION_KEY)):
         key = sample["__key__"]
         if image_key not in sample:
             raise ShardDataError(f"sample {key!r} in {storage.uri(rel)} has no {image_key!r} field")
@@ -89,11 +93,12 @@ def iter_image_chunks(storage: Storage, rel: str, image_key: str, size: int, bat
         keys.append(key)
         images.append(image)
         labels.append(parse_label(sample.get(SHARD_LABEL_KEY), key))
+        texts.append(sample.get(CAPTION_KEY))
         if len(keys) == batch_size:
-            yield keys, resize_uint8(np.stack(images), size), labels
-            keys, images, labels = [], [], []
+            yield keys, resize_uint8(np.stack(images), size), labels, texts
+            keys, images, labels, texts = [], [], [], []
     if keys:
-        yield keys, resize_uint8(np.stack(images), size), labels
+        yield keys, resize_uint8(np.stack(images), size), labels, texts
 
 
 def encode_chunk(model, images: np.ndarray, keys: list[str], cfg: LatentsConfig, scale: float) -> np.ndarray:
@@ -115,11 +120,14 @@ def encode_chunk(model, images: np.ndarray, keys: list[str], cfg: LatentsConfig,
         return (z * scale).cpu().numpy().astype(np.dtype(cfg.dtype))
 
 
-def write_samples(writer, keys: list[str], latents: np.ndarray, labels: list[int]) -> None:
-    for key, latent, label in zip(keys, latents, labels):
+def write_samples(writer, keys: list[str], latents: np.ndarray, labels: list[int],
+                  captions: list[bytes | None]) -> None:
+    for key, latent, label, caption in zip(keys, latents, labels, captions):
         sample = {"__key__": key, LATENT_KEY: npy_bytes(latent)}
         if label >= 0:
             sample[LABEL_KEY] = str(int(label)).encode("ascii")
+        if caption is not None:
+            sample[CAPTION_KEY] = caption
         writer.write(sample)
 
 
@@ -150,9 +158,9 @@ def encode_shard(split: str, index: int, shard_location: str, rel: str, model, m
         with open(path, "wb") as stream:
             # Fixed mtime (an int: a float adds PAX headers), owner and mode: identical bytes on re-runs.
             writer = wds.TarWriter(stream, encoder=False, mtime=0, user="latentflow", group="latentflow", mode=0o444)
-            for keys, images, labels in chunks:
+            for keys, images, labels, captions in chunks:
                 latents = encode_chunk(model, images, keys, cfg, meta["scale_factor"])
-                write_samples(writer, keys, latents, labels)
+                write_samples(writer, keys, latents, labels, captions)
                 add_moments(moments, latents)
             writer.close()
         if moments["count"] == 0:
@@ -248,6 +256,8 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
             # for samples they cannot read
             **{f"{split}_counts": [r["count"] for r in results if r["split"] == split] for split in SPLITS},
             "on_bad_sample": bad_sample_policy(shard)}
+    if "captions" in shard.info:  # the latent shards carry the shard step's captions (nothing added otherwise)
+        info["captions"] = shard.info["captions"]
     metrics = {"num_train": float(counts["train"]), "num_val": float(counts["val"]),
                "latent_mean": mean, "latent_std": std}
     ctx.tracker.log_metrics(metrics)

@@ -8,8 +8,9 @@ number of workers, and re-running gives byte-identical shards (fixed tar mtime/o
 sample fields, canonical JSON).
 
 A sample holds ``<key>.png`` (or ``.jpg``/``.webp``), ``<key>.cls`` (class index, labelled sources
-only) and ``<key>.json`` (``source``: path within the source, ``class``: name or null,
-``original_size``: [w, h], ``original_mode``). A sample goes to validation when
+only), ``<key>.json`` (``source``: path within the source, ``class``: name or null,
+``original_size``: [w, h], ``original_mode``) and, when ``captions`` is set, ``<key>.txt`` (the
+caption, UTF-8; see ``captions.py``). A sample goes to validation when
 sha256(key), read as a fraction of 2**64, is below ``val_fraction``.
 """
 
@@ -32,6 +33,8 @@ from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.storage import Storage
 from components.common.tracking import png_bytes
+from components.shard.captions import (BAD_CAPTION_KINDS, CAPTION_KEY, BadCaption, CaptionPlan, caption_fingerprint,
+                                       caption_plan, hidden_names)
 from components.shard.config import ShardConfig
 from components.shard.contact_sheet import SheetPicker, contact_sheet, merge
 from components.shard.images import BadSample, decode, encode, prepare
@@ -52,7 +55,11 @@ def source_fingerprint(cfg: ShardConfig) -> str:
     """The source's current content as a digest (see ``source_probe.source_fingerprint``)."""
     from components.shard.source_probe import source_fingerprint as fingerprint
 
-    return fingerprint(cfg.source)
+    digest = fingerprint(cfg.source)
+    if cfg.caption_file():  # a changed captions file re-runs the step (sidecars are in the source's listing)
+        listed = json.dumps(caption_fingerprint(cfg.caption_file()), separators=(",", ":")).encode()
+        digest += f"+captions-{hashlib.sha256(listed).hexdigest()[:32]}"
+    return digest
 
 
 def is_val(key: str, val_fraction: float) -> bool:
@@ -132,27 +139,43 @@ class SplitWriter:
         self.writer = None
 
 
-def encode_sample(item: SourceItem, image: Image.Image, meta: dict, cfg: ShardConfig) -> dict[str, Any]:
+def encode_sample(item: SourceItem, image: Image.Image, meta: dict, cfg: ShardConfig,
+                  caption: bytes | None = None) -> dict[str, Any]:
     sample: dict[str, Any] = {"__key__": item.key, cfg.image_format: encode(image, cfg.image_format, cfg.jpeg_quality)}
     if item.label is not None:
         sample["cls"] = str(item.label).encode("ascii")
     sample["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    if caption is not None:
+        sample[CAPTION_KEY] = caption
     return sample
 
 
+def handle_bad_caption(caption: BadCaption, cfg: ShardConfig, skipped: list[dict[str, str]]) -> bytes | None:
+    """A bad caption under ``skip`` (None: the sample is skipped, and listed) or ``keep_empty`` (b"")."""
+    keep = cfg.on_bad_caption == "keep_empty"
+    log.warning("shard: %s: %s (%s)", caption.file, caption.reason, "kept with an empty caption" if keep else "skipped")
+    if keep:
+        return b""
+    skipped.append({"file": caption.file, "reason": caption.reason, "kind": f"caption_{caption.kind}"})
+    return None
+
+
 def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardConfig,
-                output: Storage) -> dict[str, Any]:
+                output: Storage, captions: CaptionPlan | None = None) -> dict[str, Any]:
     """One Ray task: read, check, normalise and write one chunk of items; return what it did.
 
-    Under ``on_bad_sample: fail`` the first bad file ends the task with ``{"error": ...}``."""
+    Under ``on_bad_sample: fail`` the first bad file ends the task with ``{"error": ...}``, and
+    under ``on_bad_caption: fail`` the first bad caption."""
     scratch = Path(tempfile.mkdtemp(prefix=f"latentflow-shard-{chunk:05d}-"))  # this task's machine
     writers = {split: SplitWriter(scratch, output, split, chunk, cfg.samples_per_shard, cfg.max_shard_bytes)
                for split in SPLITS}
     counts = {split: Counter() for split in SPLITS}
     skipped: list[dict[str, str]] = []
     picker = SheetPicker(cfg.contact_sheet_seed)
+    chunk_captions = captions.for_chunk(items, source) if captions is not None else {}
+    bad_captions: Counter = Counter()
     try:
-        for item, name, payload in source.read_chunk(items):
+        for item, name, payload, extra in source.read_chunk(items, captions.members(source) if captions else ()):
             try:
                 if isinstance(payload, BadSample):
                     raise payload
@@ -161,14 +184,23 @@ def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardC
                 image = prepare(image, cfg.channels, cfg.image_size)
             except BadSample as bad:
                 if cfg.on_bad_sample == "fail":
-                    return {"chunk": chunk, "error": {"file": name, "reason": bad.reason}}
+                    return {"chunk": chunk, "error": {"file": name, "reason": bad.reason, "policy": "on_bad_sample"}}
                 log.warning("shard: skipping %s: %s", name, bad.reason)
                 skipped.append({"file": name, "reason": bad.reason, "kind": bad.kind})
                 continue
+            caption = captions.caption(item, source, chunk_captions, extra) if captions is not None else None
+            if isinstance(caption, BadCaption):
+                bad_captions[caption.kind] += 1
+                if cfg.on_bad_caption == "fail":
+                    return {"chunk": chunk, "error": {"file": caption.file, "reason": caption.reason,
+                                                      "policy": "on_bad_caption"}}
+                caption = handle_bad_caption(caption, cfg, skipped)
+                if caption is None:
+                    continue
             source_path = f"{item.ref}#{item.member}" if item.member else item.ref
             meta = {"source": source_path, "class": item.class_name, **original}
             split = "val" if is_val(item.key, cfg.val_fraction) else "train"
-            writers[split].write(encode_sample(item, image, meta, cfg))
+            writers[split].write(encode_sample(item, image, meta, cfg, caption))
             counts[split][item.class_name if item.class_name is not None else UNLABELLED] += 1
             picker.offer(item.key, image)
         for writer in writers.values():
@@ -178,23 +210,23 @@ def shard_chunk(chunk: int, items: list[SourceItem], source: Source, cfg: ShardC
     return {"chunk": chunk, "error": None, "files": {s: w.files for s, w in writers.items()},
             "file_counts": {s: w.file_counts for s, w in writers.items()},
             "counts": {s: dict(c) for s, c in counts.items()}, "skipped": skipped,
-            "sheet": picker.picked()}
+            "sheet": picker.picked(), "bad_captions": dict(bad_captions)}
 
 
 # ------------------------------------------------------------------ the step
 
 
 def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig, ctx: StepContext,
-               total: int) -> list[dict[str, Any]]:
+               total: int, captions: CaptionPlan | None = None) -> list[dict[str, Any]]:
     """One Ray task per chunk, at most ``num_workers`` in flight; a progress bar of samples written."""
     results: list[dict[str, Any]] = []
     skipped = 0
-    jobs = ((index, chunk, source, cfg, ctx.output) for index, chunk in enumerate(chunks))
+    jobs = ((index, chunk, source, cfg, ctx.output, captions) for index, chunk in enumerate(chunks))
     with closing(progress_bar(total, "samples written", unit="sample", channel=ctx.tracker.progress)) as bar:
         for result in bounded_imap(shard_chunk, jobs, ctx.resources.num_workers, ctx.resources.cpus_per_worker):
             if result["error"]:
                 bad = result["error"]
-                raise ShardError(f"bad input file {bad['file']}: {bad['reason']} (on_bad_sample: fail)")
+                raise ShardError(f"bad input file {bad['file']}: {bad['reason']} ({bad['policy']}: fail)")
             results.append(result)
             skipped += len(result["skipped"])
             bar.update(sum(sum(c.values()) for c in result["counts"].values()))
@@ -204,7 +236,7 @@ def run_chunks(chunks: list[list[SourceItem]], source: Source, cfg: ShardConfig,
 
 
 def run(cfg: ShardConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
-    source = open_source(cfg.source)
+    source = open_source(cfg.source, hidden_names(cfg))
     items, rejected = source.list_items()
     if cfg.max_samples is not None:
         items = items[: cfg.max_samples]
@@ -219,7 +251,8 @@ def run(cfg: ShardConfig, inputs: dict[str, Manifest], ctx: StepContext) -> Step
 
     per_task = cfg.task_items()
     chunks = [items[i : i + per_task] for i in range(0, len(items), per_task)]
-    results = run_chunks(chunks, source, cfg, ctx, total=len(items))
+    captions = caption_plan(cfg)
+    results = run_chunks(chunks, source, cfg, ctx, total=len(items), captions=captions)
 
     class_order = list(source.classes) if source.classes is not None else [UNLABELLED]
     counts = {split: {c: 0 for c in class_order} for split in SPLITS}
@@ -262,6 +295,28 @@ def run(cfg: ShardConfig, inputs: dict[str, Manifest], ctx: StepContext) -> Step
     }
     metrics = {"num_train": num["train"], "num_val": num["val"], "num_skipped": len(skipped),
                "num_shards": len(shards["train"]) + len(shards["val"])}
+    if captions is not None:  # nothing added otherwise: the manifest of a caption-less step is as before
+        caption_facts(cfg, captions, results, info, metrics)
     log.info("shard: %d train + %d val samples in %d shards, %d skipped", num["train"], num["val"],
              metrics["num_shards"], len(skipped))
     return StepOutput(files=files, metrics={k: float(v) for k, v in metrics.items()}, info=info)
+
+
+def caption_facts(cfg: ShardConfig, captions: CaptionPlan, results: list[dict[str, Any]], info: dict,
+                  metrics: dict) -> None:
+    """The captions' facts in the manifest: their source, the bad ones by kind, and for
+    ``attributes`` the thresholds the evaluate step measures generated samples against."""
+    bad = Counter()
+    for result in results:
+        bad.update(result["bad_captions"])
+    info["captions"] = cfg.captions
+    info["on_bad_caption"] = cfg.on_bad_caption
+    info["bad_captions_by_kind"] = {kind: bad.get(kind, 0) for kind in BAD_CAPTION_KINDS}
+    if cfg.captions == "attributes":
+        from components.shard.digit_attributes import SLANT_DEAD_ZONE, THICKNESS
+
+        info["caption_attributes"] = {"ink_tertiles": captions.tertiles, "slant_dead_zone": SLANT_DEAD_ZONE,
+                                      "thickness": list(THICKNESS), "measured_on": "the 28x28 source pixels"}
+    metrics["num_bad_captions"] = sum(bad.values())
+    metrics.update({f"bad_captions_{kind}": bad.get(kind, 0) for kind in BAD_CAPTION_KINDS})
+    log.info("shard: captions from %s, bad captions %s (%s)", cfg.captions, dict(bad) or "none", cfg.on_bad_caption)

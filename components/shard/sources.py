@@ -7,7 +7,8 @@ bytes of a chunk of them (inside a Ray task, possibly in another process or on a
 - an image folder, local or ``s3://bucket/prefix``: every file below it, sorted by relative path;
   names starting with ``.`` (files or folders) are ignored. If any file sits in a sub-folder, the
   first path component is the class (classes sorted by name -> index) and files directly in the
-  root are rejected ("not in a class sub-folder"); a flat folder is unlabelled.
+  root are rejected ("not in a class sub-folder"); a flat folder is unlabelled. Names the step's
+  captions claim (``hidden``: sidecar ``.txt`` files, a captions file inside the folder) are not listed.
 - ``webdataset:PATH`` / ``webdataset:s3://...``: every ``.tar`` below PATH (or PATH itself), opened
   as a plain file and read by member offsets (``components.common.tar_index``); S3 shards are first
   downloaded to a scratch dir. A name is never handed to webdataset's URL parsing (``a::b`` chains,
@@ -98,12 +99,16 @@ class Source:
     def list_items(self) -> tuple[list[SourceItem], list[Rejected]]:
         raise NotImplementedError
 
-    def read_chunk(self, items: list[SourceItem]) -> Iterator[tuple[SourceItem, str, Payload]]:
-        """(item, file name for messages, bytes of the image file | a decoded image | BadSample)."""
+    def read_chunk(self, items: list[SourceItem], extras: tuple[str, ...] = ()
+                   ) -> Iterator[tuple[SourceItem, str, Payload, dict[str, bytes]]]:
+        """(item, file name for messages, bytes of the image file | a decoded image | BadSample,
+        the sample's files of the suffixes ``extras`` where it has them: sources whose samples have
+        files of their own, webdataset shards, read them in the same pass as the image)."""
         raise NotImplementedError
 
 
-def open_source(spec: str) -> Source:
+def open_source(spec: str, hidden: Callable[[str], bool] | None = None) -> Source:
+    """The source ``spec`` names; ``hidden``: names a folder source does not list (caption files)."""
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name != "mnist":
@@ -111,7 +116,7 @@ def open_source(spec: str) -> Source:
         return MnistSource()
     if spec.startswith("webdataset:"):
         return WebdatasetSource(spec.removeprefix("webdataset:"))
-    return FolderSource(spec)
+    return FolderSource(spec, hidden)
 
 
 def storage_for(uri: str) -> Storage:
@@ -172,21 +177,24 @@ class MnistSource(Source):
                  for row in order]
         return items, []
 
-    def read_chunk(self, items):
+    def read_chunk(self, items, extras=()):
         for item in items:
-            yield item, item.ref, Image.fromarray(item.pixels, "L")
+            yield item, item.ref, Image.fromarray(item.pixels, "L"), {}
 
 
 # ------------------------------------------------------------------ image folder
 
 
 class FolderSource(Source):
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, hidden: Callable[[str], bool] | None = None):
         self.uri = uri.rstrip("/") or uri
         self.storage = storage_for(self.uri)
+        self.hidden = hidden
 
     def list_items(self):
         names = listing(self.storage, self.uri)
+        if self.hidden is not None:  # caption files beside the images are no images
+            names = [n for n in names if not self.hidden(n)]
         if not names:
             raise ShardError(f"source folder is empty: {self.uri}")
         labelled = any("/" in n for n in names)
@@ -205,14 +213,14 @@ class FolderSource(Source):
                                     label=index[class_name] if labelled else None))
         return items, rejected
 
-    def read_chunk(self, items):
+    def read_chunk(self, items, extras=()):
         for item in items:
             name = self.storage.uri(item.ref)
             try:
                 data: Payload = self.storage.read_bytes(item.ref)
             except OSError as e:  # local permission problems and the like; S3 errors propagate
                 data = BadSample("unreadable", f"unreadable file: {e}")
-            yield item, name, data
+            yield item, name, data, {}
 
 
 # ------------------------------------------------------------------ webdataset shards
@@ -329,21 +337,24 @@ class WebdatasetSource(Source):
                  for k, (rel, key, label, _) in zip(keys, found)]
         return items, rejected
 
-    def read_chunk(self, items):
+    def read_chunk(self, items, extras=()):
         by_tar: dict[str, set[str]] = {}
         for item in items:
             by_tar.setdefault(item.ref, set()).add(item.member)
         loaded: dict[tuple[str, str], dict] = {}
+        def fields(members: dict) -> list[str]:
+            return image_member(members) + [e for e in extras if e in members]
         for rel, wanted in by_tar.items():
-            samples, _ = self.read_tar(rel, image_member, wanted)
+            samples, _ = self.read_tar(rel, fields, wanted)
             loaded.update(((rel, key), sample) for key, sample in samples)  # problems: counted by list_items
         for item in items:
             name = f"{self.storage.uri(item.ref)}#{item.member}"
             sample = loaded.get((item.ref, item.member))
             field = image_field(sample) if sample is not None else None
+            extra = {e: sample[e] for e in extras if e in sample} if sample is not None else {}
             if sample is None:
-                yield item, name, BadSample("missing", "sample vanished from its shard")
+                yield item, name, BadSample("missing", "sample vanished from its shard"), extra
             elif field is None:
-                yield item, name, BadSample("not_image", "sample has no image field")
+                yield item, name, BadSample("not_image", "sample has no image field"), extra
             else:
-                yield item, f"{name}.{field}", sample[field]
+                yield item, f"{name}.{field}", sample[field], extra
