@@ -137,6 +137,14 @@ def shard_digests(manifest: "Manifest", rels: tuple[str, ...]) -> tuple[str, ...
     return tuple(manifest.file(rel).sha256 for rel in rels)
 
 
+def split_captions(spec: SplitSpec):
+    """Every caption of a split (str), in one verified pass over its shards."""
+    from components.common.sample_reader import iter_split_field
+
+    for raw in iter_split_field(spec, CAPTION_KEY):
+        yield raw.decode("utf-8")  # the shard step wrote only valid UTF-8 (on_bad_caption)
+
+
 def has_captions(manifest: "Manifest") -> bool:
     """Whether the step's shards (the shard step's, or the latents made of them) carry ``txt`` captions."""
     return manifest.info.get("captions", "none") != "none"

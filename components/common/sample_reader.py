@@ -123,3 +123,21 @@ class SampleReader:
             handle.close()
         self._handles.clear()
         self.files.close()
+
+
+def iter_split_field(spec: SplitSpec, suffix: str, retries: int = 3) -> Iterator[bytes]:
+    """The ``suffix`` member of every sample of a split that has one, shard by shard in manifest order:
+    one pass, each shard verified against its recorded digest as training reads are, one shard held at
+    a time (a vocabulary built from the captions, without reading the latents)."""
+    files = ShardFiles(Storage.from_uri(spec.location), list(spec.shards), None, retries,
+                       digests=list(spec.digests) or None)
+    try:
+        for shard in range(len(spec.shards)):
+            path, index = files.get(shard)
+            with open(path, "rb") as handle:
+                for members in index.members:
+                    if suffix in members:
+                        yield read_member(handle, *members[suffix])
+            files.keep_only(set())
+    finally:
+        files.close()

@@ -36,19 +36,21 @@ def image_source(shard: "Manifest | None", in_memory: "tuple[torch.Tensor, torch
                        transform)
 
 
-def latent_source(latents: "Manifest | None", in_memory: "tuple[torch.Tensor, torch.Tensor] | None",
-                  train: "TrainConfig", rank: int, world_size: int, micro_batch: int) -> "BatchSource":
+def latent_source(latents: "Manifest | None", in_memory: "tuple | None", train: "TrainConfig", rank: int,
+                  world_size: int, micro_batch: int, captions: bool = False) -> "BatchSource":
     """``{"latent": float32 (B, c, h, w), "label": int64 (B,)}`` batches of the latents step's
-    training split, streamed; or of ``in_memory`` (latents, labels) when given."""
+    training split, streamed, with ``"caption"`` (a list of str) when ``captions``; or of ``in_memory``
+    (latents, labels[, captions]) when given."""
     from components.common.data import LatentDecoder, latent_split
     from components.common.stream import ShardSource, TensorSource
 
     if in_memory is not None:
-        latents_tensor, labels = in_memory
-        return TensorSource({"latent": latents_tensor, "label": labels}, micro_batch, train.seed, rank, world_size,
-                            train.loader.shuffle_window)
-    return ShardSource(latent_split(latents, "train"), LatentDecoder(), micro_batch, train.seed, rank, world_size,
-                       train.loader)
+        columns = dict(zip(("latent", "label", "caption"), in_memory))
+        if captions and "caption" not in columns:
+            raise ValueError("text conditioning needs captions: in_memory is (latents, labels, captions)")
+        return TensorSource(columns, micro_batch, train.seed, rank, world_size, train.loader.shuffle_window)
+    return ShardSource(latent_split(latents, "train", captions=captions), LatentDecoder(captions=captions),
+                       micro_batch, train.seed, rank, world_size, train.loader)
 
 
 class ConvertImages:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from components.common.config import StrictModel, StepConfig, known_preset
 from components.dit.presets import DIT_PRESETS
 from components.common.train_types import TrainConfig
+from components.text.config import TextEncoderConfig
+
 
 
 # The settings of the score-based samplers, by the sampler that reads them
@@ -79,6 +81,32 @@ class DitConfig(StepConfig):
     grid_per_label: int = Field(8, ge=1)  # columns of samples.png
     # rows of samples.png: this many classes, evenly spaced over all of them (all when fewer)
     grid_classes: int = Field(10, ge=1)
+    # What the denoiser is conditioned on: class labels, or captions through the text encoder tau_theta
+    # (cross-attention to its tokens, its pooled embedding in adaLN-Zero; the shards need captions:
+    # shard.captions). A text DiT has no class embedding: the caption names the class.
+    conditioning: Literal["class", "text"] = "class"
+    text: TextEncoderConfig | None = None  # the text encoder; its defaults when conditioning has text
+    # The grid's prompts (text conditioning): one row per prompt. None: the first grid_classes
+    # validation captions.
+    grid_prompts: list[str] | None = None
+    cache_added = {"conditioning": "class", "text": None, "grid_prompts": None}
+
+    @model_validator(mode="after")
+    def _text_section_follows_conditioning(self) -> "DitConfig":
+        if self.uses_text and self.text is None:
+            self.text = TextEncoderConfig()
+        if not self.uses_text and (self.text is not None or self.grid_prompts is not None):
+            raise ValueError("dit.text and dit.grid_prompts are for text conditioning, but dit.conditioning is "
+                             "'class'; set dit.conditioning: text (or class+text), or drop them")
+        return self
+
+    @property
+    def uses_text(self) -> bool:
+        return self.conditioning == "text"
+
+    @property
+    def uses_classes(self) -> bool:
+        return self.conditioning == "class"
 
     @field_validator("preset")
     @classmethod

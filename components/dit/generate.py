@@ -53,38 +53,64 @@ def with_classifier_guidance(model_fn, classifier, dit_meta: dict, schedule: Noi
 
 def dit_denoiser(dit: torch.nn.Module, dit_meta: dict, sampling: SamplingConfig, schedule: NoiseSchedule,
                  classifier=None) -> Denoiser:
-    """The DiT as the samplers see it: guided fn(x_t, t, y) (classifier-free with ``sampling.guidance``,
+    """The DiT as the samplers see it: guided fn(x_t, t, y, **text) (classifier-free with ``sampling.guidance``,
     then classifier guidance when set) with the DiT's prediction, learned variance and ``sampling``'s
-    thresholding."""
-    guided = make_cfg_model_fn(lambda x, t, y: dit(x, t, y), int(dit_meta["null_label"]), sampling.guidance)
+    thresholding. A text-conditioned DiT (``TextDiT``) is guided against its encoder's null caption."""
+    null_label = None if dit_meta.get("null_label") is None else int(dit_meta["null_label"])
+    null_text = dit.null_text() if hasattr(dit, "null_text") else None
+    guided = make_cfg_model_fn(lambda x, t, y, **text: dit(x, t, y, **text), null_label, sampling.guidance,
+                               null_text=null_text)
     if sampling.classifier_guidance:
         guided = with_classifier_guidance(guided, classifier, dit_meta, schedule, sampling.classifier_guidance)
     return Denoiser(guided, prediction=dit_meta["prediction"], learned_variance=bool(dit_meta.get("learn_sigma", False)),
                     clip_x0=threshold_fn(sampling.thresholding, sampling.dynamic_threshold_percentile))
 
 
-def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict,
-             labels: Sequence[int] | torch.Tensor,
-             sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
-             timesteps: torch.Tensor | None = None, classifier=None) -> torch.Tensor:
-    """Images of the given class labels: uint8 (N, C, H, W) on the CPU, in the order of ``labels``.
+def conditions(dit: torch.nn.Module, labels: torch.Tensor | None, prompts: Sequence[str] | None, start: int,
+               stop: int, device) -> dict:
+    """The samplers' ``extra_args`` of samples [start, stop): their class labels and their prompts' encoding."""
+    extra = {"y": None if labels is None else labels[start:stop].to(device)}
+    if prompts is not None:
+        extra |= dit.encode(list(prompts[start:stop])).extra_args()
+    return extra
 
-    Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]``
-    (0: the conditional model alone, no unconditional pass); timesteps from ``spaced_timesteps``;
-    any sampler of the registry (``sampling.sampler``, its options from ``sampling``'s fields of the same
-    names); optional thresholding of x̂_0 (``threshold_fn``); latents decoded
-    with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
-    ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
-    ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``."""
-    from components.autoencoder.load import decode_scaled
-    from components.common.progress import progress_bar
 
+def checked_labels(labels, prompts, dit_meta: dict) -> torch.Tensor | None:
+    """The labels as int64 on the CPU, checked against the DiT's classes; None for a text-only model."""
+    if dit_meta.get("null_label") is None and prompts is not None:
+        return None
     labels = (labels.detach().cpu().long().flatten() if isinstance(labels, torch.Tensor)
               else torch.as_tensor(list(labels), dtype=torch.long))
     num_classes = int(dit_meta["num_classes"])
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}] (this DiT has {num_classes} classes), "
                          f"got {sorted(set(labels.tolist()))[:10]}")
+    if prompts is not None and len(prompts) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(prompts)} prompts: a class+text DiT takes one of each per image")
+    return labels
+
+
+def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict,
+             labels: Sequence[int] | torch.Tensor | None,
+             sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
+             timesteps: torch.Tensor | None = None, classifier=None,
+             prompts: Sequence[str] | None = None) -> torch.Tensor:
+    """Images of the given class labels (and prompts, for a text-conditioned DiT): uint8 (N, C, H, W) on
+    the CPU, in the order given.
+
+    Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]`` and,
+    with prompts, the empty caption (0: the conditional model alone, no unconditional pass); timesteps
+    from ``spaced_timesteps``; any sampler of the registry (``sampling.sampler``, its options from
+    ``sampling``'s fields of the same names); optional thresholding of x̂_0 (``threshold_fn``); latents
+    decoded with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
+    ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
+    ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``.
+    ``prompts``: one per image (a text-only DiT takes ``labels=None``)."""
+    from components.autoencoder.load import decode_scaled
+    from components.common.progress import progress_bar
+
+    labels = checked_labels(labels, prompts, dit_meta)
+    count = len(prompts) if labels is None else len(labels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shape = tuple(int(s) for s in dit_meta["latent_shape"])
@@ -98,19 +124,19 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     modes = (dit.training, ae.training)
     dit.eval()  # train mode would drop labels (class dropout)
     ae.eval()
-    bar = progress_bar(len(labels), desc="sample", unit="img") if progress else None
+    bar = progress_bar(count, desc="sample", unit="img") if progress else None
     chunks = []
     try:
         with torch.inference_mode():
-            for start in range(0, len(labels), batch_size):
-                y = labels[start:start + batch_size].to(device)
-                generators = [sample_generator(sampling.seed, start + i) for i in range(len(y))]
+            for start in range(0, count, batch_size):
+                stop = min(start + batch_size, count)
+                generators = [sample_generator(sampling.seed, i) for i in range(start, stop)]
                 x = draw_per_sample(generators, shape, device)  # (B, c, h, w): x_T
                 z = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
-                                extra_args={"y": y}, **options)
+                                extra_args=conditions(dit, labels, prompts, start, stop, device), **options)
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())  # (B, C, H, W)
                 if bar is not None:
-                    bar.update(len(y))
+                    bar.update(stop - start)
     finally:
         dit.train(modes[0])
         ae.train(modes[1])

@@ -37,6 +37,23 @@ def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: boo
 
     meta = load_dit_meta(manifest)
     model = DiT(**meta["model"])
+    if meta.get("text") is not None:
+        model = with_text_encoder(model, meta, manifest)
     weights = safetensors.torch.load(read_output(manifest, DIT_WEIGHTS if ema else DIT_RAW_WEIGHTS))
     model.load_state_dict(weights)
     return model.to(device).eval(), meta
+
+
+def with_text_encoder(dit: "DiT", meta: dict[str, Any], source: "Manifest | Storage | str"):
+    """A text-conditioned DiT's ``TextDiT``: its encoder rebuilt from ``meta["text"]`` (a joint one over
+    the tokenizer written beside the weights; a frozen one from its local directory)."""
+    from components.dit.text_model import TextDiT
+    from components.text.config import TextEncoderConfig
+    from components.text.load import TOKENIZER_FILE, build_text_encoder
+    from components.text.tokenizer import WordTokenizer
+
+    cfg = TextEncoderConfig(**meta["text"])
+    tokenizer = None
+    if cfg.kind == "joint":
+        tokenizer = WordTokenizer.from_json(read_output(source, TOKENIZER_FILE).decode("utf-8"), TOKENIZER_FILE)
+    return TextDiT(dit, build_text_encoder(cfg, tokenizer, "dit.text"))

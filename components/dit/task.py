@@ -30,8 +30,10 @@ class DitTask:
 
     def __init__(self, cfg: DitConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
                  latents: Manifest | None = None, autoencoder: Manifest | None = None,
-                 in_memory: tuple[torch.Tensor, torch.Tensor] | None = None, init: tuple[str, str] | None = None):
+                 in_memory: tuple[torch.Tensor, ...] | None = None, init: tuple[str, str] | None = None,
+                 tokenizer_json: str | None = None):
         self.cfg, self.model_kwargs, self.meta = cfg, dict(model_kwargs), dict(meta)
+        self.tokenizer_json = tokenizer_json  # the joint text encoder's vocabulary (text conditioning)
         self.init = init  # (directory URI, weights file) of a warm start
         self.latents_manifest, self.autoencoder_manifest = latents, autoencoder
         self.in_memory = in_memory  # (latents, labels): tests and benchmarks, instead of a manifest
@@ -50,9 +52,22 @@ class DitTask:
 
     def build_model(self) -> torch.nn.Module:
         from components.common.warm_start import load_into
+
+        return load_into(self.bare_model(), self.init)
+
+    def bare_model(self) -> torch.nn.Module:
+        """The freshly initialised network: the DiT, or with text the ``TextDiT`` of it and its encoder."""
         from components.dit.model import DiT
 
-        return load_into(DiT(**self.model_kwargs), self.init)
+        dit = DiT(**self.model_kwargs)
+        if not self.cfg.uses_text:
+            return dit
+        from components.dit.text_model import TextDiT
+        from components.text.load import build_text_encoder
+        from components.text.tokenizer import WordTokenizer
+
+        tokenizer = WordTokenizer.from_json(self.tokenizer_json) if self.tokenizer_json else None
+        return TextDiT(dit, build_text_encoder(self.cfg.text, tokenizer, "dit.text"))
 
     def set_autoencoder(self, model: torch.nn.Module, meta: dict) -> None:
         """Use an already loaded autoencoder for ``data: pixels`` (benchmarks); else it is loaded
@@ -77,18 +92,26 @@ class DitTask:
         from components.diffusion import training_losses
 
         x0 = self.clean_latents(batch)                                           # (N, c, h, w)
-        y = batch["label"].long().clamp(min=0)  # unlabelled samples (-1) are class 0 of 1
-        dtype = next(v for v in batch.values() if v.is_floating_point()).dtype  # the compute dtype
+        y = batch["label"].long().clamp(min=0) if self.cfg.uses_classes else None  # unlabelled (-1): class 0 of 1
+        dtype = next(v for v in batch.values() if torch.is_tensor(v) and v.is_floating_point()).dtype  # compute dtype
         n, device = x0.shape[0], x0.device
         t = torch.randint(0, self.cfg.num_timesteps, (n,), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
-        # Label dropout for classifier-free guidance, drawn here rather than inside the model so that
+        # Condition dropout for classifier-free guidance, drawn here rather than inside the model so that
         # every random choice of a step comes from the (seed, step, rank) generator: a resumed run
-        # repeats the steps of an uninterrupted one exactly.
-        drop = (torch.rand(n, generator=generator, device=device) < self.cfg.class_dropout_prob).long()
+        # repeats the steps of an uninterrupted one exactly. A dropped caption is the empty one, the null.
+        p = self.cfg.text.caption_dropout if self.cfg.uses_text else self.cfg.class_dropout_prob
+        drop = (torch.rand(n, generator=generator, device=device) < p).long()
+        conditioning = {}
+        if self.cfg.uses_classes:
+            conditioning["force_drop_ids"] = drop
+        if self.cfg.uses_text:
+            from components.text.model import NULL_CAPTION
+
+            conditioning["captions"] = [NULL_CAPTION if d else c for c, d in zip(batch["caption"], drop.tolist())]
 
         def model_fn(x, tt, y):  # the diffusion arithmetic stays fp32; the model runs in the compute dtype
-            return model(x.to(dtype), tt, y, force_drop_ids=drop).float()
+            return model(x.to(dtype), tt, y, **conditioning).float()
 
         terms = training_losses(self.schedule, model_fn, x0, t, noise, prediction=self.cfg.prediction,
                                 learned_variance=self.cfg.learn_sigma, vlb_weight=self.cfg.vlb_weight,
@@ -102,13 +125,16 @@ class DitTask:
         from components.common.task_parts import export_weights
 
         export_weights(model, ema_model, out_dir, DIT_WEIGHTS, DIT_RAW_WEIGHTS, DIT_META, self.meta)
+        if self.tokenizer_json is not None:  # the joint text encoder's vocabulary, beside its weights
+            from components.text.load import TOKENIZER_FILE
+
+            (out_dir / TOKENIZER_FILE).write_text(self.tokenizer_json, encoding="utf-8")
 
     def preview(self, ema) -> tuple[str, "Image.Image"] | None:
         """The step's sample grid drawn with the EMA weights so far (the trainer's checkpoint hook)."""
         from components.autoencoder.load import load_autoencoder
         from components.common.images import class_grid
         from components.dit.generate import generate
-        from components.dit.model import DiT
 
         if self.autoencoder_manifest is None and self._ae is None:
             return None
@@ -116,10 +142,10 @@ class DitTask:
             self.set_autoencoder(*load_autoencoder(self.autoencoder_manifest))
         ae, ae_meta = self._ae
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a Ray GPU worker sees its own GPU as cuda:0
-        dit = ema.copy_to(DiT(**self.model_kwargs)).to(device).eval()
-        labels = grid_labels(int(self.meta["num_classes"]), self.cfg.grid_classes, self.cfg.grid_per_label)
-        images = generate(dit, self.meta, ae.to(device), ae_meta, labels, self.cfg.sample)
-        return SAMPLES_SERIES, class_grid(images, labels, self.cfg.grid_per_label)
+        dit = ema.copy_to(self.bare_model()).to(device).eval()
+        labels, prompts, rows = grid_conditions(self.cfg, int(self.meta["num_classes"]), self.meta.get("grid_prompts"))
+        images = generate(dit, self.meta, ae.to(device), ae_meta, labels, self.cfg.sample, prompts=prompts)
+        return SAMPLES_SERIES, class_grid(images, rows, self.cfg.grid_per_label)
 
 
 class LatentDitTask(DitTask):
@@ -128,7 +154,8 @@ class LatentDitTask(DitTask):
     def batch_source(self, rank: int, world_size: int, micro_batch: int):
         from components.common.task_parts import latent_source
 
-        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
+        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
+                             captions=self.cfg.uses_text)
 
 
 class PixelDitTask(DitTask):
@@ -145,6 +172,17 @@ class PixelDitTask(DitTask):
 
         return image_source(self.shard_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
                             size=int(self.meta["image_size"]), transform=ConvertImages(to_model_range))
+
+
+def grid_conditions(cfg: DitConfig, num_classes: int, prompts: list[str] | None):
+    """(labels, prompts, row of each image) of a sample grid: ``grid_per_label`` images of each of
+    ``grid_classes`` classes, or of each prompt for a text DiT (labels None)."""
+    per = cfg.grid_per_label
+    if prompts is None:
+        labels = grid_labels(num_classes, cfg.grid_classes, per)
+        return labels, None, labels
+    rows = [row for row in range(len(prompts)) for _ in range(per)]
+    return None, [prompts[row] for row in rows], rows
 
 
 def grid_labels(num_classes: int, rows: int, per_label: int) -> list[int]:

@@ -28,7 +28,8 @@ from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.dit.config import DitConfig
 from components.dit.load import DIT_META, DIT_WEIGHTS, load_dit
-from components.dit.task import SAMPLES_SERIES, DitTask, LatentDitTask, PixelDitTask, grid_labels
+from components.dit.task import SAMPLES_SERIES, DitTask, LatentDitTask, PixelDitTask, grid_conditions
+from components.dit.text_setup import prepare_text
 
 if TYPE_CHECKING:
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 TASK_CLASSES: dict[str, type[DitTask]] = {"latents": LatentDitTask, "pixels": PixelDitTask}
 
 
-def build_step_dit(cfg: DitConfig, latent_shape, num_classes: int) -> "DiT":
+def build_step_dit(cfg: DitConfig, latent_shape, num_classes: int | None, text_arguments: dict | None = None) -> "DiT":
     """The step's DiT through ``build_dit``: preset <- data shapes and step settings <- cfg.model; its
     ``arguments`` are what dit.json records and what the task rebuilds it from in each worker."""
     from components.dit.model import DIT_PRESETS, build_dit
@@ -58,11 +59,20 @@ def build_step_dit(cfg: DitConfig, latent_shape, num_classes: int) -> "DiT":
         raise ValueError(f"the DiT needs square latents, got {channels}x{height}x{width}")
     fixed = with_data_fixed("dit", cfg.model, {"input_size": height, "in_channels": channels,
                                                "num_classes": num_classes})
-    overrides = {**fixed, "learn_sigma": cfg.learn_sigma, "class_dropout_prob": cfg.class_dropout_prob, **cfg.model}
+    overrides = {**fixed, "learn_sigma": cfg.learn_sigma, "class_dropout_prob": cfg.class_dropout_prob,
+                 **(text_arguments or {}), **cfg.model}
     try:
         return build_dit(cfg.preset, **overrides)
     except TypeError as e:  # an argument DiT does not take
         raise ValueError(f"dit.model: {e}") from e
+
+
+def step_grid(cfg: DitConfig, dit, meta: dict, ae, ae_meta: dict, num_classes: int, text):
+    """The step's final grid: (images, row of each image): a row per class, or per prompt with text."""
+    from components.dit.generate import generate
+
+    labels, prompts, rows = grid_conditions(cfg, num_classes, text.grid_prompts if text else None)
+    return generate(dit, meta, ae, ae_meta, labels, cfg.sample, prompts=prompts), rows
 
 
 def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
@@ -70,7 +80,6 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
     from components.common.images import class_grid
-    from components.dit.generate import generate
     from components.dit.model import dit_flops_per_image
 
     shard, ae_manifest = inputs["shard"], inputs["autoencoder"]
@@ -86,17 +95,23 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     else:
         latents, latent_shape, classes = None, list(ae_meta["latent_shape"]), shard.info.get("classes")
     num_classes = len(classes) if classes else 1
-    probe = build_step_dit(cfg, latent_shape, num_classes)
+    text = prepare_text(cfg, latents) if cfg.uses_text else None
+    probe = build_step_dit(cfg, latent_shape, num_classes if cfg.uses_classes else None,
+                           text.arguments if text else None)
     model_kwargs = probe.arguments
     meta = {
         "preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
         "prediction": cfg.prediction, "learn_sigma": cfg.learn_sigma, "num_classes": num_classes,
         "null_label": probe.null_class_id, "latent_shape": latent_shape, "classes": classes,
         "image_channels": int(ae_meta["channels"]), "image_size": int(ae_meta["image_size"]),
-        "flops_per_image": dit_flops_per_image(probe), "parameters": sum(p.numel() for p in probe.parameters()),
+        "flops_per_image": dit_flops_per_image(probe, context_tokens=cfg.text.max_tokens if text else 0),
+        "parameters": sum(p.numel() for p in probe.parameters()),
         "data": cfg.data, "max_steps": cfg.train.max_steps, "ema_decay": cfg.train.ema_decay,
         "sampling": cfg.sample.model_dump(),  # the step's sampler settings: defaults for later sampling
     }
+    if text:  # only then: a class-conditional dit.json reads as before
+        meta |= {"conditioning": cfg.conditioning, "text": cfg.text.model_dump(mode="json"),
+                 "text_vocabulary": text.vocabulary, "grid_prompts": text.grid_prompts}
     del probe
     if cfg.train.ema_decay ** cfg.train.max_steps > 0.01:
         # The EMA starts from the initial weights and has no warm-up: they must have decayed away.
@@ -111,7 +126,7 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     if warm:
         ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
     task_args = dict(cfg=cfg, model_kwargs=model_kwargs, meta=meta, latents=latents, autoencoder=ae_manifest,
-                     init=init)
+                     init=init, tokenizer_json=text.tokenizer_json if text else None)
     task = TASK_CLASSES[cfg.data](**task_args, **({"shard": shard} if cfg.data == "pixels" else {}))
     ctx.tracker.log_dict(meta, DIT_META)
 
@@ -120,9 +135,9 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
 
     started = time.perf_counter()
     dit, meta = load_dit(ctx.output)
-    labels = grid_labels(num_classes, cfg.grid_classes, cfg.grid_per_label)
-    images = generate(dit, meta, ae, ae_meta, labels, cfg.sample)
-    grid = class_grid(images, labels, cfg.grid_per_label)
+    images, grid_rows = step_grid(cfg, dit, meta, ae, ae_meta, num_classes, text)
+    grid = class_grid(images, grid_rows, cfg.grid_per_label)
+    labels = grid_rows
     ctx.output.write_bytes(SAMPLES, png_bytes(grid))
     ctx.tracker.log_image(grid, SAMPLES)
     ctx.tracker.log_image(grid, key=SAMPLES_SERIES, step=cfg.train.max_steps)

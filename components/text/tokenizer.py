@@ -98,14 +98,23 @@ class WordTokenizer:
     def load(cls, path: str | Path) -> "WordTokenizer":
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a readable tokenizer JSON: {e}") from e
+        return cls.from_json(text, str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "tokenizer JSON") -> "WordTokenizer":
+        """From ``to_json``'s text; ``source`` names it in errors (a file, a task's field)."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{source}: not a readable tokenizer JSON: {e}") from e
         if not isinstance(data, dict) or data.get("format") != TOKENIZER_FORMAT:
-            raise ValueError(f"{path}: not a {TOKENIZER_FORMAT} file (format {data.get('format')!r})"
-                             if isinstance(data, dict) else f"{path}: not a tokenizer object")
+            raise ValueError(f"{source}: not a {TOKENIZER_FORMAT} file (format {data.get('format')!r})"
+                             if isinstance(data, dict) else f"{source}: not a tokenizer object")
         if data.get("special_tokens") != list(SPECIAL_TOKENS):
-            raise ValueError(f"{path}: special_tokens {data.get('special_tokens')} are not {list(SPECIAL_TOKENS)}")
+            raise ValueError(f"{source}: special_tokens {data.get('special_tokens')} are not {list(SPECIAL_TOKENS)}")
         return cls(list(data["words"]), int(data["max_tokens"]))
 
 

@@ -1,0 +1,54 @@
+"""What the DiT step prepares on the driver for text conditioning, before training starts: the joint
+encoder's tokenizer (one verified pass over the training captions, in bounded memory), the DiT's
+text arguments (the encoder's widths), and the grid's prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+
+from components.common.step import Manifest
+from components.dit.config import DitConfig
+
+GRID_PROMPTS_DEFAULT = 8  # grid rows when dit.grid_prompts is unset: the first validation captions
+
+
+@dataclass(frozen=True)
+class TextSetup:
+    tokenizer_json: str | None  # the joint encoder's vocabulary; None for a frozen encoder
+    arguments: dict[str, int]  # the DiT's context_dim, pooled_dim
+    grid_prompts: list[str]
+    vocabulary: int  # entries of the tokenizer (0: a frozen encoder's own)
+
+
+def check_captions(cfg: DitConfig, latents: Manifest | None) -> None:
+    from components.common.data import has_captions
+
+    if cfg.data != "latents" or latents is None:
+        raise ValueError("dit.conditioning with text trains on the latents step's latents and captions: "
+                         "set dit.data: latents and add the latents section")
+    if not has_captions(latents):
+        raise ValueError(f"dit.conditioning is {cfg.conditioning!r} but the shards carry no captions: "
+                         "set shard.captions (sidecar, a captions file, or attributes for builtin:mnist)")
+
+
+def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
+    """The tokenizer, the DiT's text arguments and the grid prompts of a text-conditioned DiT step."""
+    from components.common.data import latent_split, split_captions
+    from components.dit.text_model import text_dit_arguments
+    from components.text.load import build_text_encoder, tokenizer_from_captions
+
+    check_captions(cfg, latents)
+    tokenizer = None
+    if cfg.text.kind == "joint":
+        tokenizer = tokenizer_from_captions(cfg.text, split_captions(latent_split(latents, "train", captions=True)))
+    encoder = build_text_encoder(cfg.text, tokenizer, "dit.text")  # a probe, for its widths
+    prompts = cfg.grid_prompts
+    if prompts is None:
+        validation = latent_split(latents, "val", captions=True)
+        if not validation.shards:  # no validation split: the first training captions
+            validation = latent_split(latents, "train", captions=True)
+        prompts = list(dict.fromkeys(islice(split_captions(validation), 4 * GRID_PROMPTS_DEFAULT)))
+        prompts = prompts[:GRID_PROMPTS_DEFAULT]
+    return TextSetup(tokenizer.to_json() if tokenizer else None, text_dit_arguments(encoder), list(prompts),
+                     tokenizer.vocab_size if tokenizer else 0)
