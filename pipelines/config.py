@@ -63,6 +63,7 @@ class PipelineConfig(StrictModel):
         self._check_superres_levels()
         self._check_fp16_has_gpus()
         self._check_classes()
+        self._check_text_conditioning()
         check_models_follow_data(self)
         if self.noisy_classifier and self.dit:
             mine, dits = self.noisy_classifier, self.dit
@@ -174,6 +175,21 @@ class PipelineConfig(StrictModel):
                 raise ValueError(f"superres.{k}.output_size: {stage.output_size} px is not divisible by "
                                  f"2^{levels - 1}, the down-sampling of the stage's {levels}-level U-Net "
                                  f"(from {mults_key})")
+
+    def _check_text_conditioning(self) -> None:
+        """A text DiT needs captions in the shards, and the steps that sample it by class label (distill,
+        classifier guidance, the evaluated cascade) do not take prompts yet: refused here, not mid-run."""
+        if self.dit is None or not self.dit.uses_text:
+            return
+        if self.shard.captions == "none":
+            raise ValueError("dit.conditioning: text needs captions in the shards: set shard.captions (sidecar, "
+                             "a captions file, or attributes for builtin:mnist)")
+        by_label = [name for name in ("distill", "noisy_classifier") if getattr(self, name) is not None]
+        if self.superres and self.evaluate is not None:
+            by_label.append("superres (evaluate's cascade)")
+        if by_label:
+            raise ValueError(f"dit.conditioning: text: {', '.join(by_label)} sample(s) the DiT by class label and "
+                             "take no prompts yet; drop those sections or use dit.conditioning: class")
 
     def _check_fp16_has_gpus(self) -> None:
         """DeepSpeed refuses fp16 on CPU ('fp16 is not supported'); the trainer says so only once the

@@ -139,10 +139,18 @@ def shard_digests(manifest: "Manifest", rels: tuple[str, ...]) -> tuple[str, ...
 
 def split_captions(spec: SplitSpec):
     """Every caption of a split (str), in one verified pass over its shards."""
-    from components.common.sample_reader import iter_split_field
+    from components.common.sample_reader import iter_split_fields
 
-    for raw in iter_split_field(spec, CAPTION_KEY):
-        yield raw.decode("utf-8")  # the shard step wrote only valid UTF-8 (on_bad_caption)
+    for sample in iter_split_fields(spec, (CAPTION_KEY,)):
+        yield sample[CAPTION_KEY].decode("utf-8")  # the shard step wrote only valid UTF-8 (on_bad_caption)
+
+
+def split_labelled_captions(spec: SplitSpec):
+    """(label, caption) of every labelled, captioned sample of a split, in one verified pass."""
+    from components.common.sample_reader import iter_split_fields
+
+    for sample in iter_split_fields(spec, (CAPTION_KEY, LABEL_KEY)):
+        yield parse_label(sample[LABEL_KEY], "?"), sample[CAPTION_KEY].decode("utf-8")
 
 
 def has_captions(manifest: "Manifest") -> bool:

@@ -125,10 +125,10 @@ class SampleReader:
         self.files.close()
 
 
-def iter_split_field(spec: SplitSpec, suffix: str, retries: int = 3) -> Iterator[bytes]:
-    """The ``suffix`` member of every sample of a split that has one, shard by shard in manifest order:
-    one pass, each shard verified against its recorded digest as training reads are, one shard held at
-    a time (a vocabulary built from the captions, without reading the latents)."""
+def iter_split_fields(spec: SplitSpec, suffixes: tuple[str, ...], retries: int = 3) -> Iterator[dict[str, bytes]]:
+    """The ``suffixes`` members of every sample of a split that has them all, shard by shard in manifest
+    order: one pass, each shard verified against its recorded digest as training reads are, one shard
+    held at a time (a vocabulary built from the captions, without reading the latents)."""
     files = ShardFiles(Storage.from_uri(spec.location), list(spec.shards), None, retries,
                        digests=list(spec.digests) or None)
     try:
@@ -136,8 +136,8 @@ def iter_split_field(spec: SplitSpec, suffix: str, retries: int = 3) -> Iterator
             path, index = files.get(shard)
             with open(path, "rb") as handle:
                 for members in index.members:
-                    if suffix in members:
-                        yield read_member(handle, *members[suffix])
+                    if all(suffix in members for suffix in suffixes):
+                        yield {suffix: read_member(handle, *members[suffix]) for suffix in suffixes}
             files.keep_only(set())
     finally:
         files.close()

@@ -270,4 +270,5 @@ def score_samples(judge: Judge, images: torch.Tensor, labels: torch.Tensor, clas
     correct = logits.argmax(1) == labels.numpy()
     per_class = {name: float(correct[labels.numpy() == k].mean()) for k, name in enumerate(classes)}
     return {"sample_accuracy": float(correct.mean()), "per_class": per_class,
-            "frechet_distance": frechet_distance_to(judge.val.moments, features)}
+            "frechet_distance": frechet_distance_to(judge.val.moments, features),
+            "predicted": logits.argmax(1).tolist()}

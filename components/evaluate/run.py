@@ -46,7 +46,8 @@ from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cas
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.judge import EvaluateError, Judge, baseline_distance, fit_judge, metric_name, score_samples
 from components.evaluate.load import CLASSIFIER_META, CLASSIFIER_WEIGHTS, ClassifierMeta, save_classifier
-from components.evaluate.sample import generate_samples
+from components.evaluate.prompts import PROMPT_GRID, PROMPTS_FILE, grid_prompts, prompt_metrics, prompts_per_class
+from components.evaluate.sample import dit_takes_text, generate_samples
 
 CODE_VERSION = "6"
 SAMPLES_GRID = "eval_samples.png"
@@ -81,7 +82,8 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
 
     # 2.-3. samples for every class, classified, and Fréchet distances against the validation images
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
-    images = generate_samples(inputs, labels, cfg.sample, cfg.batch_size, device, list(classes)).cpu()
+    prompts = prompts_per_class(shard, list(classes), cfg.samples_per_class) if dit_takes_text(inputs) else None
+    images = generate_samples(inputs, labels, cfg.sample, cfg.batch_size, device, list(classes), prompts).cpu()
     scores = score_samples(judge, images, labels, list(classes))
     baseline, baseline_count = baseline_distance(judge, shard, size, "bicubic", len(images), cfg.classifier.seed)
     metrics = {"classifier_val_accuracy": judge.val.accuracy, "sample_accuracy": scores["sample_accuracy"],
@@ -104,6 +106,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                   "classifier": {k: v for k, v in meta.to_json().items() if k != "classes"}}
 
     files += [SAMPLES_GRID, EVALUATION]
+    if prompts is not None:  # a text DiT: adherence to the prompts, and a grid of prompts against samples
+        metrics.update(prompt_metrics(shard, images, scores["predicted"], prompts))
+        files += prompted_grid(cfg, inputs, ctx, prompts, list(classes), device)
     files += _optional_tables(cfg, inputs, ctx, judge, images, labels, list(classes), device, inception,
                               metrics, evaluation)
     grid = class_grid(images, labels.tolist(), min(cfg.grid_per_class, cfg.samples_per_class))
@@ -118,6 +123,23 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     return StepOutput(files=files, metrics=metrics,
                       info={"classes": list(classes), "counts": counts, "reference_split": "val",
                             "classifier": CLASSIFIER_WEIGHTS, "classifier_meta": CLASSIFIER_META})
+
+
+def prompted_grid(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext, prompts: list[str],
+                  classes: list[str], device: str) -> list[str]:
+    """``eval_prompts.png`` (a row per prompt, ``grid_per_class`` samples of it) and ``eval_prompts.json``
+    (the rows' prompts), also in MLflow."""
+    rows = grid_prompts(prompts, len(classes))
+    per_row = cfg.grid_per_class
+    repeated = [prompt for prompt in rows for _ in range(per_row)]
+    labels = torch.zeros(len(repeated), dtype=torch.long)
+    images = generate_samples(inputs, labels, cfg.sample, cfg.batch_size, device, classes, repeated).cpu()
+    grid = class_grid(images, [row for row in range(len(rows)) for _ in range(per_row)], per_row)
+    ctx.output.write_bytes(PROMPT_GRID, png_bytes(grid))
+    ctx.output.write_text(PROMPTS_FILE, json.dumps({"rows": rows}, indent=2))
+    ctx.tracker.log_image(grid, PROMPT_GRID)
+    ctx.tracker.log_dict({"rows": rows}, PROMPTS_FILE)
+    return [PROMPT_GRID, PROMPTS_FILE]
 
 
 def _optional_tables(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext, judge: Judge,

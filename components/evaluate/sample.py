@@ -10,8 +10,10 @@ from components.evaluate.judge import EvaluateError
 
 
 def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling: SamplingConfig,
-                     batch_size: int, device: str, classes: list[str]) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples of the DiT (EMA weights) decoded by the autoencoder. Checks that
+                     batch_size: int, device: str, classes: list[str], prompts: list[str] | None = None,
+                     ) -> torch.Tensor:
+    """uint8 (N, C, H, W) samples of the DiT (EMA weights) decoded by the autoencoder: of ``labels``,
+    or for a text-conditioned DiT of ``prompts`` (one per label: a caption of that class). Checks that
     the DiT knows the shard's classes."""
     from components.autoencoder.load import load_autoencoder
     from components.dit.generate import generate
@@ -23,4 +25,14 @@ def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling
         raise EvaluateError(f"the dit step ({inputs['dit'].output_uri}) was trained on classes {dit_classes}, "
                             f"the shard step has {classes}")
     ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
-    return generate(dit, dit_meta, ae, ae_meta, labels, sampling, batch_size=batch_size, progress=True)
+    if (dit_meta.get("conditioning") == "text") != (prompts is not None):
+        raise EvaluateError("a text-conditioned DiT samples from prompts, a class-conditional one from labels")
+    return generate(dit, dit_meta, ae, ae_meta, None if prompts else labels, sampling, batch_size=batch_size,
+                    progress=True, prompts=prompts)
+
+
+def dit_takes_text(inputs: dict[str, Manifest]) -> bool:
+    """Whether the evaluated DiT is text-conditioned (read from its manifest, not its weights)."""
+    from components.dit.load import load_dit_meta
+
+    return load_dit_meta(inputs["dit"]).get("conditioning") == "text"
