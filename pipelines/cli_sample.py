@@ -19,9 +19,14 @@ def sample(
                                         "distilled student, models:/NAME@champion or models:/NAME/VERSION."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="--model: the registry's MLflow URI. "
                                                "Default: MLFLOW_TRACKING_URI."),
-    labels: str = typer.Option(..., "--labels", help="Comma-separated class indices or class names, e.g. 0,1,2."),
-    per_label: int = typer.Option(..., "--per-label", min=1, help="Images per label."),
-    out: str = typer.Option(..., "--out", help="Output folder: OUT/<label>/<index>.png and OUT/grid.png (a row per label)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, e.g. 0,1,2."),
+    per_label: Optional[int] = typer.Option(None, "--per-label", min=1, help="Images per label."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A text DiT's prompt; repeat for more."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts: one per line (# "
+                                               "comments and blank lines skipped), or a .json list of strings."),
+    per_prompt: Optional[int] = typer.Option(None, "--per-prompt", min=1, help="Images per prompt."),
+    out: str = typer.Option(..., "--out", help="Output folder: OUT/<label or prompt index>/<index>.png, OUT/grid.png "
+                            "(a row each) and, with prompts, OUT/prompts.json."),
     storage: Optional[str] = typer.Option(
         None, "--storage", help="The pipeline's storage root (local path or s3://). "
                                 "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
@@ -74,31 +79,69 @@ def sample(
 ):
     """Generate images with a finished workflow's DiT and autoencoder (and, with --step cascade, its
     super-resolution stages) and write them as PNG files."""
-    if (workflow_id is None) == (model is None):
-        err.print("[bold red]error:[/] give --workflow-id or --model (one of them)")
-        raise typer.Exit(2)
-    result = sample_or_exit(workflow_id, labels, per_label, out, storage=storage, step=step, base=base, sampler=sampler,
-                            steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
-                            device=device, sr_overrides={"sampler": sr_sampler, "steps": sr_steps,
-                                                         "guidance": sr_guidance,
-                                                         "noise_cond_aug_level": sr_noise_cond_aug_level,
-                                                         "handoff": sr_handoff},
-                            model=model, tracking_uri=tracking_uri,
-                            sampler_options={k: v for k, v in {
-                                "snr": snr, "corrector_steps": corrector_steps, "pc_predictor": pc_predictor,
-                                "langevin_steps": langevin_steps, "langevin_step_size": langevin_step_size,
-                                "classifier_guidance": classifier_guidance,
-                            }.items() if v is not None})
+    check_sample_flags(workflow_id, model, labels, per_label, bool(prompt or prompts_file), per_prompt, step)
+    score_options = {"snr": snr, "corrector_steps": corrector_steps, "pc_predictor": pc_predictor,
+                     "langevin_steps": langevin_steps, "langevin_step_size": langevin_step_size,
+                     "classifier_guidance": classifier_guidance}
+    common = dict(storage=storage, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
+                  batch_size=batch_size, device=device,
+                  sampler_options={k: v for k, v in score_options.items() if v is not None})
+    if prompt or prompts_file:
+        result = prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out, **common)
+        return print_prompted(workflow_id, result)
+    sr_overrides = {"sampler": sr_sampler, "steps": sr_steps, "guidance": sr_guidance,
+                    "noise_cond_aug_level": sr_noise_cond_aug_level, "handoff": sr_handoff}
+    result = sample_or_exit(workflow_id, labels, per_label, out, step=step, base=base, sr_overrides=sr_overrides,
+                            model=model, tracking_uri=tracking_uri, **common)
     print_sampled(workflow_id or model, result)
+
+
+def check_sample_flags(workflow_id, model, labels, per_label, prompted: bool, per_prompt, step) -> None:
+    """One source (--workflow-id or --model); labels with --per-label, or prompts with --per-prompt on the
+    workflow's DiT. Each conflict exits 2, named."""
+    if (workflow_id is None) == (model is None):
+        problem = "give --workflow-id or --model (one of them)"
+    elif not prompted:
+        problem = None if labels and per_label else "give --labels and --per-label (or --prompt and --per-prompt)"
+    else:
+        problem = ("--model takes labels for now: sample a text DiT with --workflow-id" if model else
+                   "--prompt/--prompts go with --per-prompt, not --labels/--per-label" if labels or per_label else
+                   "give --per-prompt with --prompt/--prompts" if per_prompt is None else
+                   f"--step {step}: prompts sample the text DiT (--step dit)" if step != "dit" else None)
+    if problem:
+        err.print(f"[bold red]error:[/] {escape(problem)}")
+        raise typer.Exit(2)
+
+
+def prompts_or_exit(*args, **kwargs):
+    """``pipelines.sample_prompts.sample_prompts``'s result, its errors as ``sample_or_exit``'s."""
+    from pipelines.sample_prompts import sample_prompts
+
+    return run_or_exit(sample_prompts, *args, **kwargs)
+
+
+def print_prompted(source: str, result) -> None:
+    s = result.sampling
+    console.print(escape(f"{source}: {len(result.files) - 2} images of {len(result.classes)} prompt(s) "
+                         f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed})"),
+                  soft_wrap=True)
+    console.print(escape(f"wrote {result.out}/<prompt index>/<index>.png, {result.out / 'grid.png'} and "
+                         f"{result.out / 'prompts.json'}"), soft_wrap=True)
 
 
 def sample_or_exit(*args, **kwargs):
     """``pipelines.sample.sample``'s result; a bad flag exits 2, a workflow or model that cannot be
     sampled exits 1, each with its message."""
-    from pipelines.sample import BadFlag, SampleError, sample as sample_images
+    from pipelines.sample import sample as sample_images
+
+    return run_or_exit(sample_images, *args, **kwargs)
+
+
+def run_or_exit(sampling, *args, **kwargs):
+    from pipelines.sample import BadFlag, SampleError
 
     try:
-        return sample_images(*args, **kwargs)
+        return sampling(*args, **kwargs)
     except BadFlag as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2)
