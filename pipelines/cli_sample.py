@@ -87,8 +87,7 @@ def sample(
                   batch_size=batch_size, device=device,
                   sampler_options={k: v for k, v in score_options.items() if v is not None})
     if prompt or prompts_file:
-        result = prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out, **common)
-        return print_prompted(workflow_id, result)
+        return show_prompted(workflow_id, prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out, **common))
     sr_overrides = {"sampler": sr_sampler, "steps": sr_steps, "guidance": sr_guidance,
                     "noise_cond_aug_level": sr_noise_cond_aug_level, "handoff": sr_handoff}
     result = sample_or_exit(workflow_id, labels, per_label, out, step=step, base=base, sr_overrides=sr_overrides,
@@ -120,7 +119,7 @@ def prompts_or_exit(*args, **kwargs):
     return run_or_exit(sample_prompts, *args, **kwargs)
 
 
-def print_prompted(source: str, result) -> None:
+def show_prompted(source: str, result) -> None:
     s = result.sampling
     console.print(escape(f"{source}: {len(result.files) - 2} images of {len(result.classes)} prompt(s) "
                          f"({s.sampler}, {s.steps} steps, guidance {s.guidance:g}, eta {s.eta:g}, seed {s.seed})"),
