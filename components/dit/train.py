@@ -67,6 +67,27 @@ def build_step_dit(cfg: DitConfig, latent_shape, num_classes: int | None, text_a
         raise ValueError(f"dit.model: {e}") from e
 
 
+def step_meta(cfg: DitConfig, probe, num_classes: int, latent_shape, classes, ae_meta: dict, text) -> dict:
+    """dit.json: everything needed to rebuild and sample the model (text entries only for a text DiT,
+    so a class-conditional dit.json reads as before)."""
+    from components.dit.model import dit_flops_per_image
+
+    meta = {
+        "preset": cfg.preset, "model": probe.arguments, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
+        "prediction": cfg.prediction, "learn_sigma": cfg.learn_sigma, "num_classes": num_classes,
+        "null_label": probe.null_class_id, "latent_shape": latent_shape, "classes": classes,
+        "image_channels": int(ae_meta["channels"]), "image_size": int(ae_meta["image_size"]),
+        "flops_per_image": dit_flops_per_image(probe, context_tokens=cfg.text.max_tokens if text else 0),
+        "parameters": sum(p.numel() for p in probe.parameters()),
+        "data": cfg.data, "max_steps": cfg.train.max_steps, "ema_decay": cfg.train.ema_decay,
+        "sampling": cfg.sample.model_dump(),  # the step's sampler settings: defaults for later sampling
+    }
+    if text:
+        meta |= {"conditioning": cfg.conditioning, "text": cfg.text.model_dump(mode="json"),
+                 "text_vocabulary": text.vocabulary, "grid_prompts": text.grid_prompts}
+    return meta
+
+
 def step_grid(cfg: DitConfig, dit, meta: dict, ae, ae_meta: dict, num_classes: int, text):
     """The step's final grid: (images, row of each image): a row per class, or per prompt with text."""
     from components.dit.generate import generate
@@ -80,7 +101,6 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     from components.common.tracking import png_bytes
     from components.common.trainer import fit
     from components.common.images import class_grid
-    from components.dit.model import dit_flops_per_image
 
     shard, ae_manifest = inputs["shard"], inputs["autoencoder"]
     ae, ae_meta = load_autoencoder(ae_manifest)
@@ -99,19 +119,7 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     probe = build_step_dit(cfg, latent_shape, num_classes if cfg.uses_classes else None,
                            text.arguments if text else None)
     model_kwargs = probe.arguments
-    meta = {
-        "preset": cfg.preset, "model": model_kwargs, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
-        "prediction": cfg.prediction, "learn_sigma": cfg.learn_sigma, "num_classes": num_classes,
-        "null_label": probe.null_class_id, "latent_shape": latent_shape, "classes": classes,
-        "image_channels": int(ae_meta["channels"]), "image_size": int(ae_meta["image_size"]),
-        "flops_per_image": dit_flops_per_image(probe, context_tokens=cfg.text.max_tokens if text else 0),
-        "parameters": sum(p.numel() for p in probe.parameters()),
-        "data": cfg.data, "max_steps": cfg.train.max_steps, "ema_decay": cfg.train.ema_decay,
-        "sampling": cfg.sample.model_dump(),  # the step's sampler settings: defaults for later sampling
-    }
-    if text:  # only then: a class-conditional dit.json reads as before
-        meta |= {"conditioning": cfg.conditioning, "text": cfg.text.model_dump(mode="json"),
-                 "text_vocabulary": text.vocabulary, "grid_prompts": text.grid_prompts}
+    meta = step_meta(cfg, probe, num_classes, latent_shape, classes, ae_meta, text)
     del probe
     if cfg.train.ema_decay ** cfg.train.max_steps > 0.01:
         # The EMA starts from the initial weights and has no warm-up: they must have decayed away.
