@@ -106,8 +106,9 @@ def test_evaluate_step_trains_an_accurate_classifier_and_scores_samples(digit_sh
 
     calls = []
 
-    def perfect_generator(inputs, labels, sampling, batch_size, device, classes):
-        """Stands in for the DiT: real training digits of each requested class."""
+    def perfect_generator(inputs, labels, sampling, batch_size, device, classes, prompts=None):
+        """Stands in for the class-conditional DiT: real training digits of each requested class."""
+        assert prompts is None  # no text DiT among the inputs: sampled by label
         calls.append((labels.clone(), sampling, batch_size))
         pools = {k: np.flatnonzero(train_y == k) for k in range(10)}
         return torch.from_numpy(train_x[[pools[int(k)][i % len(pools[int(k)])] for i, k in enumerate(labels)]])

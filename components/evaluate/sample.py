@@ -32,7 +32,8 @@ def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling
 
 
 def dit_takes_text(inputs: dict[str, Manifest]) -> bool:
-    """Whether the evaluated DiT is text-conditioned (read from its manifest, not its weights)."""
+    """Whether the evaluated DiT is text-conditioned (read from its manifest, not its weights; no DiT
+    manifest: a stand-in generator, sampled by label)."""
     from components.dit.load import load_dit_meta
 
-    return load_dit_meta(inputs["dit"]).get("conditioning") == "text"
+    return inputs.get("dit") is not None and load_dit_meta(inputs["dit"]).get("conditioning") == "text"
