@@ -10,7 +10,6 @@ later from the manifest (``ensure_logged``).
 
 from __future__ import annotations
 
-import json
 import logging
 
 from components.common.redact import redact_text
@@ -45,6 +44,14 @@ def weight_files(step: str) -> list[str]:
     return list(files.get(step) or (SR_WEIGHTS, SR_META))
 
 
+def generator_meta(step: str, manifest: Manifest):
+    """The typed meta of a generator step's denoiser: ``StudentMeta`` (distill) or ``DitMeta`` (dit)."""
+    from components.distill.load import STUDENT_META, StudentMeta
+    from components.dit.load import DIT_META, DitMeta
+
+    return StudentMeta.read(manifest, STUDENT_META) if step == "distill" else DitMeta.read(manifest, DIT_META)
+
+
 def log_step_model(client, manifest: Manifest, inputs: dict[str, Manifest]) -> str:
     """Log ``manifest``'s step as an MLflow model linked to its run; its model id."""
     from components.serving.log import log_component, log_generator
@@ -54,10 +61,10 @@ def log_step_model(client, manifest: Manifest, inputs: dict[str, Manifest]) -> s
             "latentflow.workflow_id": manifest.workflow_id}
     if step in GENERATOR_STEPS:
         files = weight_files(step)
-        meta = json.loads(manifest.read_verified(files[1]))
+        meta = generator_meta(step, manifest)
         autoencoder = inputs["autoencoder"]
         tags["latentflow.autoencoder_cache_key"] = autoencoder.cache_key
-        sampling = meta.get("sampling") or manifest.config.get("sample")
+        sampling = meta.sampling or manifest.config.get("sample")
         return log_generator(client, run_id, f"{step}-generator", step, autoencoder, weight_files("autoencoder"),
                              manifest, files, meta, tags, sampling if step == "dit" else None)
     model_type = "latentflow-superres" if step.startswith("superres_") else f"latentflow-{step}"

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -23,6 +23,9 @@ from components.common.step import Manifest, ManifestInvalid, read_manifest_at
 from components.common.storage import Storage, StorageError
 from components.dit.config import SamplingConfig
 from pipelines.runtime import summary_path
+
+if TYPE_CHECKING:
+    from components.dit.load import DitMeta
 
 GRID = "grid.png"
 GRID_MAX_COLUMNS = 32
@@ -148,8 +151,8 @@ def flag_name(field: str) -> str:
     return field.replace("_", "-")
 
 
-def dit_sampling_defaults(dit_manifest: Manifest, dit_meta: dict[str, Any]) -> dict[str, Any] | None:
-    return dit_meta.get("sampling") or dit_manifest.config.get("sample")
+def dit_sampling_defaults(dit_manifest: Manifest, dit_meta: "DitMeta") -> dict[str, Any] | None:
+    return dit_meta.sampling or dit_manifest.config.get("sample")
 
 
 # ---------------------------------------------------------------- sampling
@@ -245,7 +248,7 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
                           f"autoencoder than the workflow's {AUTOENCODER_STEP!r} step ({ae_manifest.output_uri})")
     dit, dit_meta = load_dit(dit_manifest, device=device, ema=True)
     ae, ae_meta = load_autoencoder(ae_manifest, device=device)
-    classes = [str(c) for c in (dit_meta.get("classes") or range(int(dit_meta["num_classes"])))]
+    classes = dit_meta.class_names()
     label_ids = parse_labels(labels, classes)
     sampling = sampling_config(dit_sampling_defaults(dit_manifest, dit_meta), sampler=sampler, steps=steps,
                                guidance=guidance, eta=eta, seed=seed, **sampler_options)
@@ -305,7 +308,7 @@ def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per
     if generator.kind == "distill":
         from components.distill.sample import supported_steps
 
-        steps = int(generator.meta["native_steps"]) if steps is None else steps
+        steps = int(generator.meta.native_steps) if steps is None else steps
         if steps not in supported_steps(generator.meta):
             raise BadFlag(f"--steps {steps}: this student samples with {supported_steps(generator.meta)} steps")
         sampling = SamplingConfig(steps=steps, guidance=0.0, seed=0 if seed is None else seed)
@@ -385,11 +388,11 @@ def sample_student(summary: dict, summary_uri: str, labels: str, per_label: int,
     manifest = step_manifest(summary, "distill", summary_uri)
     ae_manifest = step_manifest(summary, AUTOENCODER_STEP, summary_uri)
     student, meta = load_student(manifest, device=device)
-    steps = int(meta["native_steps"]) if steps is None else steps
+    steps = int(meta.native_steps) if steps is None else steps
     if steps not in supported_steps(meta):
-        raise BadFlag(f"--steps {steps}: this {meta['method']} student samples with {supported_steps(meta)} steps")
+        raise BadFlag(f"--steps {steps}: this {meta.method} student samples with {supported_steps(meta)} steps")
     ae, ae_meta = load_autoencoder(ae_manifest, device=device)
-    classes = [str(c) for c in (meta.get("classes") or range(int(meta["num_classes"])))]
+    classes = meta.class_names()
     label_ids = parse_labels(labels, classes)
     seed = 0 if seed is None else seed
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)

@@ -38,7 +38,7 @@ def sample_prompts(workflow_id: str, prompts: list[str] | None, prompts_file: st
     summary_uri, summary = find_summary(workflow_id, storage, search_base)
     dit_manifest = step_manifest(summary, "dit", summary_uri)
     dit, dit_meta = load_dit(dit_manifest, device=device, ema=True)
-    if dit_meta.get("conditioning") != "text":
+    if not dit_meta.uses_text:
         raise BadFlag(f"the dit step of workflow {workflow_id!r} is class-conditional: give --labels, not prompts")
     ae, ae_meta = load_autoencoder(step_manifest(summary, AUTOENCODER_STEP, summary_uri), device=device)
     sampling = sampling_config(dit_sampling_defaults(dit_manifest, dit_meta), sampler=sampler, steps=steps,

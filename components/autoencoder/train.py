@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from components.autoencoder.config import AutoencoderConfig
-from components.autoencoder.load import AE_META, AE_WEIGHTS, to_model_range
+from components.autoencoder.load import AE_META, AE_WEIGHTS, AutoencoderMeta, to_model_range
 from components.autoencoder.lpips import check_lpips_file
 from components.autoencoder.model import (AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderVQ,
                                           build_autoencoder)
@@ -174,23 +174,22 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
         raise ValueError(f"autoencoder: latent scale factor {scale_factor} is not a positive number")
 
     f = model.downsample_factor
-    meta = {
-        "preset": cfg.preset, "regularizer": cfg.regularizer, "model": model_kwargs, "downsample_factor": f,
-        "latent_channels": model.latent_channels,
-        "latent_shape": [model.latent_channels, size // f, size // f],
-        "image_size": size, "shard_image_size": int(info["image_size"]), "channels": info["channels"], "image_format": image_key,
-        "scale_factor": scale_factor, "scale_from": "sample" if cfg.regularizer == "kl" else "pre_quantization",
-        "classes": info.get("classes"),
-    }
+    meta = AutoencoderMeta(
+        preset=cfg.preset, regularizer=cfg.regularizer, model=model_kwargs, downsample_factor=f,
+        latent_channels=model.latent_channels, latent_shape=[model.latent_channels, size // f, size // f],
+        image_size=size, shard_image_size=int(info["image_size"]), channels=info["channels"], image_format=image_key,
+        scale_factor=scale_factor, scale_from="sample" if cfg.regularizer == "kl" else "pre_quantization",
+        classes=info.get("classes"),
+    )
     written = result.upload_to(ctx.output)
     if written != [AE_WEIGHTS]:
         raise RuntimeError(f"autoencoder export wrote {written}, expected [{AE_WEIGHTS!r}]")
-    ctx.output.write_text(AE_META, json.dumps(meta, indent=2, sort_keys=True))
+    ctx.output.write_text(AE_META, json.dumps(meta.to_json(), indent=2, sort_keys=True))
     grid = reconstruction_grid(val_images, recons)
     ctx.output.write_bytes(RECONSTRUCTIONS, png_bytes(grid))
     ctx.tracker.log_image(grid, RECONSTRUCTIONS)
     ctx.tracker.log_image(grid, key="reconstructions", step=cfg.train.max_steps)  # the run page's Images view
-    ctx.tracker.log_dict(meta, AE_META)
+    ctx.tracker.log_dict(meta.to_json(), AE_META)
 
     final = result.metrics
     metrics = {**quality, "scale_factor": scale_factor, "train_loss": final.get("loss", float("nan")),
@@ -203,4 +202,4 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
              train_wall_s, quality["val_psnr"], scale_factor,
              f", codebook usage {quality['val_codebook_usage']:.0%} (perplexity "
              f"{quality['val_codebook_perplexity']:.1f})" if cfg.regularizer == "vq" else "")
-    return StepOutput(files=[AE_WEIGHTS, AE_META, RECONSTRUCTIONS], metrics=metrics, info=dict(meta))
+    return StepOutput(files=[AE_WEIGHTS, AE_META, RECONSTRUCTIONS], metrics=metrics, info=meta.to_json())

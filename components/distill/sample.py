@@ -2,7 +2,7 @@
 
 The distill step writes ``distill.safetensors`` (the EMA student), ``distill_raw.safetensors`` and
 ``distill.json``: the DiT's meta (model arguments, schedule, prediction, classes, shapes) plus
-``method``, ``teacher_guidance`` (folded into the student: it samples without guidance, one
+``method``, ``guidance`` (the teacher's, folded into the student: it samples without guidance, one
 network evaluation per step), ``native_steps`` and the levels it samples at (``levels``: the
 progressive student's DDIM grid, descending; ``consistency_levels``: the consistency model's
 discretisation, ascending, with ``sample_levels`` for multistep sampling).
@@ -19,42 +19,46 @@ import torch
 
 from components.common.images import to_uint8
 from components.diffusion import Denoiser, NoiseSchedule, draw_per_sample, per_sample_noise, run_sampler, sample_generator
+from components.distill.load import StudentMeta
 
 PROGRESSIVE = "progressive"
 
 
-def supported_steps(meta: dict) -> list[int]:
+def supported_steps(meta: "StudentMeta | dict") -> list[int]:
     """The step counts this student samples with: its native count (progressive), or 1 up to one
-    more than its re-noising levels (consistency)."""
-    if meta["method"] == PROGRESSIVE:
-        return [int(meta["native_steps"])]
-    return list(range(1, len(meta["sample_levels"]) + 2))
+    more than its re-noising levels (consistency). ``meta``: typed, or its JSON form."""
+    meta = StudentMeta.of(meta)
+    if meta.method == PROGRESSIVE:
+        return [int(meta.native_steps)]
+    return list(range(1, len(meta.sample_levels) + 2))
 
 
-def generate_student(student: torch.nn.Module, meta: dict, ae: torch.nn.Module, ae_meta: dict,
+def generate_student(student: torch.nn.Module, meta: "StudentMeta | dict", ae: torch.nn.Module, ae_meta,
                      labels: Sequence[int] | torch.Tensor, steps: int | None = None, seed: int = 0,
                      batch_size: int = 256) -> torch.Tensor:
-    """uint8 images (N, C, H, W) of ``labels`` from a distilled student, decoded by the autoencoder."""
-    from components.autoencoder.load import decode_scaled
+    """uint8 images (N, C, H, W) of ``labels`` from a distilled student, decoded by the autoencoder
+    (metas typed, or in their JSON form)."""
+    from components.autoencoder.load import AutoencoderMeta, decode_scaled
     from components.diffusion.consistency_sampler import top_level_input
     from components.distill.consistency import ConsistencyFunction
     from components.dit.config import SamplingConfig
     from components.dit.generate import generate
 
-    steps = int(meta["native_steps"]) if steps is None else int(steps)
+    meta, ae_meta = StudentMeta.of(meta), AutoencoderMeta.of(ae_meta)
+    steps = int(meta.native_steps) if steps is None else int(steps)
     if steps not in supported_steps(meta):
-        raise ValueError(f"this {meta['method']} student samples with {supported_steps(meta)} steps, not {steps}")
+        raise ValueError(f"this {meta.method} student samples with {supported_steps(meta)} steps, not {steps}")
     labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
-    if meta["method"] == PROGRESSIVE:
+    if meta.method == PROGRESSIVE:
         sampling = SamplingConfig(sampler="ddim", steps=steps, guidance=0.0, eta=0.0, seed=seed)
         return generate(student, meta, ae, ae_meta, labels, sampling, batch_size=batch_size,
-                        timesteps=torch.as_tensor(meta["levels"], dtype=torch.long))
+                        timesteps=torch.as_tensor(meta.levels, dtype=torch.long))
 
-    schedule = NoiseSchedule.from_name(meta["schedule"], int(meta["num_timesteps"]))
-    fn = ConsistencyFunction(schedule, torch.as_tensor(meta["consistency_levels"], dtype=torch.long))
-    shape, device = tuple(int(s) for s in meta["latent_shape"]), next(student.parameters()).device
+    schedule = NoiseSchedule.from_name(meta.schedule, int(meta.num_timesteps))
+    fn = ConsistencyFunction(schedule, torch.as_tensor(meta.consistency_levels, dtype=torch.long))
+    shape, device = tuple(int(s) for s in meta.latent_shape), next(student.parameters()).device
     top = int(fn.levels[-1])
-    timesteps = torch.as_tensor([top, *list(meta["sample_levels"])[:steps - 1]], dtype=torch.long)
+    timesteps = torch.as_tensor([top, *list(meta.sample_levels)[:steps - 1]], dtype=torch.long)
     denoiser = Denoiser(fn.x0_model(student), prediction="x0")
     chunks = []
     was_training, _ = student.training, student.eval()
@@ -70,7 +74,7 @@ def generate_student(student: torch.nn.Module, meta: dict, ae: torch.nn.Module, 
     finally:
         student.train(was_training)
     if not chunks:
-        size = int(ae_meta["image_size"])
-        return torch.empty((0, int(ae_meta["channels"]), size, size), dtype=torch.uint8)
+        size = int(ae_meta.image_size)
+        return torch.empty((0, int(ae_meta.channels), size, size), dtype=torch.uint8)
     return torch.cat(chunks)
 

@@ -166,7 +166,7 @@ class ConsistencyTask(DistillTask):
                            load_lpips(self.cfg.consistency.lpips_weights).to(online.device))
         ae, ae_meta, lpips = self._lpips
         # decode_scaled runs without gradients; the online side needs them
-        images = [ae.decode(z / ae_meta["scale_factor"]).float().clamp(-1, 1) for z in (online, target)]
+        images = [ae.decode(z / ae_meta.scale_factor).float().clamp(-1, 1) for z in (online, target)]
         if images[0].shape[-1] < 32:  # VGG's five stages halve the size four times
             images = [torch.nn.functional.interpolate(i, size=32, mode="bilinear") for i in images]
         return lpips(*images)

@@ -33,7 +33,7 @@ from components.common.checkpoint import CheckpointError
 from components.common.step import CHECKPOINT_DIR, Manifest, StepContext, StepOutput
 from components.common.storage import sha256_file
 from components.distill.config import DistillConfig
-from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, load_student
+from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, StudentMeta, load_student
 from components.distill.sample import PROGRESSIVE, generate_student, supported_steps
 from components.distill.task import ConsistencyTask, DistillTask, ProgressiveTask
 
@@ -51,22 +51,24 @@ TASK_CLASSES: dict[str, type[DistillTask]] = {PROGRESSIVE: ProgressiveTask, "con
 
 if TYPE_CHECKING:
     from components.common.storage import Storage
+    from components.dit.load import DitMeta
 
 log = logging.getLogger(__name__)
 
 
-def base_meta(cfg: DistillConfig, dit_meta: dict, guidance: float) -> dict:
-    if cfg.method != PROGRESSIVE and dit_meta["prediction"] != "v":
+def base_meta(cfg: DistillConfig, dit_meta: "DitMeta", guidance: float) -> dict:
+    """The step's own ``StudentMeta`` fields that every student of the run shares, after checking that
+    the teacher can be distilled by ``cfg.method``."""
+    if cfg.method != PROGRESSIVE and dit_meta.prediction != "v":
         raise ValueError(f"distill.method {cfg.method} needs a v-prediction DiT (dit.prediction: v): v is EDM's "
                          f"preconditioning at sigma_data = 1, which the consistency function is built on; this "
-                         f"DiT predicts {dit_meta['prediction']!r}")
-    if dit_meta.get("learn_sigma"):
+                         f"DiT predicts {dit_meta.prediction!r}")
+    if dit_meta.learn_sigma:
         log.warning("distill: the DiT learns its variance; the student keeps the channels but DDIM ignores them")
-    if dit_meta["prediction"] == "eps":
+    if dit_meta.prediction == "eps":
         log.warning("distill: an eps-prediction teacher; Salimans & Ho use x or v, since eps turns into an "
                     "unstable x-prediction at high noise, which few-step students reach")
-    return {**dit_meta, "method": cfg.method, "guidance": guidance, "spacing": SPACING,
-            "distill": cfg.model_dump(mode="json")}
+    return {"method": cfg.method, "guidance": guidance, "spacing": SPACING, "distill": cfg.model_dump(mode="json")}
 
 
 def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_meta, name: str, steps: int | None):
@@ -75,7 +77,7 @@ def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_me
     from components.dit.task import grid_labels
 
     student, meta = load_student(source)
-    labels = grid_labels(int(meta["num_classes"]), cfg.grid_classes, cfg.grid_per_label)
+    labels = grid_labels(int(meta.num_classes), cfg.grid_classes, cfg.grid_per_label)
     started = time.perf_counter()
     images = generate_student(student, meta, ae, ae_meta, labels, steps=steps, seed=cfg.seed)
     grid = class_grid(images, labels, cfg.grid_per_label)
@@ -84,8 +86,8 @@ def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_me
     return time.perf_counter() - started
 
 
-def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest], ctx: StepContext, ae, ae_meta
-                       ) -> tuple[list[str], dict]:
+def progressive_rounds(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict, inputs: dict[str, Manifest],
+                       ctx: StepContext, ae, ae_meta) -> tuple[list[str], dict]:
     from components.common.trainer import fit
     from components.diffusion import spaced_timesteps
     from components.distill.targets import halve_steps
@@ -93,13 +95,14 @@ def progressive_rounds(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifes
 
     files, metrics = [], {}
     teacher = (inputs["dit"].output_uri, DIT_WEIGHTS)
-    levels = spaced_timesteps(int(meta["num_timesteps"]), cfg.progressive.start_steps, SPACING)
+    levels = spaced_timesteps(int(teacher_meta.num_timesteps), cfg.progressive.start_steps, SPACING)
     for k, steps in enumerate(cfg.progressive.rounds, start=1):
         folder = f"round_{k}"
         student_levels = halve_steps(levels)
-        round_meta = {**meta, "round": k, "teacher_steps": steps, "native_steps": steps // 2,
-                      "teacher_levels": levels.tolist(), "levels": student_levels.tolist(),
-                      "teacher_cfg_weight": meta["guidance"] if k == 1 else 0.0}
+        round_meta = StudentMeta.of_teacher(
+            teacher_meta, **facts, round=k, teacher_steps=steps, native_steps=steps // 2,
+            teacher_levels=levels.tolist(), levels=student_levels.tolist(),
+            teacher_cfg_weight=facts["guidance"] if k == 1 else 0.0).to_json()  # the file's form: to the workers
         names = [f"{folder}/{n}" for n in (*ROUND_FILES, ROUND_DONE)]
         summary = finished_round(ctx.output, folder)
         if summary is not None:
@@ -178,22 +181,22 @@ def _content_sha256(output: "Storage", rel: str) -> str:
         return sha256_file(Path(tmp) / "file")
 
 
-def consistency_run(cfg: DistillConfig, meta: dict, inputs: dict[str, Manifest], ctx: StepContext
-                    ) -> tuple[list[str], dict]:
+def consistency_run(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict, inputs: dict[str, Manifest],
+                    ctx: StepContext) -> tuple[list[str], dict]:
     from components.common.trainer import fit
     from components.diffusion import NoiseSchedule
     from components.distill.consistency import ConsistencyFunction, consistency_levels
     from components.dit.load import DIT_WEIGHTS
 
-    schedule = NoiseSchedule.from_name(meta["schedule"], int(meta["num_timesteps"]))
+    schedule = NoiseSchedule.from_name(teacher_meta.schedule, int(teacher_meta.num_timesteps))
     levels = consistency_levels(schedule, cfg.consistency.num_levels, cfg.consistency.rho)
     fn = ConsistencyFunction(schedule, levels)
     sample_levels = [int(levels[fn.nearest_index(level)]) for level in cfg.consistency.sample_levels]
     distilling = cfg.method == "consistency_distillation"
-    full_meta = {**meta, "native_steps": 1, "consistency_levels": levels.tolist(), "sample_levels": sample_levels,
-                 "teacher_cfg_weight": meta["guidance"] if distilling else 0.0}
-    if not distilling:
-        full_meta["guidance"] = 0.0  # no teacher: nothing is folded in
+    full_meta = StudentMeta.of_teacher(
+        teacher_meta, **{**facts, "guidance": facts["guidance"] if distilling else 0.0},  # no teacher: nothing folded in
+        native_steps=1, consistency_levels=levels.tolist(), sample_levels=sample_levels,
+        teacher_cfg_weight=facts["guidance"] if distilling else 0.0).to_json()  # the file's form: to the workers
     dit = (inputs["dit"].output_uri, DIT_WEIGHTS)
     if cfg.consistency.distance == "lpips":
         from components.autoencoder.lpips import check_lpips_file
@@ -216,26 +219,26 @@ def run(cfg: DistillConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
         raise ValueError("the distill step trains on the latents step's latents; add the latents section "
                          "(dit.data: latents)")
     dit_meta = load_dit_meta(inputs["dit"])
-    guidance = float(dit_meta["sampling"]["guidance"] if cfg.guidance is None else cfg.guidance)
-    meta = base_meta(cfg, dit_meta, guidance)
+    guidance = float(dit_meta.sampling["guidance"] if cfg.guidance is None else cfg.guidance)
+    facts = base_meta(cfg, dit_meta, guidance)
     ae, ae_meta = load_autoencoder(inputs["autoencoder"])
     ctx.tracker.set_tags({"latentflow.distill_method": cfg.method, "latentflow.teacher_guidance": guidance})
     if cfg.method == PROGRESSIVE:
-        files, metrics = progressive_rounds(cfg, meta, inputs, ctx, ae, ae_meta)
+        files, metrics = progressive_rounds(cfg, dit_meta, facts, inputs, ctx, ae, ae_meta)
     else:
-        files, metrics = consistency_run(cfg, meta, inputs, ctx)
+        files, metrics = consistency_run(cfg, dit_meta, facts, inputs, ctx)
 
-    final_meta = json.loads(ctx.output.read_text(STUDENT_META))
+    final_meta = StudentMeta.read(ctx.output, STUDENT_META)
     grids = []
     for steps in supported_steps(final_meta):
-        name = "samples.png" if steps == final_meta["native_steps"] else f"samples_{steps}step.png"
+        name = "samples.png" if steps == final_meta.native_steps else f"samples_{steps}step.png"
         metrics[f"grid_seconds_{steps}step"] = sample_grid(ctx, ctx.tracker, ctx.output, cfg, ae, ae_meta, name, steps)
         grids.append(name)
-    metrics["native_steps"] = float(final_meta["native_steps"])
-    ctx.tracker.log_dict(final_meta, STUDENT_META)
+    metrics["native_steps"] = float(final_meta.native_steps)
+    ctx.tracker.log_dict(final_meta.to_json(), STUDENT_META)
     ctx.tracker.log_metrics(metrics)
     log.info("distill: %s student, %d native steps, guidance %.2f folded in", cfg.method,
-             final_meta["native_steps"], final_meta["guidance"])
-    info = {"method": cfg.method, "native_steps": final_meta["native_steps"], "guidance": final_meta["guidance"],
+             final_meta.native_steps, final_meta.guidance)
+    info = {"method": cfg.method, "native_steps": final_meta.native_steps, "guidance": final_meta.guidance,
             "supported_steps": supported_steps(final_meta)}
     return StepOutput(files=sorted(set(files + list(STUDENT_FILES) + grids)), metrics=metrics, info=info)

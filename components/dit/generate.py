@@ -13,6 +13,7 @@ size, and sample i is the same image whether 10 or 10,000 are drawn.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,39 +31,44 @@ from components.diffusion import (
     threshold_fn,
 )
 from components.dit.config import SamplingConfig
+from components.dit.load import DitMeta
+
+if TYPE_CHECKING:
+    from components.autoencoder.load import AutoencoderMeta
 
 
-def with_classifier_guidance(model_fn, classifier, dit_meta: dict, schedule: NoiseSchedule, weight: float):
+def with_classifier_guidance(model_fn, classifier, dit_meta: DitMeta, schedule: NoiseSchedule, weight: float):
     """``model_fn`` steered by the noisy classifier (model, meta), after checking it was trained on
     the DiT's forward process and classes."""
     from components.diffusion.classifier_guidance import make_classifier_guided_model_fn
+    from components.noisy_classifier.load import NoisyClassifierMeta
 
     if classifier is None:
         raise ValueError("sample.classifier_guidance needs the noisy_classifier step's classifier (add the "
                          "noisy_classifier section to the pipeline)")
-    model, meta = classifier
-    mine = (meta["schedule"], int(meta["num_timesteps"]), meta.get("classes"))
-    dits = (dit_meta["schedule"], int(dit_meta["num_timesteps"]), dit_meta.get("classes"))
+    model, meta = classifier[0], NoisyClassifierMeta.of(classifier[1])
+    mine = (meta.schedule, int(meta.num_timesteps), meta.classes)
+    dits = (dit_meta.schedule, int(dit_meta.num_timesteps), dit_meta.classes)
     if mine != dits:
         raise ValueError(f"the noisy classifier was trained on (schedule, timesteps, classes) {mine}, the DiT on "
                          f"{dits}: classifier guidance needs them equal")
     device = next(model.parameters()).device
     return make_classifier_guided_model_fn(model_fn, lambda x, t: model(x.to(device), t.to(device)), schedule,
-                                           weight, dit_meta["prediction"])
+                                           weight, dit_meta.prediction)
 
 
-def dit_denoiser(dit: torch.nn.Module, dit_meta: dict, sampling: SamplingConfig, schedule: NoiseSchedule,
+def dit_denoiser(dit: torch.nn.Module, dit_meta: DitMeta, sampling: SamplingConfig, schedule: NoiseSchedule,
                  classifier=None) -> Denoiser:
     """The DiT as the samplers see it: guided fn(x_t, t, y, **text) (classifier-free with ``sampling.guidance``,
     then classifier guidance when set) with the DiT's prediction, learned variance and ``sampling``'s
     thresholding. A text-conditioned DiT (``TextDiT``) is guided against its encoder's null caption."""
-    null_label = None if dit_meta.get("null_label") is None else int(dit_meta["null_label"])
+    null_label = None if dit_meta.null_label is None else int(dit_meta.null_label)
     null_text = dit.null_text() if hasattr(dit, "null_text") else None
     guided = make_cfg_model_fn(lambda x, t, y, **text: dit(x, t, y, **text), null_label, sampling.guidance,
                                null_text=null_text)
     if sampling.classifier_guidance:
         guided = with_classifier_guidance(guided, classifier, dit_meta, schedule, sampling.classifier_guidance)
-    return Denoiser(guided, prediction=dit_meta["prediction"], learned_variance=bool(dit_meta.get("learn_sigma", False)),
+    return Denoiser(guided, prediction=dit_meta.prediction, learned_variance=bool(dit_meta.learn_sigma),
                     clip_x0=threshold_fn(sampling.thresholding, sampling.dynamic_threshold_percentile))
 
 
@@ -75,13 +81,13 @@ def conditions(dit: torch.nn.Module, labels: torch.Tensor | None, prompts: Seque
     return extra
 
 
-def checked_labels(labels, prompts, dit_meta: dict) -> torch.Tensor | None:
+def checked_labels(labels, prompts, dit_meta: DitMeta) -> torch.Tensor | None:
     """The labels as int64 on the CPU, checked against the DiT's classes; None for a text-only model."""
-    if dit_meta.get("null_label") is None and prompts is not None:
+    if dit_meta.null_label is None and prompts is not None:
         return None
     labels = (labels.detach().cpu().long().flatten() if isinstance(labels, torch.Tensor)
               else torch.as_tensor(list(labels), dtype=torch.long))
-    num_classes = int(dit_meta["num_classes"])
+    num_classes = int(dit_meta.num_classes)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}] (this DiT has {num_classes} classes), "
                          f"got {sorted(set(labels.tolist()))[:10]}")
@@ -90,7 +96,7 @@ def checked_labels(labels, prompts, dit_meta: dict) -> torch.Tensor | None:
     return labels
 
 
-def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta: dict,
+def generate(dit: torch.nn.Module, dit_meta: "DitMeta | dict", ae: torch.nn.Module, ae_meta: "AutoencoderMeta | dict",
              labels: Sequence[int] | torch.Tensor | None,
              sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
              timesteps: torch.Tensor | None = None, classifier=None,
@@ -98,24 +104,26 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     """Images of the given class labels (and prompts, for a text-conditioned DiT): uint8 (N, C, H, W) on
     the CPU, in the order given.
 
-    Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta["null_label"]`` and,
+    Classifier-free guidance with weight ``sampling.guidance`` against ``dit_meta.null_label`` and,
     with prompts, the empty caption (0: the conditional model alone, no unconditional pass); timesteps
     from ``spaced_timesteps``; any sampler of the registry (``sampling.sampler``, its options from
     ``sampling``'s fields of the same names); optional thresholding of x̂_0 (``threshold_fn``); latents
     decoded with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
     ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
     ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``.
-    ``prompts``: one per image (a text-only DiT takes ``labels=None``)."""
-    from components.autoencoder.load import decode_scaled
+    ``prompts``: one per image (a text-only DiT takes ``labels=None``). The metas may be given in
+    their JSON form (the DiT task's preview holds its meta so)."""
+    from components.autoencoder.load import AutoencoderMeta, decode_scaled
     from components.common.progress import progress_bar
 
+    dit_meta, ae_meta = DitMeta.of(dit_meta), AutoencoderMeta.of(ae_meta)
     labels = checked_labels(labels, prompts, dit_meta)
     count = len(prompts) if labels is None else len(labels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    shape = tuple(int(s) for s in dit_meta["latent_shape"])
+    shape = tuple(int(s) for s in dit_meta.latent_shape)
     device = next(dit.parameters()).device
-    schedule = NoiseSchedule.from_name(dit_meta["schedule"], int(dit_meta["num_timesteps"]))
+    schedule = NoiseSchedule.from_name(dit_meta.schedule, int(dit_meta.num_timesteps))
     if timesteps is None:
         timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
     denoiser = dit_denoiser(dit, dit_meta, sampling, schedule, classifier)
@@ -143,6 +151,6 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
         if bar is not None:
             bar.close()
     if not chunks:
-        return torch.empty((0, int(ae_meta["channels"]), int(ae_meta["image_size"]), int(ae_meta["image_size"])),
+        return torch.empty((0, int(ae_meta.channels), int(ae_meta.image_size), int(ae_meta.image_size)),
                            dtype=torch.uint8)
     return torch.cat(chunks)

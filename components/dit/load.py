@@ -3,14 +3,15 @@
 The step writes ``dit.safetensors`` (EMA weights: what sampling uses), ``dit_raw.safetensors``
 (the online weights) and ``dit.json`` (everything needed to rebuild and sample the model: the
 resolved ``DiT`` arguments under ``model``, the noise schedule, prediction type, classes,
-latent and image shapes).
+latent and image shapes; for a text DiT its encoder's config too), read back as ``DitMeta``.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from components.common.stage_meta import StageMeta
 from components.common.step import read_output
 
 if TYPE_CHECKING:
@@ -23,11 +24,52 @@ DIT_RAW_WEIGHTS = "dit_raw.safetensors"
 DIT_META = "dit.json"
 
 
-def load_dit_meta(source: "Manifest | Storage | str") -> dict[str, Any]:
-    return json.loads(read_output(source, DIT_META))
+@dataclass
+class DitMeta(StageMeta):
+    """``dit.json`` (built by ``components.dit.train.step_meta``)."""
+
+    preset: str
+    model: dict[str, Any]  # the resolved DiT arguments
+    schedule: str  # the noise schedule, by name, and its length
+    num_timesteps: int
+    prediction: str  # "eps", "v" or "x0"
+    learn_sigma: bool
+    num_classes: int  # 1 for unlabelled data
+    null_label: int | None  # the class-free label's id; None for a text-only DiT (no class embedding)
+    latent_shape: list[int]  # [c, h, w]
+    classes: list[str] | None
+    image_channels: int
+    image_size: int
+    flops_per_image: float
+    parameters: int
+    data: str  # "latents" or "pixels": what it trained on
+    max_steps: int
+    ema_decay: float
+    sampling: dict[str, Any]  # the step's sampler settings: defaults for later sampling
+    # text conditioning only (a class DiT's file has none of these)
+    conditioning: str | None = None
+    text: dict[str, Any] | None = None  # the TextEncoderConfig
+    text_vocabulary: int | None = None  # the joint tokenizer's entries (0: a frozen encoder's own)
+    grid_prompts: list[str] | None = None
+    # a warm start only (components.common.warm_start)
+    warm_start: str | None = None
+    warm_start_version: str | None = None
+    warm_start_source: str | None = None
+
+    @property
+    def uses_text(self) -> bool:
+        return self.conditioning == "text"
+
+    def class_names(self) -> list[str]:
+        """The classes' names, or their indices as strings for an unnamed data set."""
+        return [str(c) for c in (self.classes or range(self.num_classes))]
 
 
-def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: bool = True) -> tuple["DiT", dict]:
+def load_dit_meta(source: "Manifest | Storage | str") -> DitMeta:
+    return DitMeta.read(source, DIT_META)
+
+
+def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: bool = True) -> tuple["DiT", DitMeta]:
     """(DiT in eval mode on ``device``, meta) from a DiT step's manifest (every file checked against
     its sha256; or the step's own output directory as a Storage or URI, before it has a manifest).
     ``ema=False`` loads the online weights instead of the EMA."""
@@ -36,23 +78,23 @@ def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: boo
     from components.dit.model import DiT
 
     meta = load_dit_meta(manifest)
-    model = DiT(**meta["model"])
-    if meta.get("text") is not None:
+    model = DiT(**meta.model)
+    if meta.text is not None:
         model = with_text_encoder(model, meta, manifest)
     weights = safetensors.torch.load(read_output(manifest, DIT_WEIGHTS if ema else DIT_RAW_WEIGHTS))
     model.load_state_dict(weights)
     return model.to(device).eval(), meta
 
 
-def with_text_encoder(dit: "DiT", meta: dict[str, Any], source: "Manifest | Storage | str"):
-    """A text-conditioned DiT's ``TextDiT``: its encoder rebuilt from ``meta["text"]`` (a joint one over
+def with_text_encoder(dit: "DiT", meta: DitMeta, source: "Manifest | Storage | str"):
+    """A text-conditioned DiT's ``TextDiT``: its encoder rebuilt from ``meta.text`` (a joint one over
     the tokenizer written beside the weights; a frozen one from its local directory)."""
     from components.dit.text_model import TextDiT
     from components.text.config import TextEncoderConfig
     from components.text.load import TOKENIZER_FILE, build_text_encoder
     from components.text.tokenizer import WordTokenizer
 
-    cfg = TextEncoderConfig(**meta["text"])
+    cfg = TextEncoderConfig(**meta.text)
     tokenizer = None
     if cfg.kind == "joint":
         tokenizer = WordTokenizer.from_json(read_output(source, TOKENIZER_FILE).decode("utf-8"), TOKENIZER_FILE)

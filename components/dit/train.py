@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.dit.config import DitConfig
-from components.dit.load import DIT_META, DIT_WEIGHTS, load_dit
+from components.dit.load import DIT_META, DIT_WEIGHTS, DitMeta, load_dit
 from components.dit.task import SAMPLES_SERIES, DitTask, LatentDitTask, PixelDitTask, grid_conditions
 from components.dit.text_setup import prepare_text
 
 if TYPE_CHECKING:
-
+    from components.autoencoder.load import AutoencoderMeta
     from components.dit.model import DiT
 
 CODE_VERSION = "1"
@@ -67,28 +67,29 @@ def build_step_dit(cfg: DitConfig, latent_shape, num_classes: int | None, text_a
         raise ValueError(f"dit.model: {e}") from e
 
 
-def step_meta(cfg: DitConfig, probe, num_classes: int, latent_shape, classes, ae_meta: dict, text) -> dict:
+def step_meta(cfg: DitConfig, probe, num_classes: int, latent_shape, classes, ae_meta: "AutoencoderMeta", text,
+              warm: dict | None = None) -> DitMeta:
     """dit.json: everything needed to rebuild and sample the model (text entries only for a text DiT,
-    so a class-conditional dit.json reads as before)."""
+    so a class-conditional dit.json reads as before; the warm start's entries only after one)."""
     from components.dit.model import dit_flops_per_image
 
-    meta = {
-        "preset": cfg.preset, "model": probe.arguments, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
-        "prediction": cfg.prediction, "learn_sigma": cfg.learn_sigma, "num_classes": num_classes,
-        "null_label": probe.null_class_id, "latent_shape": latent_shape, "classes": classes,
-        "image_channels": int(ae_meta["channels"]), "image_size": int(ae_meta["image_size"]),
-        "flops_per_image": dit_flops_per_image(probe, context_tokens=cfg.text.max_tokens if text else 0),
-        "parameters": sum(p.numel() for p in probe.parameters()),
-        "data": cfg.data, "max_steps": cfg.train.max_steps, "ema_decay": cfg.train.ema_decay,
-        "sampling": cfg.sample.model_dump(),  # the step's sampler settings: defaults for later sampling
-    }
+    text_fields = {}
     if text:
-        meta |= {"conditioning": cfg.conditioning, "text": cfg.text.model_dump(mode="json"),
-                 "text_vocabulary": text.vocabulary, "grid_prompts": text.grid_prompts}
-    return meta
+        text_fields = dict(conditioning=cfg.conditioning, text=cfg.text.model_dump(mode="json"),
+                           text_vocabulary=text.vocabulary, grid_prompts=text.grid_prompts)
+    return DitMeta(
+        preset=cfg.preset, model=probe.arguments, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps,
+        prediction=cfg.prediction, learn_sigma=cfg.learn_sigma, num_classes=num_classes,
+        null_label=probe.null_class_id, latent_shape=latent_shape, classes=classes,
+        image_channels=int(ae_meta.channels), image_size=int(ae_meta.image_size),
+        flops_per_image=dit_flops_per_image(probe, context_tokens=cfg.text.max_tokens if text else 0),
+        parameters=sum(p.numel() for p in probe.parameters()),
+        data=cfg.data, max_steps=cfg.train.max_steps, ema_decay=cfg.train.ema_decay,
+        sampling=cfg.sample.model_dump(),  # the step's sampler settings: defaults for later sampling
+        **text_fields, **(warm or {}))
 
 
-def step_grid(cfg: DitConfig, dit, meta: dict, ae, ae_meta: dict, num_classes: int, text):
+def step_grid(cfg: DitConfig, dit, meta: DitMeta, ae, ae_meta: "AutoencoderMeta", num_classes: int, text):
     """The step's final grid: (images, row of each image): a row per class, or per prompt with text."""
     from components.dit.generate import generate
 
@@ -110,17 +111,15 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
                              "add the latents section or set dit.data: pixels")
         latents = inputs["latents"]
         latent_shape, classes = list(latents.info["latent_shape"]), latents.info.get("classes")
-        if list(ae_meta["latent_shape"]) != latent_shape:
-            raise ValueError(f"latents step shape {latent_shape} != autoencoder latent shape {ae_meta['latent_shape']}")
+        if list(ae_meta.latent_shape) != latent_shape:
+            raise ValueError(f"latents step shape {latent_shape} != autoencoder latent shape {ae_meta.latent_shape}")
     else:
-        latents, latent_shape, classes = None, list(ae_meta["latent_shape"]), shard.info.get("classes")
+        latents, latent_shape, classes = None, list(ae_meta.latent_shape), shard.info.get("classes")
     num_classes = len(classes) if classes else 1
     text = prepare_text(cfg, latents) if cfg.uses_text else None
     probe = build_step_dit(cfg, latent_shape, num_classes if cfg.uses_classes else None,
                            text.arguments if text else None)
     model_kwargs = probe.arguments
-    meta = step_meta(cfg, probe, num_classes, latent_shape, classes, ae_meta, text)
-    del probe
     if cfg.train.ema_decay ** cfg.train.max_steps > 0.01:
         # The EMA starts from the initial weights and has no warm-up: they must have decayed away.
         log.warning("dit: ema_decay %.4g over %d steps keeps %.0f%% of the initial weights in the exported "
@@ -130,13 +129,15 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
 
     init, warm = warm_start_source(ctx.tracker.tracking_uri if ctx.tracker.enabled else None, cfg.warm_start,
                                    DIT_WEIGHTS)
-    meta.update(warm)
+    meta = step_meta(cfg, probe, num_classes, latent_shape, classes, ae_meta, text, warm)
+    del probe
     if warm:
         ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
-    task_args = dict(cfg=cfg, model_kwargs=model_kwargs, meta=meta, latents=latents, autoencoder=ae_manifest,
+    # the task travels to the workers with the file's form
+    task_args = dict(cfg=cfg, model_kwargs=model_kwargs, meta=meta.to_json(), latents=latents, autoencoder=ae_manifest,
                      init=init, tokenizer_json=text.tokenizer_json if text else None)
     task = TASK_CLASSES[cfg.data](**task_args, **({"shard": shard} if cfg.data == "pixels" else {}))
-    ctx.tracker.log_dict(meta, DIT_META)
+    ctx.tracker.log_dict(meta.to_json(), DIT_META)
 
     result = fit(task, cfg.train, ctx)
     files = result.upload_to(ctx.output)
@@ -155,9 +156,9 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
     images_per_s = float(final.get("images_per_s", float("nan")))
     metrics = {
         "loss": float(final.get("loss", float("nan"))), "mse": float(final.get("mse", float("nan"))),
-        "images_per_s": images_per_s, "model_flops_per_image": float(meta["flops_per_image"]),
+        "images_per_s": images_per_s, "model_flops_per_image": float(meta.flops_per_image),
         # training ~ 3x the forward matmuls
-        "train_gflops_per_s": images_per_s * 3 * meta["flops_per_image"] / 1e9,
+        "train_gflops_per_s": images_per_s * 3 * meta.flops_per_image / 1e9,
         **result.run_metrics(), "grid_sample_seconds": sample_seconds,
     }
     if cfg.learn_sigma:
@@ -166,5 +167,5 @@ def run(cfg: DitConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOu
                             step=int(metrics["steps"]))
     log.info("dit: %d steps, loss %.4f, %.0f images/s, grid of %d in %.1f s", metrics["steps"], metrics["loss"],
              images_per_s, len(labels), sample_seconds)
-    info = {**meta, "checkpoint_uri": result.checkpoint_uri}
+    info = {**meta.to_json(), "checkpoint_uri": result.checkpoint_uri}
     return StepOutput(files=files + [SAMPLES], metrics=metrics, info=info)

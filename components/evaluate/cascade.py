@@ -43,7 +43,7 @@ def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images:
 
     names = stage_names(inputs)
     stages = [load_superres(inputs[name], device=device) for name in names]
-    size, filter = int(stages[-1].meta["output_size"]), stages[-1].meta["filter"]
+    size, filter = int(stages[-1].meta.output_size), stages[-1].meta.filter
     classifier_cfg = cfg.cascade_classifier or cfg.classifier
     judge = fit_judge(inputs["shard"], size, filter, classifier_cfg, len(classes), device,
                       log_metrics=log_metrics and (lambda m, s: log_metrics({f"cascade_{k}": v for k, v in m.items()}, s)))

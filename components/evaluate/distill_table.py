@@ -63,7 +63,7 @@ def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, 
                                                                    batch_size=cfg.batch_size),
                            classifier, labels, val_moments))
     for steps in supported_steps(student_meta):
-        rows.append(score_sampler(f"student ({student_meta['method']})", steps, steps,
+        rows.append(score_sampler(f"student ({student_meta.method})", steps, steps,
                            lambda: generate_student(student, student_meta, ae, ae_meta, labels, steps=steps,
                                                     seed=cfg.sample.seed, batch_size=cfg.batch_size),
                            classifier, labels, val_moments))

@@ -62,8 +62,7 @@ def load_classifier(manifest: "Manifest", device: str = "cpu") -> tuple["EvalCla
     from components.common.step import read_output
     from components.evaluate.classifier import build_classifier
 
-    # checked against the manifest's sha256
-    meta = ClassifierMeta.from_json(json.loads(read_output(manifest, CLASSIFIER_META)))
+    meta = ClassifierMeta.read(manifest, CLASSIFIER_META)  # checked against the manifest's sha256
     model = build_classifier(meta.preset, meta.in_channels, meta.num_classes)
     model.load_state_dict(load_safetensors(read_output(manifest, CLASSIFIER_WEIGHTS)))
     return model.to(device).eval(), meta

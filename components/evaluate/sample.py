@@ -20,12 +20,12 @@ def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling
     from components.dit.load import load_dit
 
     dit, dit_meta = load_dit(inputs["dit"], device=device, ema=True)
-    dit_classes = dit_meta.get("classes") or [str(i) for i in range(int(dit_meta["num_classes"]))]
+    dit_classes = dit_meta.class_names()
     if list(dit_classes) != list(classes):
         raise EvaluateError(f"the dit step ({inputs['dit'].output_uri}) was trained on classes {dit_classes}, "
                             f"the shard step has {classes}")
     ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
-    if (dit_meta.get("conditioning") == "text") != (prompts is not None):
+    if dit_meta.uses_text != (prompts is not None):
         raise EvaluateError("a text-conditioned DiT samples from prompts, a class-conditional one from labels")
     return generate(dit, dit_meta, ae, ae_meta, None if prompts else labels, sampling, batch_size=batch_size,
                     progress=True, prompts=prompts)
@@ -36,4 +36,4 @@ def dit_takes_text(inputs: dict[str, Manifest]) -> bool:
     manifest: a stand-in generator, sampled by label)."""
     from components.dit.load import load_dit_meta
 
-    return inputs.get("dit") is not None and load_dit_meta(inputs["dit"]).get("conditioning") == "text"
+    return inputs.get("dit") is not None and load_dit_meta(inputs["dit"]).uses_text

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import shutil
 import tempfile
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from components.autoencoder.load import AE_META
+from components.autoencoder.load import AE_META, AutoencoderMeta
 from components.common.data import bad_sample_policy
 from components.common.parallel import check_pool_fits_cluster
 from components.common.progress import progress_bar
@@ -140,7 +139,7 @@ def add_moments(moments: dict[str, Any], latents: np.ndarray) -> None:
     moments["elements"] += int(as64.size)
 
 
-def encode_shard(split: str, index: int, shard_location: str, rel: str, model, meta: dict,
+def encode_shard(split: str, index: int, shard_location: str, rel: str, model, meta: "AutoencoderMeta",
                  cfg: LatentsConfig, output: Storage) -> dict[str, Any]:
     """One image shard -> one latent shard, in this process, with an autoencoder already loaded
     (``load_autoencoder``: ``model``, ``meta``); returns the shard's counts and latent moments.
@@ -150,7 +149,7 @@ def encode_shard(split: str, index: int, shard_location: str, rel: str, model, m
     from components.common.data import ShardDataError
 
     name, storage = latent_shard_name(split, index), Storage.from_uri(shard_location)
-    chunks = iter_image_chunks(storage, rel, meta["image_format"], int(meta["image_size"]), cfg.batch_size)
+    chunks = iter_image_chunks(storage, rel, meta.image_format, int(meta.image_size), cfg.batch_size)
     moments: dict[str, Any] = {"count": 0, "sum": 0.0, "sum_sq": 0.0, "elements": 0}
     scratch = Path(tempfile.mkdtemp(prefix="latentflow-latents-"))
     try:
@@ -159,7 +158,7 @@ def encode_shard(split: str, index: int, shard_location: str, rel: str, model, m
             # Fixed mtime (an int: a float adds PAX headers), owner and mode: identical bytes on re-runs.
             writer = wds.TarWriter(stream, encoder=False, mtime=0, user="latentflow", group="latentflow", mode=0o444)
             for keys, images, labels, captions in chunks:
-                latents = encode_chunk(model, images, keys, cfg, meta["scale_factor"])
+                latents = encode_chunk(model, images, keys, cfg, meta.scale_factor)
                 write_samples(writer, keys, latents, labels, captions)
                 add_moments(moments, latents)
             writer.close()
@@ -232,10 +231,10 @@ def encode_all(jobs: list[tuple[str, int, str]], shard: Manifest, ae: Manifest, 
 
 def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> StepOutput:
     shard, ae = inputs["shard"], inputs["autoencoder"]
-    ae_meta = json.loads(ae.storage().read_text(AE_META))
-    if cfg.posterior == "sample" and ae_meta.get("regularizer", "kl") != "kl":
+    ae_meta = AutoencoderMeta.read(ae, AE_META)  # checked against the manifest's sha256
+    if cfg.posterior == "sample" and ae_meta.kind != "kl":
         raise ValueError(f"latents.posterior: 'sample' draws from a KL autoencoder's posterior, but the "
-                         f"autoencoder step trained a {ae_meta['regularizer']!r} one (autoencoder.regularizer), "
+                         f"autoencoder step trained a {ae_meta.kind!r} one (autoencoder.regularizer), "
                          "whose encoder is deterministic; set latents.posterior: mode")
     jobs = [(split, i, rel) for split in SPLITS for i, rel in enumerate(shard.info[f"{split}_shards"])]
     if not jobs:
@@ -249,8 +248,8 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
     elements = sum(r["elements"] for r in train)
     mean = sum(r["sum"] for r in train) / elements
     std = max(sum(r["sum_sq"] for r in train) / elements - mean ** 2, 0.0) ** 0.5
-    info = {"train_shards": files["train"], "val_shards": files["val"], "latent_shape": ae_meta["latent_shape"],
-            "scale_factor": ae_meta["scale_factor"], "classes": shard.info.get("classes"), "counts": counts,
+    info = {"train_shards": files["train"], "val_shards": files["val"], "latent_shape": ae_meta.latent_shape,
+            "scale_factor": ae_meta.scale_factor, "classes": shard.info.get("classes"), "counts": counts,
             "posterior": cfg.posterior, "dtype": cfg.dtype,
             # samples per latent shard, which streams plan their epochs with, and the shard step's policy
             # for samples they cannot read
@@ -262,5 +261,5 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
                "latent_mean": mean, "latent_std": std}
     ctx.tracker.log_metrics(metrics)
     log.info("latents: %d train + %d val latents %s, mean %.3f std %.3f", counts["train"], counts["val"],
-             ae_meta["latent_shape"], mean, std)
+             ae_meta.latent_shape, mean, std)
     return StepOutput(files=files["train"] + files["val"], metrics=metrics, info=info)

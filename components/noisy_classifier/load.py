@@ -7,7 +7,6 @@ resolved ``NoisyClassifier`` arguments under ``model``, the schedule, classes, l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,7 @@ def load_noisy_classifier(source, device: str = "cpu", ema: bool = True
 
     from components.noisy_classifier.model import NoisyClassifier
 
-    meta = NoisyClassifierMeta.from_json(json.loads(read_output(source, META)))
+    meta = NoisyClassifierMeta.read(source, META)
     model = NoisyClassifier(**meta.model)
     model.load_state_dict(safetensors.torch.load(read_output(source, WEIGHTS if ema else RAW_WEIGHTS)))
     return model.to(device).eval(), meta

@@ -23,13 +23,17 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
 import pandas as pd  # at import: MLflow reads predict's type hints when the class is defined
 
 AUTOENCODER_ARTIFACT = "autoencoder"
 DENOISER_ARTIFACT = "denoiser"
+if TYPE_CHECKING:
+    from components.autoencoder.load import AutoencoderMeta
+    from components.dit.load import DitMeta
+
 KIND_FILE = "generator.json"  # {"kind": "dit" | "distill", "sampling": defaults}, beside the denoiser's files
 
 
@@ -37,14 +41,14 @@ KIND_FILE = "generator.json"  # {"kind": "dit" | "distill", "sampling": defaults
 class Generator:
     kind: str  # "dit" or "distill"
     denoiser: Any
-    meta: dict
+    meta: "DitMeta"  # a StudentMeta for a distilled student
     ae: Any
-    ae_meta: dict
+    ae_meta: "AutoencoderMeta"
     sampling_defaults: dict | None = None  # the DiT step's sampling settings
 
     @property
     def classes(self) -> list[str]:
-        return [str(c) for c in (self.meta.get("classes") or range(int(self.meta["num_classes"])))]
+        return self.meta.class_names()
 
     def images(self, labels: list[int], seed: int = 0, steps: int | None = None, guidance: float | None = None,
                batch_size: int = 256):
@@ -67,7 +71,7 @@ class Generator:
     def sampling(self, **overrides):
         from components.dit.config import SamplingConfig
 
-        settings = dict(self.sampling_defaults or self.meta.get("sampling") or {})
+        settings = dict(self.sampling_defaults or self.meta.sampling or {})
         settings.update({k: v for k, v in overrides.items() if v is not None})
         settings.pop("classifier_guidance", None)  # needs the workflow's noisy classifier: not in the model
         return SamplingConfig(**settings)

@@ -24,6 +24,7 @@ from components.serving.generator import AUTOENCODER_ARTIFACT, DENOISER_ARTIFACT
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
+    from components.dit.load import DitMeta
 
 REPO = Path(__file__).resolve().parents[2]
 GENERATOR_MODEL_TYPE = "latentflow-generator"
@@ -49,17 +50,21 @@ def generator_signature(with_guidance: bool):
     return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("long", "label"), ColSpec("binary", "image")]))
 
 
-def generator_example(kind: str, meta: dict, sampling: dict | None):
+def generator_example(kind: str, meta: "DitMeta | dict", sampling: dict | None):
     import pandas as pd
 
-    classes = min(2, int(meta["num_classes"]))
+    from components.distill.load import StudentMeta
+    from components.dit.load import DitMeta
+
+    meta = (StudentMeta if kind == "distill" else DitMeta).of(meta)  # typed, or its JSON form
+    classes = min(2, int(meta.num_classes))
     example = {"label": list(range(classes)), "seed": [0] * classes}
     if kind == "dit":
-        sampling = sampling or meta.get("sampling") or {}
+        sampling = sampling or meta.sampling or {}
         example["steps"] = [int(sampling.get("steps", 50))] * classes
         example["guidance"] = [float(sampling.get("guidance", 0.0))] * classes
     else:
-        example["steps"] = [int(meta["native_steps"])] * classes
+        example["steps"] = [int(meta.native_steps)] * classes
     return pd.DataFrame(example)
 
 
@@ -91,7 +96,7 @@ def _publish(client, model, run_id: str, directory: Path) -> str:
 
 
 def log_generator(client, run_id: str, name: str, kind: str, ae: "Manifest", ae_files: list[str],
-                  denoiser: "Manifest", denoiser_files: list[str], meta: dict, tags: dict[str, str],
+                  denoiser: "Manifest", denoiser_files: list[str], meta: "DitMeta", tags: dict[str, str],
                   sampling: dict | None = None) -> str:
     """The generator's model id. ``kind``: "dit" or "distill"; ``sampling``: a DiT's default settings."""
     import json

@@ -2,14 +2,16 @@
 
 The step writes ``superres.safetensors`` (EMA weights: what sampling uses), ``superres_raw.safetensors``
 (the online weights) and ``superres.json`` (the resolved ``EfficientUNet`` arguments under ``model``,
-sizes, schedule, channels, classes, the stage's sampling defaults and augmentation settings).
+sizes, schedule, channels, classes, the stage's sampling defaults and augmentation settings), read
+back as ``SuperResMeta``.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from components.common.stage_meta import StageMeta
 from components.common.step import read_output
 
 if TYPE_CHECKING:
@@ -22,6 +24,31 @@ SR_RAW_WEIGHTS = "superres_raw.safetensors"
 SR_META = "superres.json"
 
 
+@dataclass
+class SuperResMeta(StageMeta):
+    """``superres.json``."""
+
+    preset: str
+    model: dict[str, Any]  # the resolved EfficientUNet arguments
+    input_size: int
+    output_size: int
+    channels: int
+    schedule: str
+    num_timesteps: int
+    filter: str  # the resampling filter that made its low-resolution inputs
+    num_classes: int  # 0: not class-conditional
+    classes: list[str] | None
+    prediction: str
+    sampling: dict[str, Any]  # SuperResSamplingConfig: the stage's sampling defaults
+    augmentation: dict[str, Any]  # its noise-conditioning augmentation settings
+    parameters: int
+    max_steps: int
+    # a warm start only (components.common.warm_start)
+    warm_start: str | None = None
+    warm_start_version: str | None = None
+    warm_start_source: str | None = None
+
+
 def load_superres(source: "Manifest | Storage | str", device: str = "cpu", ema: bool = True,
                   **sampling_overrides: Any) -> "SrStage":
     """The stage (model in eval mode on ``device``, meta, sampling = the stage's defaults with every
@@ -32,9 +59,9 @@ def load_superres(source: "Manifest | Storage | str", device: str = "cpu", ema: 
     from components.superres.model import EfficientUNet
     from components.superres.sample import SrStage
 
-    meta = json.loads(read_output(source, SR_META))  # from a manifest: checked against its sha256
-    model = EfficientUNet(**meta["model"])
+    meta = SuperResMeta.read(source, SR_META)  # from a manifest: checked against its sha256
+    model = EfficientUNet(**meta.model)
     model.load_state_dict(safetensors.torch.load(read_output(source, SR_WEIGHTS if ema else SR_RAW_WEIGHTS)))
     overrides = {k: v for k, v in sampling_overrides.items() if v is not None}
-    sampling = SuperResSamplingConfig(**{**meta["sampling"], **overrides})
+    sampling = SuperResSamplingConfig(**{**meta.sampling, **overrides})
     return SrStage(model.to(device).eval(), meta, sampling)

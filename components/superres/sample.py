@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,18 +38,21 @@ from components.diffusion import (
 from components.superres.augment import max_level, sampling_conditioning
 from components.superres.config import SuperResSamplingConfig
 
+if TYPE_CHECKING:
+    from components.superres.load import SuperResMeta
+
 
 @dataclass
 class SrStage:
     """A loaded stage: the model (EMA weights, eval mode), its meta and the sampler settings."""
 
     model: torch.nn.Module
-    meta: dict
+    meta: "SuperResMeta"
     sampling: SuperResSamplingConfig
 
     @property
     def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_name(self.meta["schedule"], int(self.meta["num_timesteps"]))
+        return NoiseSchedule.from_name(self.meta.schedule, int(self.meta.num_timesteps))
 
     def handoff_level(self) -> int:
         return max_level(self.schedule, self.sampling.noise_cond_aug_level)
@@ -72,7 +76,7 @@ def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.
         cond, levels = sampling_conditioning(low_res, stage.handoff_level(), schedule, noise)
     else:
         cond, levels = low_res, cond_levels.to(device)
-    size, channels = int(meta["output_size"]), int(meta["channels"])
+    size, channels = int(meta.output_size), int(meta.channels)
     x = draw_per_sample(generators, (channels, size, size), device)
     timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
     if stop_at is not None:
@@ -84,10 +88,10 @@ def super_resolve(stage: SrStage, low_res: torch.Tensor, generators: list[torch.
     # Every condition travels in extra_args, none in a closure: classifier-free guidance then doubles
     # the low-res image and its level along with x_t and y (a closure's N rows met 2N of x_t).
     extra_args = {"low_res": cond, "noise_cond_aug_level": levels}
-    if int(meta.get("num_classes", 0)) and labels is not None:
-        conditional = make_cfg_model_fn(conditional, int(meta["num_classes"]), sampling.guidance)
+    if int(meta.num_classes) and labels is not None:
+        conditional = make_cfg_model_fn(conditional, int(meta.num_classes), sampling.guidance)
         extra_args["y"] = labels.to(device)
-    denoiser = Denoiser(conditional, prediction=meta.get("prediction", "eps"),
+    denoiser = Denoiser(conditional, prediction=meta.prediction,
                         clip_x0=threshold_fn(sampling.thresholding, sampling.dynamic_threshold_percentile))
     out = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
                       extra_args=extra_args, stop_at=stop_at, **config_options(sampling.sampler, sampling))
@@ -99,19 +103,19 @@ def check_chain(base_size: int, stages: Sequence[SrStage]) -> None:
     between SR stages that share a schedule."""
     size = base_size
     for k, stage in enumerate(stages, start=1):
-        if int(stage.meta["input_size"]) != size:
-            raise ValueError(f"super-resolution stage {k} takes {stage.meta['input_size']} px, but the stage below "
+        if int(stage.meta.input_size) != size:
+            raise ValueError(f"super-resolution stage {k} takes {stage.meta.input_size} px, but the stage below "
                              f"gives {size} px")
         if stage.sampling.handoff == "truncated":
             if k == 1:
                 raise ValueError("stage 1: a truncated hand-off needs a pixel-space stage below; the base DiT "
                                  "samples in latent space (use handoff: non_truncated for the first stage)")
             below = stages[k - 2].meta
-            if (below["schedule"], below["num_timesteps"]) != (stage.meta["schedule"], stage.meta["num_timesteps"]):
+            if (below.schedule, below.num_timesteps) != (stage.meta.schedule, stage.meta.num_timesteps):
                 raise ValueError(f"stage {k}: a truncated hand-off needs the stage below on the same noise schedule "
-                                 f"({below['schedule']}/{below['num_timesteps']} vs "
-                                 f"{stage.meta['schedule']}/{stage.meta['num_timesteps']})")
-        size = int(stage.meta["output_size"])
+                                 f"({below.schedule}/{below.num_timesteps} vs "
+                                 f"{stage.meta.schedule}/{stage.meta.num_timesteps})")
+        size = int(stage.meta.output_size)
 
 
 def cascade(base_images: torch.Tensor, stages: Sequence[SrStage], labels: Sequence[int] | torch.Tensor,

@@ -16,6 +16,7 @@ for MNIST's 28 px digits at 64 px: the stage then learns the ``filter``'s upsamp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ import torch
 from components.common.model_args import with_data_fixed
 from components.common.step import Manifest, StepContext, StepOutput
 from components.superres.config import SuperResConfig
-from components.superres.load import SR_META, SR_WEIGHTS
+from components.superres.load import SR_META, SR_WEIGHTS, SuperResMeta
 from components.superres.task import SuperResTask, training_pair
 
 if TYPE_CHECKING:
@@ -113,23 +114,24 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                     cfg.output_size, cfg.filter)
     probe = build_step_superres(cfg, channels, num_classes)
     model_kwargs = probe.arguments
-    meta = {
-        "preset": cfg.preset, "model": model_kwargs, "input_size": cfg.input_size, "output_size": cfg.output_size,
-        "channels": channels, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps, "filter": cfg.filter,
-        "num_classes": num_classes, "classes": classes, "prediction": cfg.prediction,
-        "sampling": cfg.sample.model_dump(mode="json"), "augmentation": cfg.augmentation.model_dump(mode="json"),
-        "parameters": sum(p.numel() for p in probe.parameters()), "max_steps": cfg.train.max_steps,
-    }
+    meta = SuperResMeta(
+        preset=cfg.preset, model=model_kwargs, input_size=cfg.input_size, output_size=cfg.output_size,
+        channels=channels, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, filter=cfg.filter,
+        num_classes=num_classes, classes=classes, prediction=cfg.prediction,
+        sampling=cfg.sample.model_dump(mode="json"), augmentation=cfg.augmentation.model_dump(mode="json"),
+        parameters=sum(p.numel() for p in probe.parameters()), max_steps=cfg.train.max_steps,
+    )
     del probe
     from components.common.warm_start import warm_start_source
 
     init, warm = warm_start_source(ctx.tracker.tracking_uri if ctx.tracker.enabled else None, cfg.warm_start,
                                    SR_WEIGHTS)
-    meta.update(warm)
+    meta = dataclasses.replace(meta, **warm)
     if warm:
         ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
-    task = SuperResTask(cfg, model_kwargs, meta, shard=shard, init=init)
-    ctx.tracker.log_dict(meta, SR_META)
+    # the task travels to the workers with the file's form
+    task = SuperResTask(cfg, model_kwargs, meta.to_json(), shard=shard, init=init)
+    ctx.tracker.log_dict(meta.to_json(), SR_META)
     started = time.perf_counter()
     result = fit(task, cfg.train, ctx, name=ctx.step)
     train_wall_s = time.perf_counter() - started
@@ -158,4 +160,4 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
              cfg.input_size, cfg.output_size, metrics["steps"], quality["psnr"], quality["psnr_degraded_input"],
              cfg.filter, quality[f"psnr_{cfg.filter}_upsampling"], quality["ssim"])
     return StepOutput(files=files + [GRID], metrics=metrics,
-                      info={**meta, "checkpoint_uri": result.checkpoint_uri, "eval_count": int(len(val_images))})
+                      info={**meta.to_json(), "checkpoint_uri": result.checkpoint_uri, "eval_count": int(len(val_images))})
