@@ -23,11 +23,12 @@ from components.common.train_loop import LocalSession, train_loop
 from components.dit.config import DitConfig, SamplingConfig
 from components.common.images import class_grid
 from components.dit.generate import generate
-from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
+from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, DitMeta, load_dit
 from components.dit.model import build_dit
 from components.dit.task import LatentDitTask, grid_labels
 from components.dit.train import TASK_CLASSES, build_step_dit
 from crash_hooks import crashing
+import metas
 from rounding import assert_same_up_to_rounding
 
 CLASSES = ["a", "b", "c"]
@@ -106,16 +107,15 @@ def untrained_dit(learn_sigma=False):
     with torch.no_grad():  # adaLN-Zero starts at a zero output: perturb so labels and guidance matter
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    meta = {"schedule": "scaled_linear", "num_timesteps": 1000, "prediction": "eps", "learn_sigma": learn_sigma,
-            "num_classes": len(CLASSES), "null_label": dit.null_class_id, "latent_shape": LATENT}
+    meta = metas.dit_meta(schedule="scaled_linear", num_timesteps=1000, prediction="eps", learn_sigma=learn_sigma,
+                    num_classes=len(CLASSES), null_label=dit.null_class_id, latent_shape=LATENT)
     return dit.eval(), meta
 
 
 def tiny_autoencoder():
     torch.manual_seed(1)
     ae = build_autoencoder("ae-tiny", in_channels=1).eval()
-    meta = {"latent_shape": LATENT, "scale_factor": 0.8, "image_size": 8, "channels": 1, "classes": CLASSES}
-    return ae, meta
+    return ae, metas.ae_meta(latent_shape=LATENT, scale_factor=0.8, image_size=8, channels=1, classes=CLASSES)
 
 
 @pytest.mark.parametrize("sampling", [
@@ -160,8 +160,8 @@ def test_guidance_changes_samples_and_labels_are_checked():
 def test_export_and_load_round_trip_local_and_s3(tmp_path, s3_bucket):
     cfg = dit_cfg()
     kwargs = build_step_dit(cfg, LATENT, len(CLASSES)).arguments
-    meta = {"model": kwargs, "num_classes": 3}
-    task = LatentDitTask(cfg, kwargs, meta)
+    meta = metas.dit_meta(model=kwargs, num_classes=3, null_label=3, latent_shape=LATENT, classes=CLASSES)
+    task = LatentDitTask(cfg, kwargs, meta.to_json())
     online, ema = task.build_model(), task.build_model()
     with torch.no_grad():
         for p in online.parameters():
@@ -172,7 +172,7 @@ def test_export_and_load_round_trip_local_and_s3(tmp_path, s3_bucket):
         remote.upload(name, tmp_path / name)
     for source in (str(tmp_path), remote):
         loaded, loaded_meta = load_dit(source)
-        assert loaded_meta == json.loads(json.dumps(meta)) and not loaded.training
+        assert loaded_meta == DitMeta.from_json(json.loads(json.dumps(meta.to_json()))) and not loaded.training
         for key, value in ema.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value), key
         raw, _ = load_dit(source, ema=False)
@@ -210,9 +210,8 @@ def untrained_autoencoder_manifest(root, classes) -> Manifest:
     out = root / "autoencoder"
     out.mkdir()
     save_file(ae.state_dict(), str(out / AE_WEIGHTS))
-    meta = {"preset": "ae-tiny", "model": kwargs, "downsample_factor": 2, "latent_channels": 4,
-            "latent_shape": LATENT, "image_size": 8, "channels": 1, "image_format": "png", "scale_factor": 1.0,
-            "scale_from": "none", "classes": classes}
+    meta = metas.ae_meta(model=kwargs, latent_shape=LATENT, scale_factor=1.0, scale_from="none",
+                         classes=classes).to_json()
     (out / AE_META).write_text(json.dumps(meta))
     storage = Storage.from_uri(str(out))
     files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in (AE_WEIGHTS, AE_META)]

@@ -13,6 +13,7 @@ from components.diffusion import NoiseSchedule, q_sample
 from components.common.resample import resize
 from components.superres.augment import gaussian_blur, max_level, training_conditioning
 from components.superres.config import AugmentationConfig, SuperResConfig, SuperResSamplingConfig
+from components.superres.load import SuperResMeta
 from components.superres.model import EfficientUNet, build_superres
 from components.superres.quality import psnr, ssim
 from components.superres.sample import SrStage, cascade, check_chain, super_resolve
@@ -25,9 +26,11 @@ from rounding import assert_same_up_to_rounding
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def stage_meta(input_size=8, output_size=16, channels=1, num_classes=0, schedule="cosine"):
-    return {"input_size": input_size, "output_size": output_size, "channels": channels, "schedule": schedule,
-            "num_timesteps": 1000, "num_classes": num_classes, "prediction": "eps"}
+def stage_meta(input_size=8, output_size=16, channels=1, num_classes=0, schedule="cosine", prediction="eps"):
+    """The meta of a stage built here (no step wrote it: the model and training entries are nominal)."""
+    return SuperResMeta(preset="sr-tiny", model={}, input_size=input_size, output_size=output_size, channels=channels,
+                        schedule=schedule, num_timesteps=1000, filter="bicubic", num_classes=num_classes, classes=None,
+                        prediction=prediction, sampling={}, augmentation={}, parameters=0, max_steps=0)
 
 
 class Spy(torch.nn.Module):
@@ -143,7 +146,7 @@ def class_conditional_stage(guidance, num_classes=3, steps=3, prediction="eps", 
     model = build_superres("sr-tiny", in_channels=1, out_size=16, num_classes=num_classes).eval()
     for p in model.parameters():
         p.data.add_(weight_noise * torch.randn_like(p))
-    meta = {**stage_meta(num_classes=num_classes), "prediction": prediction}
+    meta = stage_meta(num_classes=num_classes, prediction=prediction)
     sampling = SuperResSamplingConfig(steps=steps, guidance=guidance, thresholding="none")
     return SrStage(model, meta, sampling)
 

@@ -97,8 +97,8 @@ def to_model_range(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_scaled(model: AutoencoderKL | AutoencoderVQ, meta: "AutoencoderMeta | dict", images, generator: torch.Generator | None = None,
-                  sample: bool = False) -> torch.Tensor:
+def encode_scaled(model: AutoencoderKL | AutoencoderVQ, meta: "AutoencoderMeta | dict", images,
+                  generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
     """Images (N, C, H, W), uint8 or float in [-1, 1] -> scaled latents (N, c, H/f, W/f):
     the posterior mode (or a sample with ``sample=True``; a VQ encoder is deterministic, both are
     its pre-quantisation latent) times ``meta.scale_factor`` (``meta``: typed, or its JSON form)."""
@@ -110,7 +110,8 @@ def encode_scaled(model: AutoencoderKL | AutoencoderVQ, meta: "AutoencoderMeta |
 
 
 @torch.no_grad()
-def decode_scaled(model: AutoencoderKL | AutoencoderVQ, meta: "AutoencoderMeta | dict", latents: torch.Tensor) -> torch.Tensor:
+def decode_scaled(model: AutoencoderKL | AutoencoderVQ, meta: "AutoencoderMeta | dict",
+                  latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (N, c, h, w) -> images (N, C, H, W) in [-1, 1] (clamped), float32; a VQ
     model snaps them to its codebook first."""
     param = next(model.parameters())

@@ -193,10 +193,10 @@ def consistency_run(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict, in
     fn = ConsistencyFunction(schedule, levels)
     sample_levels = [int(levels[fn.nearest_index(level)]) for level in cfg.consistency.sample_levels]
     distilling = cfg.method == "consistency_distillation"
+    folded = facts["guidance"] if distilling else 0.0  # no teacher: nothing is folded in
     full_meta = StudentMeta.of_teacher(
-        teacher_meta, **{**facts, "guidance": facts["guidance"] if distilling else 0.0},  # no teacher: nothing folded in
-        native_steps=1, consistency_levels=levels.tolist(), sample_levels=sample_levels,
-        teacher_cfg_weight=facts["guidance"] if distilling else 0.0).to_json()  # the file's form: to the workers
+        teacher_meta, **{**facts, "guidance": folded}, native_steps=1, consistency_levels=levels.tolist(),
+        sample_levels=sample_levels, teacher_cfg_weight=folded).to_json()  # the file's form: to the workers
     dit = (inputs["dit"].output_uri, DIT_WEIGHTS)
     if cfg.consistency.distance == "lpips":
         from components.autoencoder.lpips import check_lpips_file

@@ -160,4 +160,5 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
              cfg.input_size, cfg.output_size, metrics["steps"], quality["psnr"], quality["psnr_degraded_input"],
              cfg.filter, quality[f"psnr_{cfg.filter}_upsampling"], quality["ssim"])
     return StepOutput(files=files + [GRID], metrics=metrics,
-                      info={**meta.to_json(), "checkpoint_uri": result.checkpoint_uri, "eval_count": int(len(val_images))})
+                      info={**meta.to_json(), "checkpoint_uri": result.checkpoint_uri,
+                            "eval_count": int(len(val_images))})
