@@ -20,7 +20,9 @@ from components.distill.sample import generate_student, supported_steps
 from components.distill.task import ConsistencyTask, ProgressiveTask
 from components.dit.model import DIT_PRESETS, DiT
 from tests.test_dit import CLASSES, LATENT, synthetic_latents, tiny_autoencoder
+from components.dit.load import DitMeta
 from crash_hooks import crashing
+import metas
 from rounding import assert_same_up_to_rounding
 
 GUIDANCE = 1.5
@@ -42,16 +44,16 @@ def perturbed_dit(num_classes: int) -> tuple[dict, torch.nn.Module]:
     return kwargs, dit
 
 
-def teacher_dir(tmp_path, prediction="v") -> tuple[str, dict]:
+def teacher_dir(tmp_path, prediction="v") -> tuple[str, DitMeta]:
     """A v-prediction DiT saved as the DiT step saves it, perturbed so labels and guidance matter."""
     kwargs, dit = perturbed_dit(len(CLASSES))
     out = tmp_path / "dit"
     out.mkdir(exist_ok=True)
     save_file(dit.state_dict(), str(out / "dit.safetensors"))
-    meta = {"model": kwargs, "schedule": "scaled_linear", "num_timesteps": 1000, "prediction": prediction,
-            "learn_sigma": False, "num_classes": len(CLASSES), "null_label": dit.null_class_id,
-            "latent_shape": LATENT, "classes": CLASSES, "image_channels": 1, "image_size": 8,
-            "sampling": {"guidance": GUIDANCE}}
+    meta = metas.dit_meta(model=kwargs, schedule="scaled_linear", num_timesteps=1000, prediction=prediction,
+                          learn_sigma=False, num_classes=len(CLASSES), null_label=dit.null_class_id,
+                          latent_shape=LATENT, classes=CLASSES, image_channels=1, image_size=8,
+                          sampling={"guidance": GUIDANCE})
     return str(out), meta
 
 
@@ -63,21 +65,21 @@ def distill_cfg(method="progressive", **train) -> DistillConfig:
 
 
 def progressive_task(tmp_path, cfg=None, **kwargs) -> ProgressiveTask:
-    directory, meta = teacher_dir(tmp_path)
+    directory, teacher = teacher_dir(tmp_path)
     levels = spaced_timesteps(1000, 8, "trailing")
-    meta.update(teacher_levels=levels.tolist(), levels=levels[::2].tolist(), native_steps=4,
-                teacher_cfg_weight=GUIDANCE, method="progressive", guidance=GUIDANCE)
+    meta = metas.student_meta(teacher, teacher_levels=levels.tolist(), levels=levels[::2].tolist(), native_steps=4,
+                              teacher_cfg_weight=GUIDANCE, method="progressive", guidance=GUIDANCE).to_json()
     ref = (directory, "dit.safetensors")
     return ProgressiveTask(cfg or distill_cfg(), meta, init=ref, teacher=ref, in_memory=synthetic_latents(), **kwargs)
 
 
 def consistency_task(tmp_path, method="consistency_distillation", cfg=None, task_class=ConsistencyTask,
                      **kwargs) -> ConsistencyTask:
-    directory, meta = teacher_dir(tmp_path)
+    directory, teacher = teacher_dir(tmp_path)
     cfg = cfg or distill_cfg(method)
     levels = consistency_levels(NoiseSchedule.from_name("scaled_linear", 1000), cfg.consistency.num_levels)
-    meta.update(consistency_levels=levels.tolist(), sample_levels=[int(levels[len(levels) // 2])], native_steps=1,
-                teacher_cfg_weight=GUIDANCE, method=method, guidance=GUIDANCE)
+    meta = metas.student_meta(teacher, consistency_levels=levels.tolist(),
+                              sample_levels=[int(levels[len(levels) // 2])], native_steps=1, teacher_cfg_weight=GUIDANCE, method=method, guidance=GUIDANCE).to_json()
     ref = (directory, "dit.safetensors")
     return task_class(cfg, meta, init=ref, teacher=ref if method.endswith("distillation") else None,
                       in_memory=synthetic_latents(), **kwargs)
@@ -273,10 +275,10 @@ def dit_step_output(root, classes: list[str]):
     out = root / "dit"
     out.mkdir()
     save_file(dit.state_dict(), str(out / "dit.safetensors"))
-    meta = {"model": kwargs, "schedule": "scaled_linear", "num_timesteps": 1000, "prediction": "v",
-            "learn_sigma": False, "num_classes": len(classes), "null_label": dit.null_class_id,
-            "latent_shape": LATENT, "classes": classes, "image_channels": 1, "image_size": 8,
-            "sampling": {"guidance": GUIDANCE}}
+    meta = metas.dit_meta(model=kwargs, schedule="scaled_linear", num_timesteps=1000, prediction="v",
+                          learn_sigma=False, num_classes=len(classes), null_label=dit.null_class_id,
+                          latent_shape=LATENT, classes=classes, image_channels=1, image_size=8,
+                          sampling={"guidance": GUIDANCE}).to_json()
     (out / "dit.json").write_text(json.dumps(meta))
     storage = Storage.from_uri(str(out))
     files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in ("dit.safetensors", "dit.json")]
