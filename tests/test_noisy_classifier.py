@@ -4,6 +4,7 @@ guidance moves DDIM samples toward the requested class; the pipeline checks its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from components.common.train_loop import LocalSession, train_loop
 from components.diffusion import NoiseSchedule, ddim_sample, spaced_timesteps
 from components.diffusion.classifier_guidance import make_classifier_guided_model_fn
 from components.noisy_classifier.config import NoisyClassifierConfig
-from components.noisy_classifier.load import load_noisy_classifier
+from components.noisy_classifier.load import NoisyClassifierMeta, load_noisy_classifier
 from components.noisy_classifier.model import build_noisy_classifier
 from components.noisy_classifier.task import NoisyClassifierTask
 from components.noisy_classifier.train import accuracy_by_t
@@ -86,14 +87,15 @@ def test_generate_with_classifier_guidance_under_inference_mode():
     from tests.test_dit import tiny_autoencoder, untrained_dit
 
     dit, meta = untrained_dit()
-    meta["classes"] = CLASSES
+    meta.classes = CLASSES
     ae, ae_meta = tiny_autoencoder()
     torch.manual_seed(2)
     noisy = build_noisy_classifier("nc-tiny", LATENT[0], len(CLASSES), channels=8).eval()
     with torch.no_grad():  # its residual blocks start as their shortcuts: perturb so t and x matter
         for p in noisy.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    noisy_meta = {"schedule": "scaled_linear", "num_timesteps": 1000, "classes": CLASSES}
+    noisy_meta = NoisyClassifierMeta(preset="nc-tiny", model={}, schedule="scaled_linear", num_timesteps=1000,
+                                     classes=CLASSES)
     labels = [0, 1, 2, 2, 1]
     sampling = SamplingConfig(steps=4, guidance=0.0, classifier_guidance=3.0)
     guided = generate(dit, meta, ae, ae_meta, labels, sampling, batch_size=5, classifier=(noisy, noisy_meta))
@@ -104,7 +106,7 @@ def test_generate_with_classifier_guidance_under_inference_mode():
     with pytest.raises(ValueError, match="noisy_classifier"):
         generate(dit, meta, ae, ae_meta, labels, sampling)
     with pytest.raises(ValueError, match="equal"):
-        generate(dit, meta, ae, ae_meta, labels, sampling, classifier=(noisy, {**noisy_meta, "schedule": "linear"}))
+        generate(dit, meta, ae, ae_meta, labels, sampling, classifier=(noisy, dataclasses.replace(noisy_meta, schedule="linear")))
     # unused guidance leaves the sampling JSON (and so cache keys) as before
     assert "classifier_guidance" not in SamplingConfig().model_dump() and \
         SamplingConfig(classifier_guidance=1.0).model_dump()["classifier_guidance"] == 1.0

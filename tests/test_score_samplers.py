@@ -26,6 +26,7 @@ from components.diffusion import (
     spaced_timesteps,
     v_from_x0_eps,
 )
+import metas
 from rounding import assert_same_up_to_rounding
 
 MU, SIGMA = 0.5, 0.6
@@ -236,8 +237,8 @@ def untrained_dit(learn_sigma: bool):
     with torch.no_grad():  # adaLN-Zero starts at a zero output: perturb so the samples depend on the model
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    meta = {"schedule": "scaled_linear", "num_timesteps": 1000, "prediction": "eps", "learn_sigma": learn_sigma,
-            "num_classes": CLASSES, "null_label": dit.null_class_id, "latent_shape": LATENT}
+    meta = metas.dit_meta(schedule="scaled_linear", num_timesteps=1000, prediction="eps", learn_sigma=learn_sigma,
+                          num_classes=CLASSES, null_label=dit.null_class_id, latent_shape=LATENT)
     return dit.eval(), meta
 
 
@@ -246,7 +247,7 @@ def tiny_autoencoder():
 
     torch.manual_seed(1)
     ae = build_autoencoder("ae-tiny", in_channels=1).eval()
-    return ae, {"latent_shape": LATENT, "scale_factor": 0.8, "image_size": 8, "channels": 1}
+    return ae, metas.ae_meta(latent_shape=LATENT, scale_factor=0.8, image_size=8, channels=1)
 
 
 def sampling(**settings):
@@ -321,11 +322,11 @@ def write_workflow(root) -> None:
 
     ae, _ = tiny_autoencoder()
     dit, dit_meta = untrained_dit(learn_sigma=False)
-    ae_meta = {"preset": "ae-tiny", "model": {**AUTOENCODER_PRESETS["ae-tiny"], "in_channels": 1},
-               "downsample_factor": 2, "latent_channels": 4, "latent_shape": LATENT, "image_size": 8, "channels": 1,
-               "image_format": "png", "scale_factor": 0.8, "scale_from": "none", "classes": ["a", "b", "c"]}
-    dit_meta["model"] = {**DIT_PRESETS["DiT-Micro/2"], "input_size": LATENT[1], "in_channels": LATENT[0],
-                         "num_classes": CLASSES, "learn_sigma": False}
+    ae_meta = metas.ae_meta(model={**AUTOENCODER_PRESETS["ae-tiny"], "in_channels": 1}, latent_shape=LATENT,
+                            scale_factor=0.8, scale_from="none", classes=["a", "b", "c"], regularizer=None).to_json()
+    dit_meta.model = {**DIT_PRESETS["DiT-Micro/2"], "input_size": LATENT[1], "in_channels": LATENT[0],
+                      "num_classes": CLASSES, "learn_sigma": False}
+    dit_meta = dit_meta.to_json()
     records = []
     for name, files in (("autoencoder", {AE_WEIGHTS: save(ae.state_dict()), AE_META: json.dumps(ae_meta).encode()}),
                         ("dit", {DIT_WEIGHTS: save(dit.state_dict()), DIT_META: json.dumps(dit_meta).encode()})):

@@ -219,6 +219,9 @@ def run(cfg: DistillConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
         raise ValueError("the distill step trains on the latents step's latents; add the latents section "
                          "(dit.data: latents)")
     dit_meta = load_dit_meta(inputs["dit"])
+    if cfg.guidance is None and not dit_meta.sampling:
+        raise ValueError(f"{inputs['dit'].uri('dit.json')} records no sampling settings to take the teacher's "
+                         "guidance from: set distill.guidance")
     guidance = float(dit_meta.sampling["guidance"] if cfg.guidance is None else cfg.guidance)
     facts = base_meta(cfg, dit_meta, guidance)
     ae, ae_meta = load_autoencoder(inputs["autoencoder"])

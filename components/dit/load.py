@@ -45,7 +45,8 @@ class DitMeta(StageMeta):
     data: str  # "latents" or "pixels": what it trained on
     max_steps: int
     ema_decay: float
-    sampling: dict[str, Any]  # the step's sampler settings: defaults for later sampling
+    # the step's sampler settings, defaults for later sampling (readers fall back on the step's config)
+    sampling: dict[str, Any] | None = None
     # text conditioning only (a class DiT's file has none of these)
     conditioning: str | None = None
     text: dict[str, Any] | None = None  # the TextEncoderConfig
