@@ -20,6 +20,7 @@ from components.shard.captions import caption_plan
 from components.shard.config import ShardConfig
 from components.shard.run import shard_chunk
 from components.shard.sources import open_source
+import metas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLES = 24
@@ -85,7 +86,7 @@ def test_latents_carry_captions_unchanged(tmp_path):
 
     torch.manual_seed(0)
     model = build_autoencoder("ae-mnist").eval()
-    meta = {"image_format": "png", "image_size": 32, "scale_factor": 0.5}
+    meta = metas.ae_meta(image_format="png", image_size=32, scale_factor=0.5)
     out = Storage.from_uri(str(tmp_path / "latents"))
     written = {}
     for captions in ("attributes", "none"):

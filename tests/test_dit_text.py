@@ -20,6 +20,7 @@ from components.dit.text_model import TextDiT, text_dit_arguments
 from components.dit.train import build_step_dit
 from components.text.load import TOKENIZER_FILE, build_text_encoder, tokenizer_from_captions
 from test_dit import LATENT, tiny_autoencoder
+import metas
 
 WORDS = ("zero", "one", "two")
 
@@ -52,10 +53,10 @@ def text_task(cfg: DitConfig, data) -> RecordingTask:
     tokenizer = tokenizer_from_captions(cfg.text, data[2])
     arguments = text_dit_arguments(build_text_encoder(cfg.text, tokenizer))
     kwargs = build_step_dit(cfg, LATENT, None, arguments).arguments
-    meta = {"schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps, "prediction": cfg.prediction,
-            "learn_sigma": False, "num_classes": 3, "null_label": None, "latent_shape": LATENT,
-            "model": kwargs, "text": cfg.text.model_dump(mode="json"), "conditioning": "text"}
-    task = RecordingTask(cfg, kwargs, meta, in_memory=data, tokenizer_json=tokenizer.to_json())
+    meta = metas.dit_meta(schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, prediction=cfg.prediction,
+                          learn_sigma=False, num_classes=3, null_label=None, latent_shape=LATENT, model=kwargs,
+                          text=cfg.text.model_dump(mode="json"), conditioning="text")
+    task = RecordingTask(cfg, kwargs, meta.to_json(), in_memory=data, tokenizer_json=tokenizer.to_json())
     task.record = []
     return task
 

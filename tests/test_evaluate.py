@@ -36,6 +36,7 @@ from components.evaluate.metrics import feature_stats, frechet_distance_of
 from components.evaluate.run import EVALUATION, SAMPLES_GRID
 from conftest import REPO
 from pipelines.cli import app
+import metas
 from rounding import assert_same_up_to_rounding
 
 # ~20 s on 2 shared cores; ~95 % on held-out digits
@@ -215,18 +216,16 @@ def build_workflow(root: Path, workflow_id: str) -> None:
     torch.manual_seed(0)
     ae_kwargs = {**AUTOENCODER_PRESETS["ae-tiny"], "in_channels": 1}
     ae = build_autoencoder("ae-tiny", **ae_kwargs)
-    ae_meta = {"preset": "ae-tiny", "model": ae_kwargs, "downsample_factor": 2, "latent_channels": 4,
-               "latent_shape": LATENT, "image_size": 8, "channels": 1, "image_format": "png",
-               "scale_factor": 1.0, "scale_from": "none", "classes": CLASSES}
+    ae_meta = metas.ae_meta(model=ae_kwargs, latent_shape=LATENT, scale_factor=1.0, scale_from="none",
+                            classes=CLASSES).to_json()
     dit_kwargs = dict(input_size=4, in_channels=4, num_classes=3, learn_sigma=False, depth=2, hidden_size=64,
                       num_heads=2, patch_size=2)
     dit = build_dit("DiT-Micro/2", **dit_kwargs)
     with torch.no_grad():
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    dit_meta = {"model": dit_kwargs, "schedule": "scaled_linear", "num_timesteps": 1000, "prediction": "eps",
-                "learn_sigma": False, "num_classes": 3, "null_label": dit.null_class_id, "latent_shape": LATENT,
-                "classes": CLASSES, "image_channels": 1, "image_size": 8}
+    dit_meta = metas.dit_meta(model=dit_kwargs, num_classes=3, null_label=dit.null_class_id, latent_shape=LATENT,
+                              classes=CLASSES).to_json()  # no sampling: sampled with the step's config
     ae_manifest = write_step(root, "autoencoder", {AE_WEIGHTS: save(ae.state_dict()),
                                                    AE_META: json.dumps(ae_meta).encode()})
     dit_manifest = write_step(root, "dit", {DIT_WEIGHTS: save(dit.state_dict()),

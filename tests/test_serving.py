@@ -29,6 +29,7 @@ from components.dit.train import build_step_dit
 from components.serving.generator import load_generator, png
 from components.serving.log import copy_component
 from conftest import REPO as REPO_ROOT, free_port, wait_for_http
+import metas
 from pipelines.models import MODEL_ID_KEY, try_log_step_model
 from test_dit import CLASSES, LATENT, dit_cfg, untrained_autoencoder_manifest
 
@@ -40,10 +41,9 @@ def untrained_dit_manifest(root, ae: Manifest, run_id: str) -> Manifest:
     """A DiT step's output (untrained, perturbed so labels matter) as the step task describes it."""
     cfg = dit_cfg()
     kwargs = build_step_dit(cfg, LATENT, len(CLASSES)).arguments
-    meta = {"model": kwargs, "num_classes": len(CLASSES), "classes": CLASSES, "schedule": "scaled_linear",
-            "num_timesteps": 1000, "prediction": "eps", "learn_sigma": False, "null_label": len(CLASSES),
-            "latent_shape": LATENT, "sampling": SAMPLING}
-    task = LatentDitTask(cfg, kwargs, meta)
+    meta = metas.dit_meta(model=kwargs, num_classes=len(CLASSES), classes=CLASSES, null_label=len(CLASSES),
+                          latent_shape=LATENT, sampling=SAMPLING)
+    task = LatentDitTask(cfg, kwargs, meta.to_json())
     torch.manual_seed(3)
     model = task.build_model()
     with torch.no_grad():
