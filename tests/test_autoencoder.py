@@ -211,9 +211,9 @@ def test_step_trains_exports_and_measures(trained, shard_manifest):
     assert manifest.verify() == []
     model, meta = load_autoencoder(manifest)
     assert isinstance(model, AutoencoderKL) and not model.training
-    assert meta["latent_shape"] == [4, 16, 16] and meta["downsample_factor"] == 2
-    assert meta["channels"] == 1 and meta["image_size"] == 32 and meta["classes"] == [str(d) for d in range(10)]
-    assert meta["scale_factor"] == manifest.metrics["scale_factor"] > 0
+    assert meta.latent_shape == [4, 16, 16] and meta.downsample_factor == 2 and meta.kind == "kl"
+    assert meta.channels == 1 and meta.image_size == 32 and meta.classes == [str(d) for d in range(10)]
+    assert meta.scale_factor == manifest.metrics["scale_factor"] > 0
 
     # Round trip through the scaled latent space.
     storage = shard_manifest.storage()
@@ -227,7 +227,7 @@ def test_step_trains_exports_and_measures(trained, shard_manifest):
     rec = [m.value for m in sorted(tracker.client.get_metric_history(tracker.run_id, "rec_loss"), key=lambda m: m.step)]
     assert len(rec) == 6 and rec[-1] < 0.7 * rec[0], rec
     torch.manual_seed(0)
-    untrained = AutoencoderKL(**meta["model"]).eval()
+    untrained = AutoencoderKL(**meta.model).eval()
     untrained_psnr = reconstruction_metrics(untrained, val[:16])[0]["val_psnr"]
     assert manifest.metrics["val_psnr"] > untrained_psnr + 3, (manifest.metrics, untrained_psnr)
     assert manifest.metrics["val_mse"] > 0 and manifest.metrics["images_per_s"] > 0

@@ -274,8 +274,8 @@ def test_step_on_two_workers_resumes_after_a_crash_and_exports(ray_cluster, tmp_
     for name in out.files:
         assert ctx.output.exists(name), name
     dit, meta = load_dit(manifest_from(out, ctx))
-    assert meta["num_classes"] == len(classes) == 10 and meta["null_label"] == 10 and meta["latent_shape"] == LATENT
-    assert meta["model"]["depth"] == 2 and meta["classes"] == classes and meta["image_size"] == 8
+    assert meta.num_classes == len(classes) == 10 and meta.null_label == 10 and meta.latent_shape == LATENT
+    assert meta.model["depth"] == 2 and meta.classes == classes and meta.image_size == 8
     assert out.info["checkpoint_uri"].startswith(ctx.checkpoint_uri)
     raw, _ = load_dit(ctx.output, ema=False)
     assert any(not torch.equal(a, b) for a, b in zip(dit.state_dict().values(), raw.state_dict().values()))
@@ -285,6 +285,6 @@ def test_step_on_two_workers_resumes_after_a_crash_and_exports(ray_cluster, tmp_
     grid = Image.open(ctx.output.path("samples.png"))
     assert grid.size == (2 * 8 + 3 * 2, 10 * 8 + 11 * 2)  # 10 rows (classes) x 2 columns
     run = tracker.client.get_run(tracker.run_id)
-    assert run.data.metrics["model_flops_per_image"] == meta["flops_per_image"]
+    assert run.data.metrics["model_flops_per_image"] == meta.flops_per_image
     artifacts = {a.path for a in tracker.client.list_artifacts(tracker.run_id)}
     assert {"samples.png", DIT_META} <= artifacts

@@ -182,7 +182,7 @@ def test_readers_work_from_s3(latents, trained, s3_bucket):
 
     ae_remote, latents_remote = to_s3(trained[0], "ae"), to_s3(latents, "latents")
     model, meta = load_autoencoder(ae_remote)
-    assert meta == json.loads(trained[0].storage().read_text(AE_META))
+    assert meta.to_json() == json.loads(trained[0].storage().read_text(AE_META))
     local_model, _ = load_autoencoder(trained[0])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local_model.state_dict().values()))
     for split in ("train", "val"):

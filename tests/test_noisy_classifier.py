@@ -41,7 +41,7 @@ def test_trains_exports_and_is_more_accurate_at_low_noise(tmp_path):
     cfg, meta = trained(tmp_path)
     export = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1] / "export"
     model, loaded_meta = load_noisy_classifier(str(export))
-    assert loaded_meta["classes"] == CLASSES and not model.training
+    assert loaded_meta.classes == CLASSES and not model.training
     latents, labels = (part[384:] for part in synthetic_latents(684))  # held out
     rows = accuracy_by_t(model, NoiseSchedule.from_name("linear", 1000), latents, labels, buckets=4)
     assert [r["t_low"] for r in rows] == [0, 250, 500, 750] and rows[-1]["t_high"] == 999

@@ -320,8 +320,8 @@ def test_step_trains_reports_codebook_statistics_and_exports_the_codebook(vq_ste
     # The codebook travels in the exported weights and every checkpoint (the EMA copy holds the
     # live buffers), and it moved away from its initial values.
     model, meta = load_autoencoder(manifest)
-    assert isinstance(model, AutoencoderVQ) and meta["regularizer"] == "vq"
-    assert meta["model"]["codebook_size"] == 64 and meta["scale_from"] == "pre_quantization"
+    assert isinstance(model, AutoencoderVQ) and meta.regularizer == "vq"
+    assert meta.model["codebook_size"] == 64 and meta.scale_from == "pre_quantization"
     exported = load_file(str(manifest.storage().path(AE_WEIGHTS)))
     assert {"quantizer.codebook", "quantizer.cluster_size", "quantizer.embed_sum"} <= set(exported)
     ema = load_file(str(checkpoints[-1] / "ema.safetensors"))
@@ -370,6 +370,6 @@ def test_latents_step_encodes_pre_quantisation_latents_and_refuses_sampling(vq_s
     latent_manifest = Manifest("latents", "k", "1", output.uri(), {}, {}, [], info={"val_shards": [result["file"]]})
     latents, _ = load_latent_shards(latent_manifest, "val")
     torch.testing.assert_close(latents, encode_scaled(model, meta, val), rtol=1e-4, atol=1e-4)
-    codes = model.quantizer.lookup(model.quantize(latents / meta["scale_factor"])[2].indices)
-    assert not torch.allclose(latents / meta["scale_factor"], codes)  # continuous, not codes
+    codes = model.quantizer.lookup(model.quantize(latents / meta.scale_factor)[2].indices)
+    assert not torch.allclose(latents / meta.scale_factor, codes)  # continuous, not codes
     assert json.loads(manifest.storage().read_text(AE_META))["regularizer"] == "vq"  # what the latents step reads
