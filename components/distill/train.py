@@ -71,6 +71,23 @@ def base_meta(cfg: DistillConfig, dit_meta: "DitMeta", guidance: float) -> dict:
     return {"method": cfg.method, "guidance": guidance, "spacing": SPACING, "distill": cfg.model_dump(mode="json")}
 
 
+def round_student_meta(teacher_meta: "DitMeta", facts: dict, k: int, steps: int, levels: list[int],
+                       student_levels: list[int]) -> StudentMeta:
+    """``round_k/distill.json``: the student of round k halves its teacher's ``steps`` (grid ``levels``);
+    round 1's teacher is the DiT under the step's guidance, later ones are unguided students."""
+    return StudentMeta.of_teacher(teacher_meta, **facts, round=k, teacher_steps=steps, native_steps=steps // 2,
+                                  teacher_levels=levels, levels=student_levels,
+                                  teacher_cfg_weight=facts["guidance"] if k == 1 else 0.0)
+
+
+def consistency_student_meta(teacher_meta: "DitMeta", facts: dict, distilling: bool, levels: list[int],
+                             sample_levels: list[int]) -> StudentMeta:
+    """``distill.json`` of a consistency model (distilled, or trained without a teacher)."""
+    folded = facts["guidance"] if distilling else 0.0  # no teacher: nothing is folded in
+    return StudentMeta.of_teacher(teacher_meta, **{**facts, "guidance": folded}, native_steps=1,
+                                  consistency_levels=levels, sample_levels=sample_levels, teacher_cfg_weight=folded)
+
+
 def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_meta, name: str, steps: int | None):
     from components.common.tracking import png_bytes
     from components.common.images import class_grid
@@ -99,10 +116,8 @@ def progressive_rounds(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict,
     for k, steps in enumerate(cfg.progressive.rounds, start=1):
         folder = f"round_{k}"
         student_levels = halve_steps(levels)
-        round_meta = StudentMeta.of_teacher(
-            teacher_meta, **facts, round=k, teacher_steps=steps, native_steps=steps // 2,
-            teacher_levels=levels.tolist(), levels=student_levels.tolist(),
-            teacher_cfg_weight=facts["guidance"] if k == 1 else 0.0).to_json()  # the file's form: to the workers
+        round_meta = round_student_meta(teacher_meta, facts, k, steps, levels.tolist(), student_levels.tolist())
+        round_meta = round_meta.to_json()  # the file's form: it travels to the workers
         names = [f"{folder}/{n}" for n in (*ROUND_FILES, ROUND_DONE)]
         summary = finished_round(ctx.output, folder)
         if summary is not None:
@@ -193,10 +208,8 @@ def consistency_run(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict, in
     fn = ConsistencyFunction(schedule, levels)
     sample_levels = [int(levels[fn.nearest_index(level)]) for level in cfg.consistency.sample_levels]
     distilling = cfg.method == "consistency_distillation"
-    folded = facts["guidance"] if distilling else 0.0  # no teacher: nothing is folded in
-    full_meta = StudentMeta.of_teacher(
-        teacher_meta, **{**facts, "guidance": folded}, native_steps=1, consistency_levels=levels.tolist(),
-        sample_levels=sample_levels, teacher_cfg_weight=folded).to_json()  # the file's form: to the workers
+    # the file's form: it travels to the workers
+    full_meta = consistency_student_meta(teacher_meta, facts, distilling, levels.tolist(), sample_levels).to_json()
     dit = (inputs["dit"].output_uri, DIT_WEIGHTS)
     if cfg.consistency.distance == "lpips":
         from components.autoencoder.lpips import check_lpips_file
