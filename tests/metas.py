@@ -20,8 +20,8 @@ def dit_meta(**fields: Any) -> DitMeta:
 
 def ae_meta(**fields: Any) -> AutoencoderMeta:
     nominal = dict(preset="ae-tiny", model={}, downsample_factor=2, latent_channels=4, latent_shape=[4, 4, 4],
-                   image_size=8, channels=1, image_format="png", scale_factor=1.0, scale_from="sample", classes=None,
-                   regularizer="kl")
+                   image_size=8, channels=1, image_format="png", scale_factor=1.0, scale_from="sample", classes=None)
+    # no regularizer: as the files from before VQ, which read as KL
     return AutoencoderMeta(**{**nominal, **fields})
 
 

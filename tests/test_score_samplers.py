@@ -323,7 +323,7 @@ def write_workflow(root) -> None:
     ae, _ = tiny_autoencoder()
     dit, dit_meta = untrained_dit(learn_sigma=False)
     ae_meta = metas.ae_meta(model={**AUTOENCODER_PRESETS["ae-tiny"], "in_channels": 1}, latent_shape=LATENT,
-                            scale_factor=0.8, scale_from="none", classes=["a", "b", "c"], regularizer=None).to_json()
+                            scale_factor=0.8, scale_from="none", classes=["a", "b", "c"]).to_json()
     dit_meta.model = {**DIT_PRESETS["DiT-Micro/2"], "input_size": LATENT[1], "in_channels": LATENT[0],
                       "num_classes": CLASSES, "learn_sigma": False}
     dit_meta = dit_meta.to_json()
