@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -22,10 +22,8 @@ from components.common.images import to_pil
 from components.common.step import Manifest, ManifestInvalid, read_manifest_at
 from components.common.storage import Storage, StorageError
 from components.dit.config import SamplingConfig
+from components.dit.load import DitMeta
 from pipelines.runtime import summary_path
-
-if TYPE_CHECKING:
-    from components.dit.load import DitMeta
 
 GRID = "grid.png"
 GRID_MAX_COLUMNS = 32
