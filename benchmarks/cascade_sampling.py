@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from components.autoencoder.load import AutoencoderMeta  # noqa: E402
 from components.autoencoder.model import build_autoencoder  # noqa: E402
 from components.dit.config import SamplingConfig  # noqa: E402
 from components.dit.generate import generate  # noqa: E402
+from components.dit.load import DitMeta  # noqa: E402
 from components.dit.model import build_dit  # noqa: E402
 from components.superres.config import SuperResSamplingConfig  # noqa: E402
+from components.superres.load import SuperResMeta  # noqa: E402
 from components.superres.model import build_superres  # noqa: E402
 from components.superres.sample import SrStage, cascade  # noqa: E402
 
@@ -48,14 +51,22 @@ def main() -> None:
     c, size = p["latent"]
     dit = build_dit(p["dit"], input_size=size, in_channels=c, num_classes=p["classes"], learn_sigma=False).to(device)
     ae = build_autoencoder(p["ae"]).to(device).eval()
-    dit_meta = {"num_classes": p["classes"], "latent_shape": [c, size, size], "schedule": "linear",
-                "num_timesteps": 1000, "null_label": p["classes"], "prediction": "eps", "learn_sigma": False}
-    ae_meta = {"scale_factor": 1.0, "channels": p["channels"], "image_size": p["base"]}
+    # untrained models: the metas' training entries are nominal
+    dit_meta = DitMeta(preset=p["dit"], model=dit.arguments, num_classes=p["classes"], latent_shape=[c, size, size],
+                       schedule="linear", num_timesteps=1000, null_label=p["classes"], prediction="eps",
+                       learn_sigma=False, classes=None, image_channels=p["channels"], image_size=p["base"],
+                       flops_per_image=0.0, parameters=0, data="latents", max_steps=0, ema_decay=0.0)
+    ae_meta = AutoencoderMeta(preset=p["ae"], model=ae.arguments, downsample_factor=ae.downsample_factor,
+                              latent_channels=c, latent_shape=[c, size, size], image_size=p["base"],
+                              channels=p["channels"], image_format="png", scale_factor=1.0, scale_from="sample",
+                              classes=None)
     stages = []
     for preset, low, high, steps, handoff in p["stages"]:
         model = build_superres(preset, in_channels=p["channels"], out_size=high).to(device).eval()
-        meta = {"input_size": low, "output_size": high, "channels": p["channels"], "schedule": "cosine",
-                "num_timesteps": 1000, "num_classes": 0, "prediction": "v"}
+        meta = SuperResMeta(preset=preset, model=model.arguments, input_size=low, output_size=high,
+                            channels=p["channels"], schedule="cosine", num_timesteps=1000, filter="bicubic",
+                            num_classes=0, classes=None, prediction="v", sampling={}, augmentation={}, parameters=0,
+                            max_steps=0)
         stages.append(SrStage(model, meta, SuperResSamplingConfig(steps=steps, handoff=handoff)))
     labels = torch.arange(args.images) % p["classes"]
     sampling = SamplingConfig(steps=args.dit_steps or p["dit_steps"], guidance=4.0)

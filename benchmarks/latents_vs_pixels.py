@@ -64,13 +64,16 @@ def load_ae(args):
         path = Path(args.autoencoder)
         path = path if path.suffix == ".json" else path / MANIFEST_NAME
         return load_autoencoder(Manifest.from_json(path.read_text()))
+    from components.autoencoder.load import AutoencoderMeta
     from components.autoencoder.model import build_autoencoder
 
     model = build_autoencoder(args.ae_preset, in_channels=args.channels).eval()
     f = model.downsample_factor
     size = args.image_size // f
-    meta = {"preset": args.ae_preset, "latent_shape": [model.latent_channels, size, size], "scale_factor": 1.0,
-            "image_size": args.image_size, "channels": args.channels, "classes": None}
+    meta = AutoencoderMeta(preset=args.ae_preset, model=model.arguments, downsample_factor=f,
+                           latent_channels=model.latent_channels, latent_shape=[model.latent_channels, size, size],
+                           image_size=args.image_size, channels=args.channels, image_format="png", scale_factor=1.0,
+                           scale_from="sample", classes=None)
     return model, meta
 
 

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.common.train_loop import LocalSession, train_loop  # noqa: E402
 from components.superres.config import SuperResConfig  # noqa: E402
+from components.superres.load import SuperResMeta  # noqa: E402
 from components.superres.task import SuperResTask  # noqa: E402
 from components.superres.train import build_step_superres  # noqa: E402
 
@@ -50,12 +51,15 @@ def parse_args() -> argparse.Namespace:
 def train_stage(cfg: SuperResConfig, images: torch.Tensor, labels: torch.Tensor, channels: int):
     from components.superres.load import load_superres
 
-    kwargs = build_step_superres(cfg, channels, 0).arguments
-    meta = {"preset": cfg.preset, "model": kwargs, "input_size": cfg.input_size, "output_size": cfg.output_size,
-            "channels": channels, "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps,
-            "filter": cfg.filter, "num_classes": 0, "prediction": cfg.prediction,
-            "sampling": cfg.sample.model_dump(mode="json")}
-    task = SuperResTask(cfg, kwargs, meta, in_memory=(images, labels))
+    probe = build_step_superres(cfg, channels, 0)
+    kwargs = probe.arguments
+    meta = SuperResMeta(preset=cfg.preset, model=kwargs, input_size=cfg.input_size, output_size=cfg.output_size,
+                        channels=channels, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, filter=cfg.filter,
+                        num_classes=0, classes=None, prediction=cfg.prediction,
+                        sampling=cfg.sample.model_dump(mode="json"),
+                        augmentation=cfg.augmentation.model_dump(mode="json"),
+                        parameters=sum(p.numel() for p in probe.parameters()), max_steps=cfg.train.max_steps)
+    task = SuperResTask(cfg, kwargs, meta.to_json(), in_memory=(images, labels))
     with tempfile.TemporaryDirectory() as directory:
         started = time.perf_counter()
         train_loop(task, cfg.train, LocalSession(Path(directory) / "ckpt"), None)
