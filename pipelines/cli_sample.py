@@ -87,7 +87,8 @@ def sample(
                   batch_size=batch_size, device=device,
                   sampler_options={k: v for k, v in score_options.items() if v is not None})
     if prompt or prompts_file:
-        return show_prompted(workflow_id, prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out, **common))
+        return show_prompted(workflow_id or model, prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out,
+                                                                   model=model, tracking_uri=tracking_uri, **common))
     sr_overrides = {"sampler": sr_sampler, "steps": sr_steps, "guidance": sr_guidance,
                     "noise_cond_aug_level": sr_noise_cond_aug_level, "handoff": sr_handoff}
     result = sample_or_exit(workflow_id, labels, per_label, out, step=step, base=base, sr_overrides=sr_overrides,
@@ -103,8 +104,7 @@ def check_sample_flags(workflow_id, model, labels, per_label, prompted: bool, pe
     elif not prompted:
         problem = None if labels and per_label else "give --labels and --per-label (or --prompt and --per-prompt)"
     else:
-        problem = ("--model takes labels for now: sample a text DiT with --workflow-id" if model else
-                   "--prompt/--prompts go with --per-prompt, not --labels/--per-label" if labels or per_label else
+        problem = ("--prompt/--prompts go with --per-prompt, not --labels/--per-label" if labels or per_label else
                    "give --per-prompt with --prompt/--prompts" if per_prompt is None else
                    f"--step {step}: prompts sample the text DiT (--step dit)" if step != "dit" else None)
     if problem:

@@ -19,6 +19,7 @@ class TextSetup:
     arguments: dict[str, int]  # the DiT's context_dim, pooled_dim
     grid_prompts: list[str]
     vocabulary: int  # entries of the tokenizer (0: a frozen encoder's own)
+    encoder_files: dict[str, str] | None = None  # a frozen encoder's {file: sha256}, checked at every load
 
 
 def check_captions(cfg: DitConfig, latents: Manifest | None) -> None:
@@ -36,6 +37,7 @@ def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
     """The tokenizer, the DiT's text arguments and the grid prompts of a text-conditioned DiT step."""
     from components.common.data import latent_split, split_captions
     from components.dit.text_model import text_dit_arguments
+    from components.text.frozen import directory_digests
     from components.text.load import build_text_encoder, tokenizer_from_captions
 
     check_captions(cfg, latents)
@@ -51,4 +53,5 @@ def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
         prompts = list(dict.fromkeys(islice(split_captions(validation), 4 * GRID_PROMPTS_DEFAULT)))
         prompts = prompts[:GRID_PROMPTS_DEFAULT]
     return TextSetup(tokenizer.to_json() if tokenizer else None, text_dit_arguments(encoder), list(prompts),
-                     tokenizer.vocab_size if tokenizer else 0)
+                     tokenizer.vocab_size if tokenizer else 0,
+                     None if tokenizer else directory_digests(cfg.text.path))

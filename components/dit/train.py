@@ -85,6 +85,8 @@ def step_meta(cfg: DitConfig, probe, num_classes: int, latent_shape, classes, ae
     if text:
         meta |= {"conditioning": cfg.conditioning, "text": cfg.text.model_dump(mode="json"),
                  "text_vocabulary": text.vocabulary, "grid_prompts": text.grid_prompts}
+        if text.encoder_files is not None:
+            meta["text_encoder_files"] = text.encoder_files
     return meta
 
 
