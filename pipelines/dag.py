@@ -84,7 +84,8 @@ LATENT_DIFFUSION: tuple[StepSpec, ...] = (
     StepSpec("distill", "components.distill.train:run", ("autoencoder", "latents", "dit"),
              needs=("autoencoder", "latents", "dit"), role=LEARNED),
     StepSpec("evaluate", "components.evaluate.run:run",
-             ("shard", "autoencoder", "dit", "distill", "noisy_classifier", "inception_reference", "superres"),
+             ("shard", "autoencoder", "dit", "distill", "noisy_classifier", "inception_reference", "superres",
+              "controlnet"),
              needs=("autoencoder", "dit"), role=EVALUATION),
 )
 

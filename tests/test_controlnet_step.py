@@ -91,3 +91,75 @@ def test_step_on_two_workers_resumes_after_a_crash_logs_its_grid_and_exports(ray
     series = [a.path for a in tracker.client.list_artifacts(tracker.run_id, "images")]
     assert any("samples+step+2+" in p for p in series) and any("samples+step+6+" in p for p in series), series
     assert {GRID, CONTROLNET_META} <= {a.path for a in tracker.client.list_artifacts(tracker.run_id)}
+
+
+# ---------------------------------------------------------------- control fidelity in evaluate
+
+
+def controlnet_manifest(root, dit: Manifest, cfg: ControlNetConfig) -> Manifest:
+    """A controlnet step's output over ``dit``: its branch perturbed off zero, controlnet.json from step_meta."""
+    from safetensors.torch import save_file
+
+    from components.controlnet.model import ControlledDiT
+    from components.controlnet.train import step_meta
+    from components.dit.load import load_dit
+
+    dit_model, dit_meta = load_dit(dit)
+    model = ControlledDiT(dit_model, cfg.num_blocks)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in model.controlnet.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out = root / "controlnet"
+    out.mkdir()
+    save_file(model.state_dict(), str(out / CONTROLNET_WEIGHTS))
+    (out / CONTROLNET_META).write_text(json.dumps(step_meta(cfg, dit, dit_meta)))
+    storage = Storage.from_uri(str(out))
+    files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in (CONTROLNET_WEIGHTS, CONTROLNET_META)]
+    return Manifest(step="controlnet", cache_key="k", code_version="1", location=str(out), config={}, upstream={},
+                    files=files, info={})
+
+
+def test_edge_f1_matches_within_a_pixel():
+    from components.evaluate.control_fidelity import edge_f1
+
+    a = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    a[:, :, 2, 1:7] = 255
+    b = a.clone()
+    b[1] = torch.roll(a[1], 1, dims=-2)  # one pixel off: within the tolerance
+    b[2] = 0
+    b[2, :, 6, :] = 255  # four rows off: no match
+    a[3], b[3] = 0, 0  # both empty
+    assert edge_f1(a, b).tolist() == [1.0, 1.0, 0.0, 1.0]
+    b[0, :, 5, 1:7] = 255  # as many false edges as true ones: precision 1/2, recall 1
+    assert edge_f1(a, b)[0] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("control", ["edges", "blur"])
+def test_evaluate_reports_control_fidelity_beside_the_uncontrolled_samples(tmp_path, control):
+    from components.evaluate.config import EvaluateConfig
+    from components.evaluate.classifier import build_classifier
+    from components.evaluate.run import _optional_tables
+    from components.shard.config import ShardConfig
+    from components.shard.run import run as shard
+
+    ctx = step_ctx(tmp_path, "shard")
+    shard_manifest = manifest_from(shard(ShardConfig(max_samples=60, image_size=8, samples_per_shard=60,
+                                                     val_fraction=0.3), {}, ctx), ctx)
+    classes = shard_manifest.info["classes"]
+    dit = dit_manifest(tmp_path, classes)
+    inputs = {"shard": shard_manifest, "autoencoder": untrained_autoencoder_manifest(tmp_path, classes), "dit": dit,
+              "controlnet": controlnet_manifest(tmp_path, dit, ControlNetConfig(control=control, num_blocks=2))}
+    torch.manual_seed(0)
+    judge = type("Judge", (), {"model": build_classifier("cnn-tiny", 1, len(classes)).eval()})()  # untrained: scores only
+    cfg = EvaluateConfig(control_samples=6, sample={"steps": 3, "guidance": 1.0})
+    metrics, evaluation = {}, {}
+    files = _optional_tables(cfg, inputs, step_ctx(tmp_path, "evaluate"), judge, None, None, classes, "cpu", None,
+                             metrics, evaluation)
+    measure = "edge_f1" if control == "edges" else "signal_mae"
+    assert files == ["eval_control.png"] and evaluation["control"]["count"] == 6
+    for name in (f"control_{measure}", f"uncontrolled_{measure}", "control_digit_accuracy",
+                 "uncontrolled_digit_accuracy"):
+        assert 0 <= metrics[name] <= 1, name
+    assert metrics[f"control_{measure}"] != metrics[f"uncontrolled_{measure}"]  # the control changed the samples
+    assert evaluation["control"]["metrics"] == metrics and evaluation["control"]["control"] == control
