@@ -249,3 +249,20 @@ def _ema_of(task, export_dir):
     model = task.build_model()
     model.load_state_dict(load_file(str(export_dir / "controlnet.safetensors")))
     return EMA(model, 0.9)
+
+
+def test_the_pipeline_takes_a_controlnet_section_after_the_dit_and_refuses_it_without_one():
+    from components.common.config import ConfigError
+    from conftest import REPO
+    from pipelines.config import load_pipeline_config
+    from pipelines.latent_diffusion import build_workflow
+
+    preset = REPO / "configs" / "pipeline" / "mnist-controlnet.yaml"
+    steps = {s.name: s for s in build_workflow(load_pipeline_config(preset)).steps}
+    assert steps["controlnet"].inputs == ("shard", "autoencoder", "dit") and "controlnet" in steps["evaluate"].inputs
+    assert steps["controlnet"].config.control == "edges"
+    with pytest.raises(ConfigError, match=r"section 'controlnet' needs section\(s\) \['dit'\]"):
+        load_pipeline_config(preset, ["dit=null", "distill=null"])
+    with pytest.raises(ConfigError, match="dit.conditioning: text: controlnet sample"):
+        load_pipeline_config(REPO / "configs" / "pipeline" / "mnist-text.yaml",
+                             ["controlnet.control=edges"])
