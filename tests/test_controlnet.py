@@ -266,3 +266,14 @@ def test_the_pipeline_takes_a_controlnet_section_after_the_dit_and_refuses_it_wi
     with pytest.raises(ConfigError, match="dit.conditioning: text: controlnet sample"):
         load_pipeline_config(REPO / "configs" / "pipeline" / "mnist-text.yaml",
                              ["controlnet.control=edges"])
+
+
+def test_task_trains_under_bf16_and_zero2_with_the_frozen_dit_cast_alongside(tmp_path):
+    """DeepSpeed casts the module with ``.bfloat16()``: the DiT held outside the module tree must follow."""
+    cfg = ControlNetConfig(num_blocks=1, train=dict(max_steps=4, batch_size=16, lr=1e-3, ema_decay=0.9, log_every=2,
+                                                    checkpoint_every=100, precision="bf16", zero_stage=2))
+    task = task_of(cfg, trained_looking_dit(depth=2), tiny_autoencoder(), digits(32))
+    final = train_loop(task, cfg.train, LocalSession(tmp_path / "ckpt"), None)
+    assert final["step"] == 4 and all(torch.isfinite(torch.tensor(loss)) for _, loss in task.losses)
+    model = task.build_model().bfloat16()
+    assert {p.dtype for p in model.dit.parameters()} == {torch.bfloat16}

@@ -10,7 +10,6 @@ from components.common.config import StepConfig
 from components.common.train_types import TrainConfig
 from components.dit.config import SamplingConfig
 
-CONTROL_SIGNALS = ("edges", "blur", "low_res", "folder")
 
 
 class ControlNetConfig(StepConfig):

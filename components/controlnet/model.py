@@ -7,7 +7,9 @@ exact zero, so the controlled model computes the frozen DiT's output bit for bit
 
 The frozen DiT is held outside the module tree (as ``TextDiT`` holds a frozen text encoder): it is
 not in ``state_dict``, the EMA, the optimizer or the checkpoints, only the ControlNet branch is.
-``_apply`` still moves and casts it with the module (DeepSpeed's ``.to(device)``, ``.bfloat16()``).
+``_apply`` still moves and casts it with the module (``.to(device)``, ``.bfloat16()``), and each forward
+moves it to the branch's device and dtype where they differ (DeepSpeed's ZeRO casts the parameters
+it optimizes one by one, which no module hook sees).
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ class ControlledDiT(nn.Module):
         self.dit.eval()  # frozen: its label dropout never draws (the task drops labels itself)
         return self
 
+    def follow_branch(self) -> None:
+        """The frozen DiT on the branch's device, in its dtype (the compute dtype under DeepSpeed)."""
+        mine, its = next(self.controlnet.parameters()), next(self.dit.parameters())
+        if (mine.dtype, mine.device) != (its.dtype, its.device):
+            self.dit.to(device=mine.device, dtype=mine.dtype)
+
     def embed_control(self, control: torch.Tensor) -> torch.Tensor:
         """Scaled control latent (N, c, h, w) -> (N, T, D) tokens, patched as the DiT patches x."""
         dit = self.dit
@@ -85,6 +93,7 @@ class ControlledDiT(nn.Module):
                 context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The DiT's forward (components/dit/model.py), its first N block outputs plus
         ``control_scale`` x zero_linear_i(copy block i's output). No control, or scale 0: the DiT's own."""
+        self.follow_branch()
         dit = self.dit
         scale = self.control_scale if control_scale is None else float(control_scale)
         if control is None or scale == 0:
