@@ -3,6 +3,7 @@ files (the sampling itself: ``pipelines.sample``)."""
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import typer
@@ -27,17 +28,15 @@ def sample(
     per_prompt: Optional[int] = typer.Option(None, "--per-prompt", min=1, help="Images per prompt."),
     out: str = typer.Option(..., "--out", help="Output folder: OUT/<label or prompt index>/<index>.png, OUT/grid.png "
                             "(a row each) and, with prompts, OUT/prompts.json."),
-    storage: Optional[str] = typer.Option(
-        None, "--storage", help="The pipeline's storage root (local path or s3://). "
-                                "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="The pipeline's storage root (local path or s3://). "
+                                          "Default: search ./outputs/workflows/ID and ./outputs/*/workflows/ID."),
     step: str = typer.Option(
         "dit", "--step", help="dit: the DiT's images; distill: the distilled student's, with its native steps "
                               "(guidance is folded into it); cascade: the base images through every "
                               "super-resolution stage of the workflow (written at the final resolution)."),
     base: str = typer.Option("dit", "--base", help="cascade: the base sampler, dit or distill (the student)."),
-    sampler: Optional[str] = typer.Option(
-        None, "--sampler", help="ddim, ddpm, langevin (annealed Langevin dynamics) or pc (predictor-corrector). "
-                                "Default: the DiT step's setting."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, ddpm, langevin (annealed Langevin dynamics) "
+                                          "or pc (predictor-corrector). Default: the DiT step's setting."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. Default: the DiT step's setting "
                                                               "(distill: the student's native steps)."),
     guidance: Optional[float] = typer.Option(
@@ -76,16 +75,18 @@ def sample(
     sr_handoff: Optional[str] = typer.Option(
         None, "--sr-handoff", help="cascade: non_truncated (finish the stage below, then noise its output) or "
                                    "truncated (stop the stage below at the level; SR-to-SR hand-offs only)."),
+    control: Optional[str] = typer.Option(None, "--control", help="A control image, or a folder of them: the "
+                                          "workflow's ControlNet samples every --labels label under each."),
+    control_scale: Optional[float] = typer.Option(None, "--control-scale", help="--control: the residuals' weight."),
 ):
-    """Generate images with a finished workflow's DiT and autoencoder (and, with --step cascade, its
-    super-resolution stages) and write them as PNG files."""
+    """Images of a finished workflow's DiT (its SR stages with --step cascade, its ControlNet with --control)."""
     check_sample_flags(workflow_id, model, labels, per_label, bool(prompt or prompts_file), per_prompt, step)
-    score_options = {"snr": snr, "corrector_steps": corrector_steps, "pc_predictor": pc_predictor,
-                     "langevin_steps": langevin_steps, "langevin_step_size": langevin_step_size,
-                     "classifier_guidance": classifier_guidance}
-    common = dict(storage=storage, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
-                  batch_size=batch_size, device=device,
-                  sampler_options={k: v for k, v in score_options.items() if v is not None})
+    score_options = dict(snr=snr, corrector_steps=corrector_steps, pc_predictor=pc_predictor, langevin_steps=langevin_steps,
+                         langevin_step_size=langevin_step_size, classifier_guidance=classifier_guidance)
+    common = dict(storage=storage, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
+                  device=device, sampler_options={k: v for k, v in score_options.items() if v is not None})
+    if control is not None or control_scale is not None:
+        return show_controlled(controlled_or_exit(workflow_id, model, step, control, control_scale, labels, per_label, out, **common))
     if prompt or prompts_file:
         return show_prompted(workflow_id or model, prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out,
                                                                    model=model, tracking_uri=tracking_uri, **common))
@@ -117,6 +118,29 @@ def prompts_or_exit(*args, **kwargs):
     from pipelines.sample_prompts import sample_prompts
 
     return run_or_exit(sample_prompts, *args, **kwargs)
+
+
+def controlled_or_exit(workflow_id, model, step: str, control, control_scale, labels, per_label, out, **common):
+    """``pipelines.sample_control.sample_controlled``'s result; --control with a flag it does not take exits 2."""
+    from pipelines.sample_control import sample_controlled
+
+    problem = ("--control-scale goes with --control" if control is None else
+               "--control samples a workflow's controlnet step: give --workflow-id, not --model" if model else
+               f"--control samples the controlnet step over the DiT, not --step {step}" if step != "dit" else None)
+    if problem:
+        err.print(f"[bold red]error:[/] {escape(problem)}")
+        raise typer.Exit(2)
+    return run_or_exit(sample_controlled, workflow_id, labels, per_label, control, control_scale, out, **common)
+
+
+def show_controlled(result) -> None:
+    facts = json.loads((result.out / "controls.json").read_text())
+    s = result.sampling
+    console.print(escape(f"{facts['workflow_id']}: {len(result.files) - 2} images under {len(facts['controls'])} "
+                         f"{facts['control']} control(s), scale {facts['control_scale']:g} ({s.sampler}, {s.steps} "
+                         f"steps, guidance {s.guidance:g}, seed {s.seed})"), soft_wrap=True)
+    console.print(escape(f"wrote {result.out}/<control index>/<label>_<i>.png, {result.out / 'grid.png'} and "
+                         f"{result.out / 'controls.json'}"), soft_wrap=True)
 
 
 def show_prompted(source: str, result) -> None:

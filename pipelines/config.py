@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from components.autoencoder.config import AutoencoderConfig
 from components.common.config import RayConfig, StorageConfig, StrictModel, TrackingConfig, load_config
+from components.controlnet.config import ControlNetConfig
 from components.distill.config import DistillConfig
 from components.dit.config import DitConfig
 from components.evaluate.config import EvaluateConfig
@@ -46,6 +47,8 @@ class PipelineConfig(StrictModel):
     autoencoder: AutoencoderConfig | None = None
     latents: LatentsConfig | None = None
     dit: DitConfig | None = None
+    # a ControlNet over the frozen DiT (spatial control: edges, blur, low_res, a folder of control images)
+    controlnet: ControlNetConfig | None = None
     distill: DistillConfig | None = None  # needs the latents step (the student trains on its latents)
     # f(y | x_t, t) on the latents, for classifier guidance (needs the latents step; trains beside the DiT)
     noisy_classifier: NoisyClassifierConfig | None = None
@@ -184,7 +187,7 @@ class PipelineConfig(StrictModel):
         if self.shard.captions == "none":
             raise ValueError("dit.conditioning: text needs captions in the shards: set shard.captions (sidecar, "
                              "a captions file, or attributes for builtin:mnist)")
-        by_label = [name for name in ("distill", "noisy_classifier") if getattr(self, name) is not None]
+        by_label = [name for name in ("distill", "noisy_classifier", "controlnet") if getattr(self, name) is not None]
         if self.superres and self.evaluate is not None:
             by_label.append("superres (evaluate's cascade)")
         if by_label:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from components.controlnet.task import ControlNetTask
 from components.distill.task import ConsistencyTask, ProgressiveTask
 from components.dit.task import LatentDitTask, PixelDitTask
 
@@ -45,8 +46,13 @@ class CrashingConsistencyTask(CrashAtStep, ConsistencyTask):
     pass
 
 
+class CrashingControlNetTask(CrashAtStep, ControlNetTask):
+    pass
+
+
 CRASHING = {LatentDitTask: CrashingLatentDitTask, PixelDitTask: CrashingPixelDitTask,
-            ProgressiveTask: CrashingProgressiveTask, ConsistencyTask: CrashingConsistencyTask}
+            ProgressiveTask: CrashingProgressiveTask, ConsistencyTask: CrashingConsistencyTask,
+            ControlNetTask: CrashingControlNetTask}
 
 
 def crashing(task_class: type, at_step: int, in_round: int | None = None) -> Callable:

