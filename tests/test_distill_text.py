@@ -5,11 +5,12 @@ the evaluate step's distill rows of a text student."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from components.common.train_loop import LocalSession, train_loop
 from components.diffusion import NoiseSchedule, ddim_step, make_cfg_model_fn, spaced_timesteps
@@ -153,32 +154,42 @@ def captioned_inputs(tmp_path) -> dict:
     return {"shard": shard_manifest, "autoencoder": ae_manifest, "latents": latents, "dit": dit}
 
 
+@pytest.fixture(scope="module")
+def captioned(ray_cluster, tmp_path_factory) -> dict:
+    return captioned_inputs(tmp_path_factory.mktemp("captioned"))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("method", ["progressive", "consistency_distillation"])
-def test_the_step_distills_a_text_dit_and_its_student_samples_prompts(ray_cluster, tmp_path, monkeypatch, method):
+def test_the_step_distills_a_text_dit_and_its_student_samples_prompts(captioned, tmp_path, monkeypatch, method):
+    from pathlib import Path
+
     from components.distill.load import load_student
     from components.distill.train import run as distill
     from test_dit import manifest_from, step_ctx
 
-    inputs = captioned_inputs(tmp_path)
-    cfg = distill_cfg(method, max_steps=3, batch_size=16, log_every=1, zero_stage=2).model_copy(
+    inputs, teacher_dir = captioned, Path(captioned["dit"].location)
+    cfg = distill_cfg(method, max_steps=2, batch_size=16, log_every=1, zero_stage=2).model_copy(
         update={"grid_per_label": 2})
-    ctx = step_ctx(tmp_path, "distill")
+    ctx = step_ctx(tmp_path, "distill")  # one worker: the two-worker path is test_distill.py's
+    ctx = dataclasses.replace(ctx, resources=ctx.resources.model_copy(update={"num_workers": 1}))
     out = distill(cfg, {k: inputs[k] for k in ("dit", "autoencoder", "latents")}, ctx)
     assert TOKENIZER_FILE in out.files and "samples.png" in out.files and out.metrics["native_steps"] >= 1
     if method == "progressive":  # one round, 4 -> 2 steps; its folder holds the tokenizer too, hashed
         assert json.loads(ctx.output.read_text("round_1/round.json"))["files"].keys() >= {TOKENIZER_FILE}
-    assert ctx.output.read_bytes(TOKENIZER_FILE) == (tmp_path / "dit" / TOKENIZER_FILE).read_bytes()
-    from PIL import Image
+    assert ctx.output.read_bytes(TOKENIZER_FILE) == (teacher_dir / TOKENIZER_FILE).read_bytes()
     import io
+
+    from PIL import Image
 
     grid = Image.open(io.BytesIO(ctx.output.read_bytes("samples.png")))
     assert grid.size[1] == len(PROMPTS) * 8 + (len(PROMPTS) + 1) * 2  # a row per grid prompt of the DiT
 
     student, meta = load_student(manifest_from(out, ctx))  # through the manifest: every file's sha256 checked
     assert isinstance(student, TextDiT) and meta["conditioning"] == "text" and meta["method"] == method
+    teacher = load_file(str(teacher_dir / "dit.safetensors"))
     assert not torch.equal(student.state_dict()["text_encoder.token_embedding.weight"],
-                           text_task_weights(tmp_path)["text_encoder.token_embedding.weight"])  # trained with it
+                           teacher["text_encoder.token_embedding.weight"])  # the encoder trained with the student
     ae, ae_meta = tiny_autoencoder()
     prompts = ["a thin zero", "a thick seven leaning right", "a thin zero"]
     images = generate_student(student, meta, ae, ae_meta, None, prompts=prompts, seed=3)
@@ -190,12 +201,6 @@ def test_the_step_distills_a_text_dit_and_its_student_samples_prompts(ray_cluste
     assert not torch.equal(images, generate_student(student, meta, ae, ae_meta, None, prompts=prompts, seed=4))
     if method != "progressive":
         evaluate_rows_of_a_text_student(inputs, manifest_from(out, ctx), monkeypatch)
-
-
-def text_task_weights(tmp_path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(tmp_path / "dit" / "dit.safetensors"))
 
 
 def evaluate_rows_of_a_text_student(inputs: dict, distill_manifest, monkeypatch) -> None:
@@ -230,3 +235,22 @@ def evaluate_rows_of_a_text_student(inputs: dict, distill_manifest, monkeypatch)
         [("teacher", 2, 2 * len(classes)), ("student", 1, 2 * len(classes)), ("student", 2, 2 * len(classes))]
     assert seen == [prompts_per_class(inputs["shard"], classes, 2)] * 2
     assert all(np.isfinite(metrics[f"student_{k}step_frechet_distance"]) for k in (1, 2))
+
+
+# ---------------------------------------------------------------- the config: distill takes a text DiT
+
+
+def test_a_text_dit_loads_with_distill_and_evaluate_but_not_with_classifier_guidance():
+    from pathlib import Path
+
+    from components.common.config import ConfigError
+    from pipelines.config import load_pipeline_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "mnist-text.yaml"
+    for method in ("progressive", "consistency_distillation"):
+        cfg = load_pipeline_config(recipe, [f"distill.method={method}"])
+        assert cfg.dit.uses_text and cfg.distill.method == method and cfg.evaluate is not None
+    with pytest.raises(ConfigError, match="noisy_classifier sample.s. the DiT by class label and take no prompts"):
+        load_pipeline_config(recipe, ["distill.method=progressive", "noisy_classifier.t_buckets=2"])
+    with pytest.raises(ConfigError, match="dit.conditioning: text needs captions in the shards"):
+        load_pipeline_config(recipe, ["distill.method=progressive", "shard.captions=none"])
