@@ -144,7 +144,6 @@ class ProgressiveTask(DistillTask):
     def loss(self, model, batch, step, generator):
         from components.diffusion import predict_x0_eps
         from components.distill.targets import truncated_snr_weight
-
         from components.distill.text import student_conditions
 
         x0, y, dtype, captions = self.unpack(batch)
