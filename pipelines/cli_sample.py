@@ -152,12 +152,18 @@ def show_prompted(source: str, result) -> None:
                          f"{result.out / 'prompts.json'}"), soft_wrap=True)
 
 
-def sample_or_exit(*args, **kwargs):
-    """``pipelines.sample.sample``'s result; a bad flag exits 2, a workflow or model that cannot be
-    sampled exits 1, each with its message."""
+def sample_or_exit(workflow_id, labels, per_label, out, model=None, tracking_uri=None, **kwargs):
+    """``pipelines.sample.sample``'s result (``pipelines.sample_registered``'s with ``model``); a bad flag
+    exits 2, a workflow or model that cannot be sampled exits 1, each with its message."""
+    if model is not None:
+        from pipelines.sample_registered import sample_registered
+
+        shared = {k: kwargs[k] for k in ("steps", "sampler", "guidance", "eta", "seed", "batch_size", "device",
+                                         "sampler_options")}
+        return run_or_exit(sample_registered, model, tracking_uri, labels, per_label, out, **shared)
     from pipelines.sample import sample as sample_images
 
-    return run_or_exit(sample_images, *args, **kwargs)
+    return run_or_exit(sample_images, workflow_id, labels, per_label, out, **kwargs)
 
 
 def run_or_exit(sampling, *args, **kwargs):

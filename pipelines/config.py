@@ -180,14 +180,15 @@ class PipelineConfig(StrictModel):
                                  f"(from {mults_key})")
 
     def _check_text_conditioning(self) -> None:
-        """A text DiT needs captions in the shards, and the steps that sample it by class label (distill,
-        classifier guidance, the evaluated cascade) do not take prompts yet: refused here, not mid-run."""
+        """A text DiT needs captions in the shards, and the steps that sample it by class label (classifier
+        guidance, the evaluated cascade) do not take prompts yet: refused here, not mid-run. The distill
+        step distills it from its captions (and the evaluate step's distill rows sample it with prompts)."""
         if self.dit is None or not self.dit.uses_text:
             return
         if self.shard.captions == "none":
             raise ValueError("dit.conditioning: text needs captions in the shards: set shard.captions (sidecar, "
                              "a captions file, or attributes for builtin:mnist)")
-        by_label = [name for name in ("distill", "noisy_classifier", "controlnet") if getattr(self, name) is not None]
+        by_label = [name for name in ("noisy_classifier", "controlnet") if getattr(self, name) is not None]
         if self.superres and self.evaluate is not None:
             by_label.append("superres (evaluate's cascade)")
         if by_label:

@@ -204,14 +204,13 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
            step: str = "dit", base: str = "dit", sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
            eta: float | None = None, seed: int | None = None, batch_size: int = 256, device: str = "cpu",
            progress: bool = True, search_base: str | os.PathLike = ".",
-           sr_overrides: dict[str, Any] | None = None, model: str | None = None,
-           tracking_uri: str | None = None, sampler_options: dict[str, Any] | None = None) -> SampleResult:
+           sr_overrides: dict[str, Any] | None = None, sampler_options: dict[str, Any] | None = None) -> SampleResult:
     """Generate ``per_label`` images for each label with the workflow's DiT and write them.
     ``step="distill"``: the distilled student instead, at its native steps (or ``steps`` where it
     supports them). ``step="cascade"``: the ``base`` sampler's images (dit or distill) go on
     through the workflow's super-resolution stages (``sr_overrides``: sampler, steps, guidance,
-    noise_cond_aug_level, handoff for every stage). ``model``: a registered model instead of a workflow
-    (``sample_registered``). ``sampler_options``: further SamplingConfig overrides (the score
+    noise_cond_aug_level, handoff for every stage); a registered model is sampled by
+    ``pipelines.sample_registered`` instead. ``sampler_options``: further SamplingConfig overrides (the score
     samplers' snr, corrector_steps, pc_predictor, langevin_steps, langevin_step_size)."""
     import torch
 
@@ -222,11 +221,6 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     if per_label < 1:
         raise BadFlag(f"--per-label must be at least 1, got {per_label}")
     sampler_options = sampler_options or {}
-    if model is not None:
-        from pipelines.sample_registered import sample_registered
-
-        return sample_registered(model, tracking_uri, labels, per_label, out, steps, sampler, guidance, eta, seed,
-                                 batch_size, device, sampler_options)
     if base not in ("dit", "distill"):
         raise BadFlag(f"--base must be dit or distill, got {base!r}")
     summary_uri, summary = find_summary(workflow_id, storage, search_base)

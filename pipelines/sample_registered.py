@@ -13,10 +13,10 @@ from pipelines.sample import BadFlag, SampleError, SampleResult, finish, parse_l
 
 
 def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per_label: int, out,
-                      steps: int | None, sampler: str | None, guidance: float | None, eta: float | None,
-                      seed: int | None, batch_size: int, device: str,
+                      steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
+                      eta: float | None = None, seed: int | None = None, batch_size: int = 256, device: str = "cpu",
                       sampler_options: dict[str, Any] | None = None) -> SampleResult:
-    """``sample`` with a registered model: ``models:/NAME@ALIAS`` (e.g. ``@champion``) or
+    """``pipelines.sample.sample`` with a registered model: ``models:/NAME@ALIAS`` (e.g. ``@champion``) or
     ``models:/NAME/VERSION`` of a DiT or a distilled student: the pyfunc generator it was logged
     as (``components.serving``), downloaded from the registry, its files checked against their
     manifests' sha256."""
@@ -24,6 +24,8 @@ def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per
 
     import torch
 
+    if per_label < 1:
+        raise BadFlag(f"--per-label must be at least 1, got {per_label}")
     if (sampler_options or {}).get("classifier_guidance"):
         raise BadFlag("--classifier-guidance needs the workflow's noisy_classifier step: use --workflow-id")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
