@@ -89,7 +89,8 @@ def sample(
         return show_controlled(controlled_or_exit(workflow_id, model, step, control, control_scale, labels, per_label, out, **common))
     if prompt or prompts_file:
         return show_prompted(workflow_id or model, prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out,
-                                                                   model=model, tracking_uri=tracking_uri, **common))
+                                                                   model=model, tracking_uri=tracking_uri, step=step,
+                                                                   **common))
     sr_overrides = {"sampler": sr_sampler, "steps": sr_steps, "guidance": sr_guidance,
                     "noise_cond_aug_level": sr_noise_cond_aug_level, "handoff": sr_handoff}
     result = sample_or_exit(workflow_id, labels, per_label, out, step=step, base=base, sr_overrides=sr_overrides,
@@ -107,7 +108,8 @@ def check_sample_flags(workflow_id, model, labels, per_label, prompted: bool, pe
     else:
         problem = ("--prompt/--prompts go with --per-prompt, not --labels/--per-label" if labels or per_label else
                    "give --per-prompt with --prompt/--prompts" if per_prompt is None else
-                   f"--step {step}: prompts sample the text DiT (--step dit)" if step != "dit" else None)
+                   f"--step {step}: prompts sample the text DiT (--step dit) or its student (--step distill)"
+                   if step not in ("dit", "distill") else None)
     if problem:
         err.print(f"[bold red]error:[/] {escape(problem)}")
         raise typer.Exit(2)

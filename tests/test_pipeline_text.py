@@ -31,7 +31,7 @@ def text_workflow(mlflow_server, tmp_path_factory):
 
 def test_captions_train_a_text_dit_that_evaluate_scores_by_prompt(text_workflow):
     _, steps = text_workflow
-    assert set(steps) == {"shard", "autoencoder", "latents", "dit", "evaluate"}
+    assert set(steps) == {"shard", "autoencoder", "latents", "dit", "distill", "evaluate"}
     dit = steps["dit"]
     assert {TOKENIZER_FILE, "dit.json", "samples.png"} <= {f.path for f in dit.files}
     meta = json.loads(dit.read_verified("dit.json"))
@@ -41,6 +41,11 @@ def test_captions_train_a_text_dit_that_evaluate_scores_by_prompt(text_workflow)
                  "prompt_thickness_chance", "prompt_slant_chance"):
         assert 0.0 <= float(metrics[name]) <= 1.0, (name, metrics.get(name))
     assert "eval_prompts.png" in {f.path for f in steps["evaluate"].files}
+    student = steps["distill"]
+    assert student.read_verified(TOKENIZER_FILE) == dit.read_verified(TOKENIZER_FILE)  # the teacher's vocabulary
+    assert json.loads(student.read_verified("distill.json"))["text"] == meta["text"]
+    for name in ("teacher_4step_sample_accuracy", "student_2step_sample_accuracy"):  # rows drawn from prompts
+        assert 0.0 <= float(metrics[name]) <= 1.0, name
 
 
 def test_prompts_sample_the_workflow_and_its_registered_model_alike(text_workflow, mlflow_server, tmp_path):
@@ -60,6 +65,16 @@ def test_prompts_sample_the_workflow_and_its_registered_model_alike(text_workflo
             assert (tmp_path / "model" / str(k) / f"{i}.png").read_bytes() == \
                 (tmp_path / "wf" / str(k) / f"{i}.png").read_bytes()
     assert (tmp_path / "wf" / "0" / "0.png").read_bytes() != (tmp_path / "wf" / "1" / "0.png").read_bytes()
+    student = ("sample", *PROMPTS, "--per-prompt", "2", "--seed", "5")
+    from_student = latentflow(*student, "--workflow-id", "wf-text", "--storage", root, "--step", "distill",
+                              "--out", str(tmp_path / "student"))
+    assert from_student.returncode == 0, from_student.stderr[-3000:]
+    registered_student = latentflow(*student, "--model", "models:/smoke-text-distill@champion", "--tracking-uri",
+                                    mlflow_server, "--out", str(tmp_path / "student_model"))
+    assert registered_student.returncode == 0, registered_student.stderr[-3000:]
+    assert [(tmp_path / "student_model" / k / "1.png").read_bytes() for k in "01"] == \
+        [(tmp_path / "student" / k / "1.png").read_bytes() for k in "01"]
+    assert (tmp_path / "student" / "0" / "0.png").read_bytes() != (tmp_path / "wf" / "0" / "0.png").read_bytes()
     by_label = latentflow("sample", "--workflow-id", "wf-text", "--storage", root, "--labels", "7", "--per-label", "1",
                           "--out", str(tmp_path / "labels"))
     assert by_label.returncode == 2 and "text-conditioned: give --prompt" in " ".join(by_label.stderr.split())

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 STUDENT_WEIGHTS, STUDENT_META = "distill.safetensors", "distill.json"
 
 
-def load_student(source, device: str = "cpu") -> tuple["torch.nn.Module", dict[str, Any]]:
+def load_student(source, device: str = "cpu", frozen_text_path: str | None = None
+                 ) -> tuple["torch.nn.Module", dict[str, Any]]:
     """(student DiT in eval mode, meta) from a distill step's manifest (files checked against their
     sha256), or its own output Storage or URI; a ``TextDiT`` with its text encoder for a text teacher's
-    student (a joint encoder over the tokenizer written beside it)."""
+    student (a joint encoder over the tokenizer written beside it; a frozen one from its directory, or
+    ``frozen_text_path``, a served model's bundled copy)."""
     import safetensors.torch
 
     from components.dit.load import with_text_encoder
@@ -32,6 +34,6 @@ def load_student(source, device: str = "cpu") -> tuple["torch.nn.Module", dict[s
     meta = json.loads(read_output(source, STUDENT_META))
     model = DiT(**meta["model"])
     if meta.get("text") is not None:
-        model = with_text_encoder(model, meta, source)
+        model = with_text_encoder(model, meta, source, frozen_text_path)
     model.load_state_dict(safetensors.torch.load(read_output(source, STUDENT_WEIGHTS)))
     return model.to(device).eval(), meta

@@ -54,6 +54,23 @@ class GuidanceComparisonConfig(StrictModel):
     samples_per_class: int = Field(20, ge=2)
 
 
+class GuidanceSweepConfig(StrictModel):
+    """The DiT's samples drawn again at each classifier-free guidance weight, on the same labels and
+    seeds: accuracy, Fréchet distance and within-class diversity per weight, and the weight with the
+    lowest Fréchet distance among those with accuracy >= min_accuracy (components/evaluate/guidance_sweep.py)."""
+
+    weights: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0], min_length=1)
+    samples_per_class: int = Field(20, ge=2)
+    min_accuracy: float = Field(0.97, ge=0.0, le=1.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, weights: list[float]) -> list[float]:
+        if any(w < 0 for w in weights):
+            raise ValueError(f"guidance weights are >= 0, got {weights}")
+        return weights
+
+
 class EvaluateConfig(StepConfig):
     classifier: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
     samples_per_class: int = Field(100, ge=2)
@@ -72,7 +89,9 @@ class EvaluateConfig(StepConfig):
     guidance_comparison: GuidanceComparisonConfig = Field(default_factory=GuidanceComparisonConfig)
     # With a controlnet step: this many validation images' controls are sampled, with and without control
     control_samples: int = Field(200, ge=1)
-    cache_added = {"control_samples": 200}
+    # A class DiT's guidance sweep (Ho & Salimans' FID-against-guidance trade-off); None: no sweep
+    guidance_sweep: GuidanceSweepConfig | None = None
+    cache_added = {"control_samples": 200, "guidance_sweep": None}
 
     @property
     def inception_enabled(self) -> bool:

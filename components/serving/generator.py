@@ -48,7 +48,7 @@ class Generator:
 
     @property
     def takes_text(self) -> bool:
-        return self.meta.get("conditioning") == "text"
+        return self.meta.get("conditioning") == "text" or self.meta.get("text") is not None
 
     @property
     def classes(self) -> list[str]:
@@ -70,7 +70,7 @@ class Generator:
             if guidance not in (None, 0.0):
                 raise ValueError("guidance does not apply to a distilled student: its teacher's is folded in")
             return generate_student(self.denoiser, self.meta, self.ae, self.ae_meta, label_tensor, steps=steps,
-                                    seed=seed, batch_size=batch_size)
+                                    seed=seed, batch_size=batch_size, prompts=prompts)
         from components.dit.generate import generate
 
         return generate(self.denoiser, self.meta, self.ae, self.ae_meta, label_tensor,
@@ -117,15 +117,16 @@ def load_generator(autoencoder_dir: str | Path, denoiser_dir: str | Path, device
     kind = described["kind"]
     ae, ae_meta = load_autoencoder(verified_manifest(Path(autoencoder_dir)), device=device)
     manifest = verified_manifest(denoiser_dir)
+    bundled = denoiser_dir / TEXT_ENCODER_DIR
+    frozen_text_path = str(bundled) if bundled.is_dir() else None
     if kind == "distill":
         from components.distill.load import load_student
 
-        denoiser, meta = load_student(manifest, device=device)
+        denoiser, meta = load_student(manifest, device=device, frozen_text_path=frozen_text_path)
     else:
         from components.dit.load import load_dit
 
-        bundled = denoiser_dir / TEXT_ENCODER_DIR
-        denoiser, meta = load_dit(manifest, device=device, frozen_text_path=str(bundled) if bundled.is_dir() else None)
+        denoiser, meta = load_dit(manifest, device=device, frozen_text_path=frozen_text_path)
     return Generator(kind, denoiser, meta, ae, ae_meta, described.get("sampling"))
 
 

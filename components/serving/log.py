@@ -52,7 +52,7 @@ def generator_signature(with_guidance: bool, takes_text: bool = False):
 def generator_example(kind: str, meta: dict, sampling: dict | None):
     import pandas as pd
 
-    if meta.get("conditioning") == "text":
+    if meta.get("text") is not None:
         prompts = list(meta.get("grid_prompts") or ["a digit"])[:2]
         example = {"prompt": prompts, "seed": [0] * len(prompts)}
     else:
@@ -133,7 +133,7 @@ def log_generator(client, run_id: str, name: str, kind: str, ae: "Manifest", ae_
         mlflow.pyfunc.save_model(
             path=str(staged / "model"), python_model=str(Path(__file__).with_name("generator_model.py")),
             artifacts={AUTOENCODER_ARTIFACT: str(ae_dir), DENOISER_ARTIFACT: str(denoiser_dir)},
-            code_paths=[str(code)], signature=generator_signature(kind == "dit", meta.get("conditioning") == "text"),
+            code_paths=[str(code)], signature=generator_signature(kind == "dit", meta.get("text") is not None),
             input_example=generator_example(kind, meta, sampling), pip_requirements=pip_requirements(),
             mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                                model_id=model.model_id))
