@@ -56,6 +56,9 @@ def dit_denoiser(dit: torch.nn.Module, dit_meta: dict, sampling: SamplingConfig,
     """The DiT as the samplers see it: guided fn(x_t, t, y, **text) (classifier-free with ``sampling.guidance``,
     then classifier guidance when set) with the DiT's prediction, learned variance and ``sampling``'s
     thresholding. A text-conditioned DiT (``TextDiT``) is guided against its encoder's null caption."""
+    if dit_meta.get("learn_sigma") and sampling.fixed_variance != "beta_tilde":
+        raise ValueError(f"fixed_variance {sampling.fixed_variance!r} is for a DiT with a fixed variance; this one "
+                         "learned Sigma (learn_sigma) and samples with it: drop the setting")
     null_label = None if dit_meta.get("null_label") is None else int(dit_meta["null_label"])
     null_text = dit.null_text() if hasattr(dit, "null_text") else None
     guided = make_cfg_model_fn(lambda x, t, y, **text: dit(x, t, y, **text), null_label, sampling.guidance,
