@@ -136,5 +136,7 @@ def test_an_image_end_comes_back_within_the_inversions_round_trip(workflow, tmp_
     (["--interpolate", "3,4", "--frames", "3", "--eta", "0.5"], "--eta"),
 ], ids=["one-end", "missing-image", "one-frame", "no-frames", "frames-alone", "per-label", "eta"])
 def test_bad_arguments_are_refused_by_name(workflow, tmp_path, args, named):
+    help_text = invoke("--help").output
+    assert all(flag in help_text for flag in ("--interpolate", "--frames", "--fixed-variance", "strip.png"))
     run = invoke("--workflow-id", "wf", "--storage", str(workflow), "--labels", "1", *args, "--out", str(tmp_path))
     assert run.exit_code == 2 and named in run.output, run.output
