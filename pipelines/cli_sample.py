@@ -14,6 +14,50 @@ from components.common.storage import StorageError
 from pipelines.cli_shared import console, err
 
 
+# Options defined apart, one line each in sample()'s signature, so that the command stays short
+SNR = typer.Option(
+    None, "--snr", help="langevin, pc: signal-to-noise ratio r of the Langevin step size "
+                        "2(1-beta_t)(r|z|/|score|)^2. Default: the DiT step's setting (0.16).")
+CORRECTOR_STEPS = typer.Option(
+    None, "--corrector-steps", help="pc: Langevin corrector steps at each noise level (0: predictor only). "
+                                    "Default: the DiT step's setting (1).")
+PC_PREDICTOR = typer.Option(
+    None, "--pc-predictor", help="pc: ancestral (DDPM's step, right on coarse grids) or reverse_diffusion "
+                                 "(the paper's, wants ~100+ steps). Default: the DiT step's setting (ancestral).")
+LANGEVIN_STEPS = typer.Option(
+    None, "--langevin-steps", help="langevin: Langevin steps per noise level (model calls: steps x this + 1). "
+                                   "Default: the DiT step's setting (5).")
+LANGEVIN_STEP_SIZE = typer.Option(
+    None, "--langevin-step-size", help="langevin: classic step size rule c(1-alphabar_t) with this c, instead "
+                                       "of --snr. Default: the DiT step's setting (none: the snr rule).")
+CLASSIFIER_GUIDANCE = typer.Option(
+    None, "--classifier-guidance", help="Classifier guidance weight w with the workflow's noisy_classifier step "
+                                        "(Dhariwal & Nichol): alone with --guidance 0, or on top of "
+                                        "classifier-free guidance. Default: the DiT step's setting (0: none).")
+FIXED_VARIANCE = typer.Option(
+    None, "--fixed-variance", help="ddpm: the reverse variance sigma_t^2 of a DiT that does not learn it, beta_tilde "
+                                   "(the posterior's) or beta (Ho et al. 2020). Default: the DiT step's setting.")
+INTERPOLATE = typer.Option(
+    None, "--interpolate", help="A,B: images along a path between two ends, each a seed (an integer: the image "
+                                "--seed A --per-label 1 gives) or an image file (encoded and DDIM-inverted). "
+                                "Slerp in x_T, deterministic DDIM; with --frames and one class in --labels. "
+                                "Writes OUT/frame_<k>.png and OUT/strip.png.")
+FRAMES = typer.Option(None, "--frames", help="--interpolate: frames K (at least 2), both ends included.")
+SR_SAMPLER = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
+                                                       "Default: each stage's setting.")
+SR_STEPS = typer.Option(None, "--sr-steps", help="cascade: denoising steps of every SR stage.")
+SR_GUIDANCE = typer.Option(None, "--sr-guidance", help="cascade: guidance of class-conditional SR stages.")
+SR_NOISE_COND_AUG_LEVEL = typer.Option(
+    None, "--sr-noise-cond-aug-level", help="cascade: noise-conditioning augmentation level in [0, 1] (fraction "
+                                            "of the stage's schedule) at every hand-off.")
+SR_HANDOFF = typer.Option(
+    None, "--sr-handoff", help="cascade: non_truncated (finish the stage below, then noise its output) or "
+                               "truncated (stop the stage below at the level; SR-to-SR hand-offs only).")
+CONTROL = typer.Option(None, "--control", help="A control image, or a folder of them: the workflow's ControlNet "
+                                               "samples every --labels label under each.")
+CONTROL_SCALE = typer.Option(None, "--control-scale", help="--control: the residuals' weight.")
+
+
 def sample(
     workflow_id: Optional[str] = typer.Option(None, "--workflow-id", help="The workflow whose DiT samples (see `latentflow run`)."),
     model: Optional[str] = typer.Option(None, "--model", help="Instead of --workflow-id: a registered DiT or "
@@ -43,46 +87,33 @@ def sample(
         None, "--guidance", help="Classifier-free guidance weight w (0: none). Default: the DiT step's setting."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta in [0, 1] (0: deterministic). Default: the DiT step's setting."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed; the same seed gives the same images. Default: the DiT step's setting."),
-    snr: Optional[float] = typer.Option(
-        None, "--snr", help="langevin, pc: signal-to-noise ratio r of the Langevin step size "
-                            "2(1-beta_t)(r|z|/|score|)^2. Default: the DiT step's setting (0.16)."),
-    corrector_steps: Optional[int] = typer.Option(
-        None, "--corrector-steps", help="pc: Langevin corrector steps at each noise level (0: predictor only). "
-                                        "Default: the DiT step's setting (1)."),
-    pc_predictor: Optional[str] = typer.Option(
-        None, "--pc-predictor", help="pc: ancestral (DDPM's step, right on coarse grids) or reverse_diffusion "
-                                     "(the paper's, wants ~100+ steps). Default: the DiT step's setting (ancestral)."),
-    langevin_steps: Optional[int] = typer.Option(
-        None, "--langevin-steps", help="langevin: Langevin steps per noise level (model calls: steps x this + 1). "
-                                       "Default: the DiT step's setting (5)."),
-    langevin_step_size: Optional[float] = typer.Option(
-        None, "--langevin-step-size", help="langevin: classic step size rule c(1-alphabar_t) with this c, instead "
-                                           "of --snr. Default: the DiT step's setting (none: the snr rule)."),
-    classifier_guidance: Optional[float] = typer.Option(
-        None, "--classifier-guidance", help="Classifier guidance weight w with the workflow's noisy_classifier step "
-                                            "(Dhariwal & Nichol): alone with --guidance 0, or on top of "
-                                            "classifier-free guidance. Default: the DiT step's setting (0: none)."),
+    snr: Optional[float] = SNR,
+    corrector_steps: Optional[int] = CORRECTOR_STEPS,
+    pc_predictor: Optional[str] = PC_PREDICTOR,
+    langevin_steps: Optional[int] = LANGEVIN_STEPS,
+    langevin_step_size: Optional[float] = LANGEVIN_STEP_SIZE,
+    classifier_guidance: Optional[float] = CLASSIFIER_GUIDANCE,
+    fixed_variance: Optional[str] = FIXED_VARIANCE,
+    interpolate: Optional[str] = INTERPOLATE,
+    frames: Optional[int] = FRAMES,
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass (does not change the images)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
-    sr_sampler: Optional[str] = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
-                                                                      "Default: each stage's setting."),
-    sr_steps: Optional[int] = typer.Option(None, "--sr-steps", help="cascade: denoising steps of every SR stage."),
-    sr_guidance: Optional[float] = typer.Option(None, "--sr-guidance",
-                                                help="cascade: guidance of class-conditional SR stages."),
-    sr_noise_cond_aug_level: Optional[float] = typer.Option(
-        None, "--sr-noise-cond-aug-level", help="cascade: noise-conditioning augmentation level in [0, 1] (fraction "
-                                                "of the stage's schedule) at every hand-off."),
-    sr_handoff: Optional[str] = typer.Option(
-        None, "--sr-handoff", help="cascade: non_truncated (finish the stage below, then noise its output) or "
-                                   "truncated (stop the stage below at the level; SR-to-SR hand-offs only)."),
-    control: Optional[str] = typer.Option(None, "--control", help="A control image, or a folder of them: the "
-                                          "workflow's ControlNet samples every --labels label under each."),
-    control_scale: Optional[float] = typer.Option(None, "--control-scale", help="--control: the residuals' weight."),
+    sr_sampler: Optional[str] = SR_SAMPLER,
+    sr_steps: Optional[int] = SR_STEPS,
+    sr_guidance: Optional[float] = SR_GUIDANCE,
+    sr_noise_cond_aug_level: Optional[float] = SR_NOISE_COND_AUG_LEVEL,
+    sr_handoff: Optional[str] = SR_HANDOFF,
+    control: Optional[str] = CONTROL,
+    control_scale: Optional[float] = CONTROL_SCALE,
 ):
     """Images of a finished workflow's DiT (its SR stages with --step cascade, its ControlNet with --control)."""
+    if interpolate is not None or frames is not None:
+        return interpolate_or_exit(workflow_id, interpolate, frames, labels, out, model, per_label, bool(prompt or prompts_file),
+                                   step, storage=storage, steps=steps, guidance=guidance, sampler=sampler, eta=eta, device=device)
     check_sample_flags(workflow_id, model, labels, per_label, bool(prompt or prompts_file), per_prompt, step)
     score_options = dict(snr=snr, corrector_steps=corrector_steps, pc_predictor=pc_predictor, langevin_steps=langevin_steps,
-                         langevin_step_size=langevin_step_size, classifier_guidance=classifier_guidance)
+                         langevin_step_size=langevin_step_size, classifier_guidance=classifier_guidance,
+                         fixed_variance=fixed_variance)
     common = dict(storage=storage, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size,
                   device=device, sampler_options={k: v for k, v in score_options.items() if v is not None})
     if control is not None or control_scale is not None:
@@ -195,3 +226,19 @@ def print_sampled(source: str, result) -> None:
                          f"{score_settings})"),
                   soft_wrap=True)
     console.print(escape(f"wrote {result.out}/<label>/<index>.png and {result.out / 'grid.png'}"), soft_wrap=True)
+
+
+def interpolate_or_exit(workflow_id, ends, frames, labels, out, model, per_label, prompted: bool, step: str,
+                        **settings) -> None:
+    """``--interpolate``: ``pipelines.sample_interpolate``'s frames, their flags checked first (exit 2, named)."""
+    from pipelines.sample_interpolate import describe, interpolation_problem, sample_interpolation
+
+    problem = ("--frames goes with --interpolate A,B" if ends is None else
+               "give --workflow-id with --interpolate" if workflow_id is None and model is None else
+               interpolation_problem(model, labels, per_label, prompted, step, frames))
+    if problem:
+        err.print(f"[bold red]error:[/] {escape(problem)}")
+        raise typer.Exit(2)
+    result = run_or_exit(sample_interpolation, workflow_id, ends, frames, labels, out, **settings)
+    for line in describe(workflow_id, result):
+        console.print(escape(line), soft_wrap=True)

@@ -71,6 +71,19 @@ class GuidanceSweepConfig(StrictModel):
         return weights
 
 
+class BpdConfig(StrictModel):
+    """Bits/dim of the variational bound on validation latents, for a DiT that learns Sigma (trained with
+    L_hybrid or L_vlb): improved DDPM's calc_bpd_loop, components/diffusion/bpd.py (evaluate/bpd.py says
+    what is measured). Subsampled for speed: the first ``samples`` validation images, encoded by the
+    autoencoder, and ``timesteps`` of the T - 1 KL terms (the decoder and prior terms always)."""
+
+    enabled: bool = True  # only a learned-variance DiT is measured; a fixed-variance one has no bound here
+    samples: int = Field(256, ge=1)  # validation images: the split's first, in shard order
+    timesteps: int | None = Field(50, ge=1)  # KL terms evaluated, spread evenly over t = 1..T-1; None: all T
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0  # the q(x_t | x_0) noise of each term
+
+
 class EvaluateConfig(StepConfig):
     classifier: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
     samples_per_class: int = Field(100, ge=2)
@@ -91,7 +104,8 @@ class EvaluateConfig(StepConfig):
     control_samples: int = Field(200, ge=1)
     # A class DiT's guidance sweep (Ho & Salimans' FID-against-guidance trade-off); None: no sweep
     guidance_sweep: GuidanceSweepConfig | None = None
-    cache_added = {"control_samples": 200, "guidance_sweep": None}
+    bpd: BpdConfig = Field(default_factory=BpdConfig)  # bits/dim, for a DiT with learn_sigma
+    cache_added = {"control_samples": 200, "guidance_sweep": None, "bpd": BpdConfig().model_dump(mode="json")}
 
     @property
     def inception_enabled(self) -> bool:

@@ -25,13 +25,16 @@
 7. With a noisy_classifier step among the inputs: classifier guidance at ``guidance_comparison``'s
    weights beside classifier-free guidance (``classifier_w<w>_*``, ``cfg_w<w>_*``,
    ``guidance_comparison.json``; see ``components.evaluate.guidance_table``).
-9. With ``guidance_sweep`` set (a class DiT): the samples drawn again at each classifier-free guidance
-   weight, with accuracy, Fréchet distance and within-class diversity per weight, and the weight
-   chosen (``guidance_w<w>_*``, ``guidance_sweep_best_w``, ``guidance_sweep.json`` and ``.png``; see
-   ``components.evaluate.guidance_sweep``).
 8. With a controlnet step among the inputs: control fidelity (``control_edge_f1`` beside
    ``uncontrolled_edge_f1`` for edges, ``control_digit_accuracy``, ...; ``evaluation.json``'s
    ``control``, ``eval_control.png``; see ``components.evaluate.control_fidelity``).
+9. With a DiT that learns Σ (L_hybrid or L_vlb): the variational bound in bits/dim on the first
+   ``bpd.samples`` validation latents (``bpd``, ``bpd_prior``, ``bpd_kl``, ``bpd_decoder``; see
+   ``components.evaluate.bpd``).
+10. With ``guidance_sweep`` set (a class DiT): the samples drawn again at each classifier-free guidance
+    weight, with accuracy, Fréchet distance and within-class diversity per weight, and the weight
+    chosen (``guidance_w<w>_*``, ``guidance_sweep_best_w``, ``guidance_sweep.json`` and ``.png``; see
+    ``components.evaluate.guidance_sweep``).
 
 Outputs: ``classifier.safetensors`` + ``classifier.json`` (reused later: see ``load_classifier``),
 ``eval_samples.png`` (``grid_per_class`` samples per class, one row per class) and
@@ -49,6 +52,7 @@ import torch
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.tracking import png_bytes
 from components.common.images import class_grid
+from components.evaluate.bpd import bpd_metrics
 from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cascade, stage_names
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.judge import EvaluateError, Judge, baseline_distance, fit_judge, metric_name, score_samples
@@ -97,6 +101,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                **{metric_name(name): acc for name, acc in scores["per_class"].items()},
                "frechet_distance": scores["frechet_distance"], "frechet_distance_real_baseline": baseline,
                **judge.train_stats}
+    metrics.update(bpd_metrics(cfg.bpd, inputs, size, device))  # a learned-variance DiT's bits/dim
     inception = None
     if cfg.inception_enabled:  # FID/KID on the first inception.samples_per_class of each class
         from components.inception_reference.load import InceptionScorer
