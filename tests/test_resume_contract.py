@@ -72,7 +72,7 @@ class TestSuperresResumes(ResumeContract):
     step_name = "superres_1"
 
     def config(self):
-        return SuperResConfig(input_size=4, output_size=8, preset="sr-tiny", class_conditional=True, train=TRAIN,
+        return SuperResConfig(input_size=8, output_size=16, preset="sr-tiny", class_conditional=True, train=TRAIN,
                               sample={"steps": 2}, eval_samples=4, grid_samples=2)
 
     def inputs(self, upstream):
