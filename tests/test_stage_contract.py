@@ -13,6 +13,8 @@ from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, load_student
 from components.dit.load import DIT_META, DIT_RAW_WEIGHTS, DIT_WEIGHTS, load_dit
 from components.evaluate.load import CLASSIFIER_META, CLASSIFIER_WEIGHTS, load_classifier
 from components.inception_reference.load import SUMMARY, reference_file
+from components.noisy_classifier.load import META as NC_META, WEIGHTS as NC_WEIGHTS, load_noisy_classifier
+from components.noisy_classifier.train import CHART as NC_CHART
 from components.superres.load import SR_META, SR_RAW_WEIGHTS, SR_WEIGHTS, load_superres
 from conftest import REPO, latentflow
 from stage_contract import StageContract
@@ -40,6 +42,32 @@ def smoke_rerun(smoke_on_s3, mlflow_server):
                        "--workflow-id", "wf-contract", env=env, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     return workflow_steps(root, "wf-contract")
+
+
+# smoke.yaml has no noisy classifier (with one, evaluate would score classifier guidance and its
+# cache key would change): the smoke workflow with one, --only it, on the smoke's storage, so its
+# upstream steps are served from the smoke run's cache.
+NOISY_CLASSIFIER = ("noisy_classifier.preset=nc-tiny", "noisy_classifier.resources.num_cpus=0",
+                    "noisy_classifier.resources.num_workers=2", "noisy_classifier.resources.cpus_per_worker=0.5",
+                    "noisy_classifier.train.max_steps=8", "noisy_classifier.train.batch_size=32",
+                    "noisy_classifier.train.checkpoint_every=4", "noisy_classifier.train.ema_decay=0.8",
+                    "noisy_classifier.t_buckets=2")
+
+
+@pytest.fixture(scope="module")
+def guided_runs(smoke_on_s3, mlflow_server) -> tuple[dict, dict]:
+    """(manifests, records of a second run) of the smoke workflow with a noisy classifier."""
+    root, env, first = smoke_on_s3
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    sets = [arg for value in (f"storage.root={root}", f"tracking.uri={mlflow_server}", *NOISY_CLASSIFIER)
+            for arg in ("--set", value)]
+    for workflow_id in ("wf-guided", "wf-guided-again"):
+        done = latentflow("run", str(SMOKE), *sets, "--only", "noisy_classifier", "--workflow-id", workflow_id,
+                          env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifests = {name: read_manifest_at(record["manifest_uri"])
+                 for name, record in workflow_steps(root, "wf-guided").items()}
+    return manifests, workflow_steps(root, "wf-guided-again")
 
 
 class TestShard(StageContract):
@@ -91,3 +119,18 @@ class TestEvaluate(StageContract):
     files = frozenset({CLASSIFIER_WEIGHTS, CLASSIFIER_META, "eval_samples.png", "evaluation.json"})
     metrics = frozenset({"sample_accuracy", "frechet_distance", "classifier_val_accuracy"})
     load = staticmethod(load_classifier)
+
+
+class TestNoisyClassifier(StageContract):
+    step = "noisy_classifier"
+    files = frozenset({NC_WEIGHTS, NC_META, NC_CHART})
+    metrics = frozenset({"loss", "steps", "val_samples", "val_accuracy_t0_499"})
+    load = staticmethod(load_noisy_classifier)
+
+    @pytest.fixture
+    def smoke_manifests(self, guided_runs):
+        return guided_runs[0]
+
+    @pytest.fixture
+    def smoke_rerun(self, guided_runs):
+        return guided_runs[1]

@@ -36,6 +36,11 @@ GRID = "superres_samples.png"
 
 log = logging.getLogger(__name__)
 
+# The task class run() trains; looked up when the step builds its task, on the driver. The seam for
+# tests that need a worker to fail (tests/crash_hooks.py stands a subclass in): the task reaches the
+# Ray Train workers pickled, subclass and all, so no test switch lives in the stage.
+TASK_CLASSES: dict[str, type[SuperResTask]] = {"superres": SuperResTask}
+
 
 def build_step_superres(cfg: SuperResConfig, channels: int, num_classes: int) -> "EfficientUNet":
     """The stage's U-Net through ``build_superres``: preset <- cfg.model <- the data's channels, the
@@ -128,7 +133,7 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     meta.update(warm)
     if warm:
         ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
-    task = SuperResTask(cfg, model_kwargs, meta, shard=shard, init=init)
+    task = TASK_CLASSES["superres"](cfg, model_kwargs, meta, shard=shard, init=init)
     ctx.tracker.log_dict(meta, SR_META)
     started = time.perf_counter()
     result = fit(task, cfg.train, ctx, name=ctx.step)
