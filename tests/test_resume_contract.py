@@ -1,8 +1,9 @@
 """Every learned stage against the resume contract (tests/resume_contract.py), and the check that
 every learned step of the DAG has both contracts: a stage added later without its subclasses fails.
 
-Each case is three runs of the step on tiny sizes (interrupted, resumed, uninterrupted) on the
-session's Ray cluster, 2 workers, upstream outputs built once for all of them (``resume_upstream``).
+Each case is three runs of the step on tiny sizes (interrupted, resumed, uninterrupted), training in
+this process (``resume_contract.local_fit``), upstream outputs built once for all of them on the
+session's Ray cluster (``resume_upstream``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import pytest
 
 from components.autoencoder.config import AutoencoderConfig
+from components.controlnet.config import ControlNetConfig
 from components.distill.config import DistillConfig
 from components.dit.config import DitConfig
 from components.noisy_classifier.config import NoisyClassifierConfig
@@ -112,6 +114,18 @@ class TestNoisyClassifierResumes(ResumeContract):
 
     def inputs(self, upstream):
         return {"latents": upstream.latents}
+
+
+class TestControlNetResumes(ResumeContract):
+    """The trainable copy and its zero layers resume; the frozen DiT is rebuilt from its manifest."""
+
+    step, stage, task_key, crash_at_step = "controlnet", "components.controlnet.train", "controlnet", CRASH_AT
+
+    def config(self):
+        return ControlNetConfig(num_blocks=1, grid_controls=2, grid_per_control=1, sample={"steps": 2}, train=TRAIN)
+
+    def inputs(self, upstream):
+        return {"shard": upstream.shard, "autoencoder": upstream.autoencoder, "dit": upstream.dit}
 
 
 # ---------------------------------------------------------------- every learned step has both contracts
