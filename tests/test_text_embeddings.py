@@ -195,6 +195,26 @@ def test_the_dit_trains_from_stored_embeddings_as_from_the_encoder(stored, tmp_p
         trained.encode(["a seven"])
 
 
+def test_the_training_loop_runs_from_stored_embeddings_without_the_encoder(stored, tmp_path):
+    """The trainer's whole path (the task as it travels to workers, its stream, model, loss and export)
+    with the encoder's directory gone: nothing in training loads it."""
+    import pickle
+
+    from components.common.train_loop import LocalSession, train_loop
+
+    _, _, latents, directory = stored
+    _, task = text_setup(latents, directory, precompute=True)
+    task = pickle.loads(pickle.dumps(task))
+    moved = tmp_path / "elsewhere"
+    shutil.move(directory, moved)
+    try:
+        final = train_loop(task, task.cfg.train, LocalSession(tmp_path / "ckpt"), None)
+    finally:
+        shutil.move(moved, directory)
+    assert final["step"] == 2 and np.isfinite(final["loss"])
+    assert (sorted((tmp_path / "ckpt").iterdir())[-1] / "export" / "dit.safetensors").is_file()
+
+
 def test_another_encoders_embeddings_are_refused_naming_both(stored, tmp_path):
     _, _, latents, directory = stored
     cfg, _ = text_setup(latents, directory, max_tokens=6)
