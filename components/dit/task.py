@@ -34,6 +34,9 @@ class DitTask:
     """What the trainer trains: the DiT, its loss and export. The subclasses say where batches come
     from: ``{"latent", "label"}`` (used as x_0) or ``{"image", "label"}`` (encoded first)."""
 
+    # Stored text embeddings arrive as a frozen encoder's output does on the fly: fp32, whatever the compute dtype.
+    fp32_inputs = frozenset({"context", "pooled"})
+
     def __init__(self, cfg: DitConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
                  latents: Manifest | None = None, autoencoder: Manifest | None = None,
                  in_memory: tuple[torch.Tensor, ...] | None = None, init: tuple[str, str] | None = None,
