@@ -34,6 +34,9 @@ class DitTask:
     """What the trainer trains: the DiT, its loss and export. The subclasses say where batches come
     from: ``{"latent", "label"}`` (used as x_0) or ``{"image", "label"}`` (encoded first)."""
 
+    # Stored text embeddings arrive as a frozen encoder's output does on the fly: fp32, whatever the compute dtype.
+    fp32_inputs = frozenset({"context", "pooled"})
+
     def __init__(self, cfg: DitConfig, model_kwargs: dict[str, Any], meta: dict[str, Any],
                  latents: Manifest | None = None, autoencoder: Manifest | None = None,
                  in_memory: tuple[torch.Tensor, ...] | None = None, init: tuple[str, str] | None = None,
@@ -43,10 +46,18 @@ class DitTask:
         self.init = init  # (directory URI, weights file) of a warm start
         self.latents_manifest, self.autoencoder_manifest = latents, autoencoder
         self.in_memory = in_memory  # (latents, labels): tests and benchmarks, instead of a manifest
-        self._schedule = self._data = self._ae = self._timesteps = None
+        self._schedule = self._data = self._ae = self._timesteps = self._null = None
 
     def __getstate__(self):  # what travels to workers: configs and manifests, no loaded models
-        return {**self.__dict__, "_schedule": None, "_data": None, "_ae": None, "_timesteps": None}
+        return {**self.__dict__, "_schedule": None, "_data": None, "_ae": None, "_timesteps": None, "_null": None}
+
+    @property
+    def stored_text(self) -> bool:
+        """Whether batches carry the latents step's caption embeddings (a frozen encoder's; the driver's
+        ``prepare_text`` refused them unless they are dit.text's encoder's): the encoder is then not loaded."""
+        from components.text.stored import stored_record
+
+        return self.cfg.uses_text and self.cfg.text.kind != "joint" and stored_record(self.latents_manifest) is not None
 
     @property
     def timestep_sampler(self):
@@ -83,10 +94,11 @@ class DitTask:
     def build_model(self) -> torch.nn.Module:
         from components.common.warm_start import load_into
 
-        return load_into(self.bare_model(), self.init)
+        return load_into(self.bare_model(with_encoder=not self.stored_text), self.init)
 
-    def bare_model(self) -> torch.nn.Module:
-        """The freshly initialised network: the DiT, or with text the ``TextDiT`` of it and its encoder."""
+    def bare_model(self, with_encoder: bool = True) -> torch.nn.Module:
+        """The freshly initialised network: the DiT, or with text the ``TextDiT`` of it and its encoder
+        (without a frozen one when ``with_encoder`` is false: training from stored embeddings)."""
         from components.dit.model import DiT
 
         dit = DiT(**self.model_kwargs)
@@ -97,6 +109,8 @@ class DitTask:
         from components.text.tokenizer import WordTokenizer
 
         tokenizer = WordTokenizer.from_json(self.tokenizer_json) if self.tokenizer_json else None
+        if not with_encoder and self.cfg.text.kind != "joint":
+            return TextDiT(dit, None)
         return TextDiT(dit, build_text_encoder(self.cfg.text, tokenizer, "dit.text"))
 
     def set_autoencoder(self, model: torch.nn.Module, meta: dict) -> None:
@@ -136,9 +150,7 @@ class DitTask:
         if self.cfg.uses_classes:
             conditioning["force_drop_ids"] = drop
         if self.cfg.uses_text:
-            from components.text.model import NULL_CAPTION
-
-            conditioning["captions"] = [NULL_CAPTION if d else c for c, d in zip(batch["caption"], drop.tolist())]
+            conditioning.update(self.text_conditioning(batch, drop))
 
         def model_fn(x, tt, y):  # the diffusion arithmetic stays fp32; the model runs in the compute dtype
             return model(x.to(dtype), tt, y, **conditioning).float()
@@ -152,6 +164,19 @@ class DitTask:
         if self.cfg.learn_sigma:
             extras["vlb"] = float(terms["vlb"].detach().mean())
         return terms["loss"].mean(), extras
+
+    def text_conditioning(self, batch, drop: torch.Tensor) -> dict[str, Any]:
+        """The text arguments of the batch, dropped rows (``drop`` 1) the null: the stored encoding and
+        the stored null when the batch carries them, else the captions, encoded by the model."""
+        if "context" in batch:
+            from components.text.stored import read_null, with_null
+
+            if self._null is None:
+                self._null = read_null(self.latents_manifest)
+            return with_null(batch["context"].float(), batch["context_mask"], batch["pooled"].float(), drop, self._null)
+        from components.text.model import NULL_CAPTION
+
+        return {"captions": [NULL_CAPTION if d else c for c, d in zip(batch["caption"], drop.tolist())]}
 
     def export(self, model, ema_model, out_dir: Path) -> None:
         from components.common.task_parts import export_weights
@@ -187,7 +212,7 @@ class LatentDitTask(DitTask):
         from components.common.task_parts import latent_source
 
         return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
-                             captions=self.cfg.uses_text)
+                             captions=self.cfg.uses_text, embeddings=self.stored_text)
 
 
 class PixelDitTask(DitTask):

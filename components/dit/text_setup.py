@@ -41,6 +41,9 @@ def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
     from components.text.load import build_text_encoder, tokenizer_from_captions
 
     check_captions(cfg, latents)
+    files = None if cfg.text.kind == "joint" else directory_digests(cfg.text.path)
+    if files is not None:
+        check_stored_text(cfg, latents, files)
     tokenizer = None
     if cfg.text.kind == "joint":
         tokenizer = tokenizer_from_captions(cfg.text, split_captions(latent_split(latents, "train", captions=True)))
@@ -54,4 +57,17 @@ def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
         prompts = prompts[:GRID_PROMPTS_DEFAULT]
     return TextSetup(tokenizer.to_json() if tokenizer else None, text_dit_arguments(encoder), list(prompts),
                      tokenizer.vocab_size if tokenizer else 0,
-                     None if tokenizer else directory_digests(cfg.text.path))
+                     files)
+
+
+def check_stored_text(cfg: DitConfig, latents: Manifest, files: dict[str, str]) -> None:
+    """Stored caption embeddings are used only when dit.text's frozen encoder made them (refused otherwise,
+    naming both); ``precompute`` without any is refused too (the latents step ran without latents.text_encoder)."""
+    from components.text.stored import check_same_encoder, stored_record
+
+    record = stored_record(latents)
+    if record is not None:
+        check_same_encoder(record, cfg.text, files, latents.step)
+    elif cfg.text.precompute:
+        raise ValueError(f"dit.text.precompute: step {latents.step} stored no text embeddings (its "
+                         "latents.text_encoder is unset); let the pipeline config fill it, or drop precompute")
