@@ -13,11 +13,12 @@ from pydantic import Field, model_validator
 
 from components.autoencoder.config import AutoencoderConfig
 from components.common.config import RayConfig, StorageConfig, StrictModel, TrackingConfig, load_config
+from components.controlnet.config import ControlNetConfig
 from components.distill.config import DistillConfig
 from components.dit.config import DitConfig
 from components.evaluate.config import EvaluateConfig
 from components.inception_reference.config import InceptionReferenceConfig, ReferenceTarget
-from components.latents.config import LatentsConfig
+from components.latents.config import LatentsConfig, LatentsTextEncoder
 from components.noisy_classifier.config import NoisyClassifierConfig
 from components.shard.config import ShardConfig
 from components.superres.config import SuperResConfig
@@ -46,6 +47,8 @@ class PipelineConfig(StrictModel):
     autoencoder: AutoencoderConfig | None = None
     latents: LatentsConfig | None = None
     dit: DitConfig | None = None
+    # a ControlNet over the frozen DiT (spatial control: edges, blur, low_res, a folder of control images)
+    controlnet: ControlNetConfig | None = None
     distill: DistillConfig | None = None  # needs the latents step (the student trains on its latents)
     # f(y | x_t, t) on the latents, for classifier guidance (needs the latents step; trains beside the DiT)
     noisy_classifier: NoisyClassifierConfig | None = None
@@ -64,6 +67,7 @@ class PipelineConfig(StrictModel):
         self._check_fp16_has_gpus()
         self._check_classes()
         self._check_text_conditioning()
+        self._fill_latents_text_encoder()
         check_models_follow_data(self)
         if self.noisy_classifier and self.dit:
             mine, dits = self.noisy_classifier, self.dit
@@ -177,19 +181,36 @@ class PipelineConfig(StrictModel):
                                  f"(from {mults_key})")
 
     def _check_text_conditioning(self) -> None:
-        """A text DiT needs captions in the shards, and the steps that sample it by class label (distill,
-        classifier guidance, the evaluated cascade) do not take prompts yet: refused here, not mid-run."""
+        """A text DiT needs captions in the shards, and the steps that sample it by class label (classifier
+        guidance, the evaluated cascade) do not take prompts yet: refused here, not mid-run. The distill
+        step distills it from its captions (and the evaluate step's distill rows sample it with prompts)."""
         if self.dit is None or not self.dit.uses_text:
             return
         if self.shard.captions == "none":
             raise ValueError("dit.conditioning: text needs captions in the shards: set shard.captions (sidecar, "
                              "a captions file, or attributes for builtin:mnist)")
-        by_label = [name for name in ("distill", "noisy_classifier") if getattr(self, name) is not None]
+        by_label = [name for name in ("noisy_classifier", "controlnet") if getattr(self, name) is not None]
         if self.superres and self.evaluate is not None:
             by_label.append("superres (evaluate's cascade)")
         if by_label:
             raise ValueError(f"dit.conditioning: text: {', '.join(by_label)} sample(s) the DiT by class label and "
                              "take no prompts yet; drop those sections or use dit.conditioning: class")
+
+    def _fill_latents_text_encoder(self) -> None:
+        """``dit.text.precompute``: the latents step stores the DiT's frozen encoder's caption embeddings, so
+        ``latents.text_encoder`` is the DiT's (kind, path, max_tokens); one set by hand must be that one."""
+        text = self.dit.text if self.dit is not None and self.dit.uses_text else None
+        if text is None or not text.precompute:
+            return
+        if self.latents is None:
+            raise ValueError("dit.text.precompute stores the caption embeddings beside the latents: add the latents "
+                             "section (and dit.data: latents)")
+        wanted = LatentsTextEncoder(kind=text.kind, path=text.path, max_tokens=text.max_tokens)
+        given = self.latents.text_encoder
+        if given is not None and given != wanted:
+            raise ValueError(f"latents.text_encoder {given.model_dump()} is not dit.text's frozen encoder "
+                             f"{wanted.model_dump()} (dit.text.precompute fills it): drop latents.text_encoder")
+        self.latents.text_encoder = wanted
 
     def _check_fp16_has_gpus(self) -> None:
         """DeepSpeed refuses fp16 on CPU ('fp16 is not supported'); the trainer says so only once the

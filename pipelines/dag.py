@@ -4,6 +4,7 @@ check itself against the DAG (``pipelines.config``) without loading a model; ``b
 (``pipelines.latent_diffusion``) imports a component only when it builds its step.
 
     shard ──► autoencoder ──► latents ─┬─► dit ──► distill ──► evaluate
+      │                                 │    └──► controlnet  (spatial control of the frozen DiT)
       │                                 └─► noisy_classifier  (classifier guidance)
       ├──► superres_1 ───────────────────────────────────┤
       ├──► superres_2 …  (one step per ``superres`` entry) ┤
@@ -77,10 +78,14 @@ LATENT_DIFFUSION: tuple[StepSpec, ...] = (
              role=LEARNED),
     StepSpec("dit", "components.dit.train:run", ("shard", "autoencoder", "latents"), needs=("autoencoder",),
              needs_when=(("latents", "data", "latents"),), role=LEARNED),
+    # a ControlNet branch over the frozen DiT: spatial control (edges, blur, low_res, a folder) of its samples
+    StepSpec("controlnet", "components.controlnet.train:run", ("shard", "autoencoder", "dit"),
+             needs=("autoencoder", "dit"), role=LEARNED),
     StepSpec("distill", "components.distill.train:run", ("autoencoder", "latents", "dit"),
              needs=("autoencoder", "latents", "dit"), role=LEARNED),
     StepSpec("evaluate", "components.evaluate.run:run",
-             ("shard", "autoencoder", "dit", "distill", "noisy_classifier", "inception_reference", "superres"),
+             ("shard", "autoencoder", "dit", "distill", "noisy_classifier", "inception_reference", "superres",
+              "controlnet"),
              needs=("autoencoder", "dit"), role=EVALUATION),
 )
 

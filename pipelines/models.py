@@ -60,7 +60,10 @@ def log_step_model(client, manifest: Manifest, inputs: dict[str, Manifest]) -> s
     tags = {"latentflow.step": step, "latentflow.cache_key": manifest.cache_key,
             "latentflow.workflow_id": manifest.workflow_id}
     if step in GENERATOR_STEPS:
+        from components.text.load import TOKENIZER_FILE
+
         files = weight_files(step)
+        files += [record.path for record in manifest.files_matching(TOKENIZER_FILE)]  # a joint text encoder's
         meta = generator_meta(step, manifest)
         autoencoder = inputs["autoencoder"]
         tags["latentflow.autoencoder_cache_key"] = autoencoder.cache_key

@@ -11,8 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from components.autoencoder.task import AutoencoderTask
+from components.controlnet.task import ControlNetTask
 from components.distill.task import ConsistencyTask, ProgressiveTask
 from components.dit.task import LatentDitTask, PixelDitTask
+from components.noisy_classifier.task import NoisyClassifierTask
+from components.superres.task import SuperResTask
+
+
+def task_round(task) -> int | None:
+    """The progressive round a task trains (its meta's ``round``), None for a task without rounds;
+    the meta is a dict or a dataclass."""
+    meta = getattr(task, "meta", None)
+    return meta.get("round") if isinstance(meta, dict) else getattr(meta, "round", None)
 
 
 class CrashAtStep:
@@ -24,34 +35,31 @@ class CrashAtStep:
 
     def loss(self, model, batch, step, generator):
         armed = self.crash_at_step is not None and step >= self.crash_at_step
-        if armed and self.crash_in_round in (None, self.meta.get("round")):
+        if armed and self.crash_in_round in (None, task_round(self)):
             raise RuntimeError(f"injected failure at step {step}")
         return super().loss(model, batch, step, generator)
 
 
-class CrashingLatentDitTask(CrashAtStep, LatentDitTask):
-    pass
+# One crashing subclass per task class a stage's TASK_CLASSES holds (module-level, so that the
+# workers unpickle them by name); tests/test_resume_contract.py checks none is missing.
+class CrashingAutoencoderTask(CrashAtStep, AutoencoderTask): pass  # noqa: E701
+class CrashingLatentDitTask(CrashAtStep, LatentDitTask): pass  # noqa: E701
+class CrashingPixelDitTask(CrashAtStep, PixelDitTask): pass  # noqa: E701
+class CrashingProgressiveTask(CrashAtStep, ProgressiveTask): pass  # noqa: E701
+class CrashingConsistencyTask(CrashAtStep, ConsistencyTask): pass  # noqa: E701
+class CrashingSuperResTask(CrashAtStep, SuperResTask): pass  # noqa: E701
+class CrashingNoisyClassifierTask(CrashAtStep, NoisyClassifierTask): pass  # noqa: E701
+class CrashingControlNetTask(CrashAtStep, ControlNetTask): pass  # noqa: E701
 
 
-class CrashingPixelDitTask(CrashAtStep, PixelDitTask):
-    pass
-
-
-class CrashingProgressiveTask(CrashAtStep, ProgressiveTask):
-    pass
-
-
-class CrashingConsistencyTask(CrashAtStep, ConsistencyTask):
-    pass
-
-
-CRASHING = {LatentDitTask: CrashingLatentDitTask, PixelDitTask: CrashingPixelDitTask,
-            ProgressiveTask: CrashingProgressiveTask, ConsistencyTask: CrashingConsistencyTask}
+CRASHING: dict[type, type] = {crashing_class.__bases__[1]: crashing_class for crashing_class in CrashAtStep.__subclasses__()}
 
 
 def crashing(task_class: type, at_step: int, in_round: int | None = None) -> Callable:
     """A stand-in for ``task_class`` that builds its crashing subclass, armed (the arming is kept on
     the instance, so it travels to the workers with it)."""
+    if task_class not in CRASHING:
+        raise KeyError(f"tests/crash_hooks.py has no crashing subclass of {task_class.__name__}; add its one-line class")
     def build(*args, **kwargs):
         task = CRASHING[task_class](*args, **kwargs)
         task.crash_at_step, task.crash_in_round = at_step, in_round

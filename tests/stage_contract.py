@@ -5,8 +5,9 @@ A subclass names its ``step`` and what its manifest must hold (``files``, ``metr
 learned stage, how its model is read back (``load``). The checks run on the shared smoke workflow
 (``smoke_on_s3`` in conftest: one `latentflow run` per test session, shared with test_pipeline,
 test_ui, ...) and on one rerun of it, so the contract costs the CI run a fully cached rerun, not a
-training run per stage. Resuming after a crash inside a worker is stage-specific and slower; it
-stays with the stages that do it (test_dit, test_distill, through tests/crash_hooks.py).
+training run per stage (a step the smoke workflow lacks brings its own fixtures: see
+TestNoisyClassifier). Resuming after a crash inside a worker is the other contract, on tiny runs
+of each learned stage: tests/resume_contract.py.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_each_step_declares_its_role_and_the_checks_follow_it():
     learned = [key for key, _ in config._learned_sections()]
     assert learned == ["superres.0", "superres.1", "autoencoder", "dit", "distill"]
     assert all(hasattr(section, "train") for _, section in config._learned_sections())
-    assert set(steps_of_role(LEARNED)) == {"superres", "autoencoder", "noisy_classifier", "dit", "distill"}
+    assert set(steps_of_role(LEARNED)) == {"superres", "autoencoder", "noisy_classifier", "dit", "controlnet", "distill"}
 
 
 def test_every_learned_step_whose_batch_does_not_split_is_named_at_once():

@@ -68,7 +68,7 @@ def test_ddpm_oracle_hits_the_data_moments(variance):
     s = NoiseSchedule.from_name("cosine", 1000)
     x_T = torch.randn(2000, 1, generator=gen(8), dtype=torch.float64)
     ts = spaced_timesteps(1000, 250, "trailing")
-    x0 = ddpm_sample(gaussian_oracle(s), x_T, ts, s, noise=batch_noise(gen(9)), variance=variance)
+    x0 = ddpm_sample(gaussian_oracle(s), x_T, ts, s, noise=batch_noise(gen(9)), fixed_variance=variance)
     assert x0.mean().item() == pytest.approx(MU, abs=0.05)
     assert x0.std().item() == pytest.approx(SIGMA, rel=0.08)
 
@@ -133,7 +133,7 @@ def test_ddpm_strided_sampling_matches_diffusers_float64(name, prediction, varia
         expected.append((out.prev_sample, out.pred_original_sample))
     got, inter = ddpm_sample(
         Denoiser(model, prediction=prediction, learned_variance=learned), x, ref.timesteps, s,
-        noise=batch_noise(gen(14)), variance="beta" if variance_type == "fixed_large" else "beta_tilde",
+        noise=batch_noise(gen(14)), fixed_variance="beta" if variance_type == "fixed_large" else "beta_tilde",
         return_intermediates=True,
     )
     for (ref_x, ref_x0), our_x, our_x0 in zip(expected, inter["x_t"], inter["pred_x0"]):
@@ -150,7 +150,7 @@ def test_ddpm_full_chain_matches_diffusers_float64():
     x_ref, g_ref = x, gen(16)
     for t in range(49, -1, -1):
         x_ref = ref.step(model(x_ref, torch.tensor(t)), t, x_ref, generator=g_ref).prev_sample
-    got = ddpm_sample(model, x, torch.arange(49, -1, -1), s, noise=batch_noise(gen(16)), variance="beta")
+    got = ddpm_sample(model, x, torch.arange(49, -1, -1), s, noise=batch_noise(gen(16)), fixed_variance="beta")
     torch.testing.assert_close(got, x_ref, rtol=1e-9, atol=1e-9)
 
 

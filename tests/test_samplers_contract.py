@@ -222,7 +222,7 @@ def test_a_sampling_config_feeds_each_sampler_exactly_its_options_by_name():
     assert config_options("consistency", SamplingConfig(eta=0.3)) == {}
     for name in offered:
         picked = config_options(name, SamplingConfig(sampler=name, eta=0.3, langevin_steps=3))
-        expected = {"eta"} if name == "ddim" else set(SCORE_SAMPLER_FIELDS.get(name, ()))
+        expected = {"ddim": {"eta"}, "ddpm": {"fixed_variance"}}.get(name, set(SCORE_SAMPLER_FIELDS.get(name, ())))
         assert set(picked) == expected, name
     assert config_options("langevin", SamplingConfig(sampler="langevin", langevin_steps=3))["langevin_steps"] == 3
     assert config_options("ddim", SuperResSamplingConfig(eta=0.5)) == {"eta": 0.5}

@@ -142,7 +142,7 @@ def test_pc_without_corrector_is_ancestral_sampling():
     ts = spaced_timesteps(1000, 10, "trailing")
     denoiser = Denoiser(model, prediction="v")
     pc = pc_sample(denoiser, x, ts, s, noise=batch_noise(gen(7)), corrector_steps=0)
-    ddpm = ddpm_sample(denoiser, x, ts, s, noise=batch_noise(gen(7)), variance="beta")
+    ddpm = ddpm_sample(denoiser, x, ts, s, noise=batch_noise(gen(7)), fixed_variance="beta")
     torch.testing.assert_close(pc, ddpm)
 
 

@@ -45,6 +45,11 @@ EVAL_BATCH = 256
 
 log = logging.getLogger(__name__)
 
+# The task class run() trains (KL and VQ alike); looked up when the step builds its task, on the driver. The seam for
+# tests that need a worker to fail (tests/crash_hooks.py stands a subclass in): the task reaches the
+# Ray Train workers pickled, subclass and all, so no test switch lives in the stage.
+TASK_CLASSES: dict[str, type[AutoencoderTask]] = {"autoencoder": AutoencoderTask}
+
 
 # ---------------------------------------------------------------- evaluation on the step task
 
@@ -155,7 +160,7 @@ def run(cfg: AutoencoderConfig, inputs: dict[str, Manifest], ctx: StepContext) -
         raise ValueError(f"autoencoder: the shard step wrote {len(train_shards)} train and {len(val_shards)} "
                          "val shards; both are needed (val_fraction > 0)")
 
-    task = AutoencoderTask(cfg, model_kwargs, shard, size)
+    task = TASK_CLASSES["autoencoder"](cfg, model_kwargs, shard, size)
     started = time.perf_counter()
     result = fit(task, cfg.train, ctx, name="autoencoder")
     train_wall_s = time.perf_counter() - started

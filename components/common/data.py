@@ -35,6 +35,9 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 LATENT_KEY = "latent.npy"
 LABEL_KEY = "cls"
 CAPTION_KEY = "txt"
+# A frozen text encoder's caption embeddings, stored by the latents step (components.text.stored).
+CONTEXT_KEY = "context.npy"
+POOLED_KEY = "pooled.npy"
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,10 @@ class ImageDecoder:
 
 
 class LatentDecoder:
-    def __init__(self, captions: bool = False):
-        self.captions = captions
+    """``embeddings``: also the stored caption embeddings, ``context`` float32 (L, D) and ``pooled`` (D,)."""
+
+    def __init__(self, captions: bool = False, embeddings: bool = False):
+        self.captions, self.embeddings = captions, embeddings
 
     def __call__(self, key: str, data: dict[str, bytes]) -> dict[str, np.ndarray]:
         try:
@@ -106,6 +111,12 @@ class LatentDecoder:
         decoded = {"latent": latent, "label": np.int64(parse_label(data.get(LABEL_KEY), key))}
         if self.captions:
             decoded["caption"] = parse_caption(data.get(CAPTION_KEY), key)
+        if self.embeddings:
+            for name, field in (("context", CONTEXT_KEY), ("pooled", POOLED_KEY)):
+                try:
+                    decoded[name] = np.load(io.BytesIO(data[field]), allow_pickle=False).astype(np.float32)
+                except (KeyError, ValueError, OSError) as e:
+                    raise ShardDataError(f"sample {key!r}: cannot read its stored text embedding {field}: {e}") from e
         return decoded
 
 
@@ -172,9 +183,13 @@ def image_split(manifest: "Manifest", split: str, captions: bool = False) -> Spl
                      bad_sample_policy(manifest), f"{manifest.step} {split}", shard_digests(manifest, rels))
 
 
-def latent_split(manifest: "Manifest", split: str, captions: bool = False) -> SplitSpec:
-    """The latents step's latents of one split (and their captions, when asked)."""
+def latent_split(manifest: "Manifest", split: str, captions: bool = False, embeddings: bool = False) -> SplitSpec:
+    """The latents step's latents of one split (and their captions, their stored text embeddings, when asked)."""
     rels = tuple(manifest.info.get(f"{split}_shards") or ())
     fields = required_fields(manifest, LATENT_KEY, captions)
+    if embeddings:
+        if "text_encoder" not in manifest.info:
+            raise ValueError(f"step {manifest.step}: its shards carry no text embeddings (latents.text_encoder unset)")
+        fields += (CONTEXT_KEY, POOLED_KEY)
     return SplitSpec(manifest.output_uri, rels, tuple(split_counts(manifest, split)), fields, (LABEL_KEY,),
                      bad_sample_policy(manifest), f"{manifest.step} {split}", shard_digests(manifest, rels))

@@ -80,13 +80,37 @@ def batches_per_epoch(plan: EpochPlan, micro_batch: int) -> int:
     return count
 
 
+# Variable-length fields (a caption's stored token embeddings, (L_i, D)) and the mask their padding adds.
+PADDED_FIELDS = {"context": "context_mask"}
+
+
 def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-sample dicts of arrays and numbers -> one dict of batched tensors; text (a caption) stays
-    a list of str, one per sample."""
+    a list of str, one per sample; a ``PADDED_FIELDS`` field is zero-padded to the batch's longest, with
+    its mask (True on real rows)."""
     import torch
 
-    return {name: [s[name] for s in samples] if isinstance(samples[0][name], str)
-            else torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples])) for name in samples[0]}
+    batch = {}
+    for name in samples[0]:
+        if isinstance(samples[0][name], str):
+            batch[name] = [s[name] for s in samples]
+        elif name in PADDED_FIELDS:
+            batch[name], batch[PADDED_FIELDS[name]] = pad_ragged([s[name] for s in samples])
+        else:
+            batch[name] = torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples]))
+    return batch
+
+
+def pad_ragged(arrays: list[np.ndarray]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(L_i, ...) arrays -> (B, L_max, ...) zero-padded at the end, and the mask (B, L_max), True on real rows."""
+    import torch
+
+    longest = max(len(a) for a in arrays)
+    padded = np.zeros((len(arrays), longest, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+    mask = np.zeros((len(arrays), longest), dtype=bool)
+    for row, array in enumerate(arrays):
+        padded[row, :len(array)], mask[row, :len(array)] = array, True
+    return torch.from_numpy(padded), torch.from_numpy(mask)
 
 
 class ShardSource:

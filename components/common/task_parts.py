@@ -37,10 +37,11 @@ def image_source(shard: "Manifest | None", in_memory: "tuple[torch.Tensor, torch
 
 
 def latent_source(latents: "Manifest | None", in_memory: "tuple | None", train: "TrainConfig", rank: int,
-                  world_size: int, micro_batch: int, captions: bool = False) -> "BatchSource":
+                  world_size: int, micro_batch: int, captions: bool = False, embeddings: bool = False) -> "BatchSource":
     """``{"latent": float32 (B, c, h, w), "label": int64 (B,)}`` batches of the latents step's
-    training split, streamed, with ``"caption"`` (a list of str) when ``captions``; or of ``in_memory``
-    (latents, labels[, captions]) when given."""
+    training split, streamed, with ``"caption"`` (a list of str) when ``captions`` and the stored text
+    embeddings ``"context"`` (B, L, D) (padded), ``"context_mask"``, ``"pooled"`` when ``embeddings``; or
+    of ``in_memory`` (latents, labels[, captions]) when given."""
     from components.common.data import LatentDecoder, latent_split
     from components.common.stream import ShardSource, TensorSource
 
@@ -49,7 +50,8 @@ def latent_source(latents: "Manifest | None", in_memory: "tuple | None", train: 
         if captions and "caption" not in columns:
             raise ValueError("text conditioning needs captions: in_memory is (latents, labels, captions)")
         return TensorSource(columns, micro_batch, train.seed, rank, world_size, train.loader.shuffle_window)
-    return ShardSource(latent_split(latents, "train", captions=captions), LatentDecoder(captions=captions),
+    return ShardSource(latent_split(latents, "train", captions=captions, embeddings=embeddings),
+                       LatentDecoder(captions=captions, embeddings=embeddings),
                        micro_batch, train.seed, rank, world_size, train.loader)
 
 

@@ -1,4 +1,4 @@
-"""Training objectives: L_simple (Ho et al. 2020) and L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021)."""
+"""Training objectives: L_simple (Ho et al. 2020), L_hybrid = L_simple + λ·L_vlb and L_vlb (Nichol & Dhariwal 2021)."""
 
 from __future__ import annotations
 
@@ -64,12 +64,25 @@ def training_losses(
     learned_variance: bool = False,
     vlb_weight: float = 0.001,
     model_kwargs: dict[str, Any] | None = None,
+    objective: str | None = None,
+    importance: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-example dict(loss, mse, vlb): L_simple (Ho et al. 2020, eq. 14), plus λ·L_vlb with a stop-gradient mean when learned_variance (Nichol & Dhariwal 2021, sec. 3.1).
+    """Per-example dict(loss, mse, vlb) of ``objective`` (None: "hybrid" when learned_variance, else "simple"):
 
-    `vlb` is L_t in bits/dim for the sampled t; with t uniform, T·L_t estimates L_vlb = Σ_t L_t, so
-    loss = mse + vlb_weight · T · vlb (λ = 0.001 as in the paper). `vlb` is zero when the variance is fixed.
+    - "simple": L_simple = ‖target − model‖² (Ho et al. 2020, eq. 14);
+    - "hybrid": L_simple + λ·T·L_t with a stop-gradient mean, the VLB training only Σ (Nichol & Dhariwal 2021,
+      sec. 3.1; λ = vlb_weight, 0.001 in the paper);
+    - "vlb": T·L_t, mean and Σ both through the bound.
+
+    `vlb` is L_t in bits/dim for the sampled t; with t uniform, T·L_t estimates L_vlb = Σ_t L_t. With t drawn
+    by importance (timestep_sampler.py), ``importance`` = 1/(T p_t) weights the VLB term so the estimate stays
+    unbiased (sec. 3.3). `vlb` is zero (and not computed) for "simple".
     """
+    objective = objective or ("hybrid" if learned_variance else "simple")
+    if objective not in ("simple", "hybrid", "vlb"):
+        raise ValueError(f"unknown objective {objective!r}; choose 'simple', 'hybrid' or 'vlb'")
+    if objective != "simple" and not learned_variance:
+        raise ValueError(f"objective {objective!r} trains the variance: it needs learned_variance")
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = q_sample(schedule, x0, t, noise)
@@ -85,12 +98,14 @@ def training_losses(
     else:
         raise ValueError(f"unknown prediction {prediction!r}; choose 'eps', 'x0' or 'v'")
     mse = _mean_over_data_dims((mean_output - target) ** 2)
-    if learned_variance:
-        # The VLB trains only Σ_θ: the mean is learned by L_simple alone (improved DDPM sec. 3.1).
-        frozen_mean = torch.cat([mean_output.detach(), model_output[:, channels:]], dim=1)
-        out = p_mean_variance(schedule, frozen_mean, x_t, t, prediction=prediction, learned_variance=True)
-        vlb = vlb_terms(schedule, out["mean"], out["log_variance"], x0, x_t, t)
-    else:
+    if objective == "simple":
         vlb = torch.zeros_like(mse)
-    loss = mse + vlb_weight * schedule.num_timesteps * vlb
-    return {"loss": loss, "mse": mse, "vlb": vlb}
+        return {"loss": mse + vlb_weight * schedule.num_timesteps * vlb, "mse": mse, "vlb": vlb}
+    # hybrid: the VLB trains only Σ_θ, the mean is learned by L_simple alone (improved DDPM sec. 3.1)
+    through = model_output if objective == "vlb" else torch.cat([mean_output.detach(), model_output[:, channels:]], 1)
+    out = p_mean_variance(schedule, through, x_t, t, prediction=prediction, learned_variance=True)
+    vlb = vlb_terms(schedule, out["mean"], out["log_variance"], x0, x_t, t)
+    weighted = vlb if importance is None else vlb * importance
+    if objective == "vlb":
+        return {"loss": schedule.num_timesteps * weighted, "mse": mse, "vlb": vlb}
+    return {"loss": mse + vlb_weight * schedule.num_timesteps * weighted, "mse": mse, "vlb": vlb}

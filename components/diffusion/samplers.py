@@ -141,14 +141,16 @@ def ddpm_sample(
     *,
     noise: NoiseStream | None = None,
     extra_args: ExtraArgs = None,
-    variance: str = "beta_tilde",
+    fixed_variance: str = "beta_tilde",
     stop_at: int | None = None,
     return_intermediates: bool = False,
     progress: bool = False,
 ):
     """Ancestral sampling — Ho et al. 2020, alg. 2, on the respaced chain β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} (Nichol & Dhariwal 2021, sec. 4).
 
-    `variance`: "beta_tilde" or "beta" (ignored for a learned variance). Returns x_0 (or x at level `stop_at`);
+    `fixed_variance`: σ_i² = β̃_i ("beta_tilde", the posterior's, lower bound) or β_i ("beta", upper bound) of the
+    respaced chain (Ho et al. 2020, sec. 3.2); a denoiser with a learned variance uses its own Σ_θ, so callers
+    refuse a setting other than the default for it (components/dit/generate.py). Returns x_0 (or x at level `stop_at`);
     with return_intermediates, (x, dict(t, x_t, pred_x0 lists)).
     """
     denoiser, noise = as_denoiser(denoiser), noise or batch_noise()
@@ -159,7 +161,7 @@ def ddpm_sample(
     last_index = 0 if stop_at is None else 1
     for i in tqdm(range(len(levels) - 1, last_index - 1, -1), disable=not progress, desc="ddpm"):
         out = denoiser.output(x, batch_t(levels[i], x), extra_args)
-        x, pred_x0 = ancestral_step(chain, denoiser, out, x, i, noise, variance)
+        x, pred_x0 = ancestral_step(chain, denoiser, out, x, i, noise, fixed_variance)
         record(intermediates, levels[i], x, pred_x0)
     return finish(x, intermediates)
 

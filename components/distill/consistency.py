@@ -48,17 +48,19 @@ class ConsistencyFunction:
         self.sigmas = level_sigmas(schedule, self.levels)  # ascending
         self.sigma_min = float(self.sigmas[0])
 
-    def __call__(self, model, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
-                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: VE variables (N, c, h, w), fp32; index: (N,) positions in ``levels``. Returns fp32."""
+    def __call__(self, model, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor | None,
+                 force_drop_ids: torch.Tensor | None = None, **text) -> torch.Tensor:
+        """x: VE variables (N, c, h, w), fp32; index: (N,) positions in ``levels``; ``y`` the labels (None
+        for a text model); ``text`` the model's text arguments (``captions``, or their encoding:
+        ``context``, ``context_mask``, ``pooled``). Returns fp32."""
         sigma = self.sigmas[index.cpu()].to(x.device, torch.float32)
         view = (-1,) + (1,) * (x.ndim - 1)
         alpha = (1 + sigma**2).rsqrt().view(view)
         dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else x.dtype
         t = self.levels[index.cpu()].to(x.device)
-        if force_drop_ids is None:  # never the DiT's own random label dropout (it is on in train mode)
+        if force_drop_ids is None and y is not None:  # never the DiT's own random label dropout (on in train mode)
             force_drop_ids = torch.zeros_like(y)
-        v = model((alpha * x).to(dtype), t, y, force_drop_ids=force_drop_ids).float()[:, :x.shape[1]]
+        v = model((alpha * x).to(dtype), t, y, force_drop_ids=force_drop_ids, **text).float()[:, :x.shape[1]]
         c_skip, c_out = consistency_scalings(sigma, self.sigma_min, SIGMA_DATA)
         return c_skip.view(view) * x - c_out.view(view) * v
 
@@ -70,21 +72,22 @@ class ConsistencyFunction:
         """The student as an x̂_0-predicting network of the VP variables, ``(x_t, t, y) -> x̂_0``, for the
         sampler registry's ``consistency`` sampler: ``Denoiser(fn.x0_model(student), prediction="x0")``.
         Each timestep is taken at its nearest level."""
-        def predict(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def predict(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **text) -> torch.Tensor:
             index = (self.levels[None, :] - t.cpu()[:, None]).abs().argmin(1)
             sigma = self.sigmas[index].to(x_t.device, torch.float32).view((-1,) + (1,) * (x_t.ndim - 1))
-            return self(model, x_t.float() * (1 + sigma**2).sqrt(), index, y)  # x_VE = x_t / sqrt(abar)
+            return self(model, x_t.float() * (1 + sigma**2).sqrt(), index, y, **text)  # x_VE = x_t / sqrt(abar)
         return predict
 
-    def teacher_denoiser(self, guided_v, y: torch.Tensor):
-        """D(x, sigma) -> x0_hat of a (guided) v-model ``guided_v(z, t, y)``, for ``ode_step``; every
-        sigma must be one of the levels' sigmas."""
+    def teacher_denoiser(self, guided_v, y: torch.Tensor | None, **text):
+        """D(x, sigma) -> x0_hat of a (guided) v-model ``guided_v(z, t, y, **text)``, for ``ode_step``;
+        every sigma must be one of the levels' sigmas."""
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             table = self.sigmas.to(sigma.device, sigma.dtype)
             index = (sigma[:, None] - table[None, :]).abs().argmin(1)
             view = (-1,) + (1,) * (x.ndim - 1)
             s = self.sigmas[index.cpu()].to(x.device, torch.float32).view(view)
-            v = guided_v(x / (1 + s**2).sqrt(), self.levels[index.cpu()].to(x.device), y).float()[:, :x.shape[1]]
+            t = self.levels[index.cpu()].to(x.device)
+            v = guided_v(x / (1 + s**2).sqrt(), t, y, **text).float()[:, :x.shape[1]]
             return x / (1 + s**2) - s / (1 + s**2).sqrt() * v
         return denoise
 

@@ -4,7 +4,9 @@ The step writes ``distill.safetensors`` (the EMA student), ``distill_raw.safeten
 ``distill.json`` (``StudentMeta``): the DiT's meta (model arguments, schedule, prediction, classes,
 shapes) plus ``method``, ``guidance`` (the teacher's, folded into the student), ``native_steps`` and
 the levels it samples at (see ``components.distill.sample``). Each progressive round's
-``round_k/distill.json`` is the same, for that round's student.
+``round_k/distill.json`` is the same, for that round's student. A text-conditioned teacher's student
+is a ``TextDiT`` (its dit.json's ``text``), with ``text_tokenizer.json`` beside the weights for a
+joint encoder.
 """
 
 from __future__ import annotations
@@ -46,15 +48,21 @@ class StudentMeta(DitMeta):
         return cls(**inherited, **student, extra=dict(teacher.extra))
 
 
-def load_student(source, device: str = "cpu") -> tuple["torch.nn.Module", StudentMeta]:
+def load_student(source, device: str = "cpu", frozen_text_path: str | None = None
+                 ) -> tuple["torch.nn.Module", StudentMeta]:
     """(student DiT in eval mode, meta) from a distill step's manifest (files checked against their
-    sha256), or its own output Storage or URI."""
+    sha256), or its own output Storage or URI; a ``TextDiT`` with its text encoder for a text teacher's
+    student (a joint encoder over the tokenizer written beside it; a frozen one from its directory, or
+    ``frozen_text_path``, a served model's bundled copy)."""
     import safetensors.torch
 
     from components.common.step import read_output
+    from components.dit.load import with_text_encoder
     from components.dit.model import DiT
 
     meta = StudentMeta.read(source, STUDENT_META)
     model = DiT(**meta.model)
+    if meta.text is not None:
+        model = with_text_encoder(model, meta, source, frozen_text_path)
     model.load_state_dict(safetensors.torch.load(read_output(source, STUDENT_WEIGHTS)))
     return model.to(device).eval(), meta

@@ -7,6 +7,9 @@ network evaluation per step), ``native_steps`` and the levels it samples at (``l
 progressive student's DDIM grid, descending; ``consistency_levels``: the consistency model's
 discretisation, ascending, with ``sample_levels`` for multistep sampling).
 
+A text-conditioned teacher's student samples ``prompts`` (one per image; ``labels`` None for a text-only
+one), encoded by its own text encoder.
+
 Determinism as for the DiT: sample i's initial noise and every later draw come from its own
 stream (``sample_generator(seed, i)``), whatever the batch size.
 """
@@ -34,26 +37,40 @@ def supported_steps(meta: "StudentMeta | dict") -> list[int]:
 
 
 def generate_student(student: torch.nn.Module, meta: "StudentMeta | dict", ae: torch.nn.Module, ae_meta,
-                     labels: Sequence[int] | torch.Tensor, steps: int | None = None, seed: int = 0,
-                     batch_size: int = 256) -> torch.Tensor:
-    """uint8 images (N, C, H, W) of ``labels`` from a distilled student, decoded by the autoencoder
-    (metas typed, or in their JSON form)."""
-    from components.autoencoder.load import AutoencoderMeta, decode_scaled
-    from components.diffusion.consistency_sampler import top_level_input
-    from components.distill.consistency import ConsistencyFunction
+                     labels: Sequence[int] | torch.Tensor | None, steps: int | None = None, seed: int = 0,
+                     batch_size: int = 256, prompts: Sequence[str] | None = None) -> torch.Tensor:
+    """uint8 images (N, C, H, W) of ``labels`` (or ``prompts``, one per image, for a text teacher's
+    student) from a distilled student, decoded by the autoencoder (metas typed, or in their JSON form)."""
+    from components.autoencoder.load import AutoencoderMeta
     from components.dit.config import SamplingConfig
-    from components.dit.generate import generate
+    from components.dit.generate import checked_labels, generate
 
     meta, ae_meta = StudentMeta.of(meta), AutoencoderMeta.of(ae_meta)
     steps = int(meta.native_steps) if steps is None else int(steps)
     if steps not in supported_steps(meta):
         raise ValueError(f"this {meta.method} student samples with {supported_steps(meta)} steps, not {steps}")
-    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
+    if meta.text is not None and prompts is None:
+        raise ValueError("this student was distilled from a text-conditioned DiT: it samples from prompts")
+    if meta.text is None and prompts is not None:
+        raise ValueError("this student was distilled from a class-conditional DiT: it takes labels, not prompts")
+    labels = checked_labels(labels, prompts, meta)
     if meta.method == PROGRESSIVE:
         sampling = SamplingConfig(sampler="ddim", steps=steps, guidance=0.0, eta=0.0, seed=seed)
         return generate(student, meta, ae, ae_meta, labels, sampling, batch_size=batch_size,
-                        timesteps=torch.as_tensor(meta.levels, dtype=torch.long))
+                        timesteps=torch.as_tensor(meta.levels, dtype=torch.long), prompts=prompts)
+    return consistency_samples(student, meta, ae, ae_meta, labels, prompts, steps, seed, batch_size)
 
+
+def consistency_samples(student: torch.nn.Module, meta: StudentMeta, ae: torch.nn.Module, ae_meta: "AutoencoderMeta",
+                        labels: torch.Tensor | None, prompts: Sequence[str] | None, steps: int, seed: int,
+                        batch_size: int) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, alg. 1) of the checked labels or prompts."""
+    from components.autoencoder.load import decode_scaled
+    from components.diffusion.consistency_sampler import top_level_input
+    from components.distill.consistency import ConsistencyFunction
+    from components.dit.generate import conditions
+
+    count = len(prompts) if labels is None else len(labels)
     schedule = NoiseSchedule.from_name(meta.schedule, int(meta.num_timesteps))
     fn = ConsistencyFunction(schedule, torch.as_tensor(meta.consistency_levels, dtype=torch.long))
     shape, device = tuple(int(s) for s in meta.latent_shape), next(student.parameters()).device
@@ -63,13 +80,14 @@ def generate_student(student: torch.nn.Module, meta: "StudentMeta | dict", ae: t
     chunks = []
     was_training, _ = student.training, student.eval()
     try:
-        for start in range(0, len(labels), batch_size):
-            y = labels[start:start + batch_size].to(device)
-            generators = [sample_generator(seed, start + i) for i in range(len(y))]
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            generators = [sample_generator(seed, i) for i in range(start, stop)]
             x = top_level_input(schedule, draw_per_sample(generators, shape, device), top)
             with torch.inference_mode():
+                extra_args = conditions(student, labels, prompts, start, stop, device)
                 z = run_sampler("consistency", denoiser, x, timesteps, schedule,
-                                noise=per_sample_noise(generators), extra_args={"y": y})
+                                noise=per_sample_noise(generators), extra_args=extra_args)
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())
     finally:
         student.train(was_training)

@@ -1,9 +1,12 @@
 """What the shared trainer trains in the distill step: one progressive-distillation round, or a
 consistency model (distilled from the DiT, or trained without a teacher).
 
-Every task streams the latents step's training latents like the DiT does (``latent_source``), starts its student from weights in storage (the DiT's EMA weights, or the
-previous round's student), and loads a frozen teacher from storage inside each worker. Every
-random choice of a step comes from the trainer's (seed, step, rank) generator, so a resumed run
+Every task streams the latents step's training latents like the DiT does (``latent_source``; with
+their captions for a text-conditioned teacher), starts its student from weights in storage (the DiT's
+EMA weights, or the previous round's student), and loads a frozen teacher from storage inside each
+worker. A text teacher is called with the captions' encoding and guided against its null caption; its
+student is a ``TextDiT`` (``components.distill.text`` says why its joint encoder is trained with it).
+Every random choice of a step comes from the trainer's (seed, step, rank) generator, so a resumed run
 repeats the steps of an uninterrupted one.
 """
 
@@ -29,18 +32,27 @@ def load_weights(ref: WeightsRef) -> dict[str, torch.Tensor]:
 
 class DistillTask:
     """The shared part: data, student, frozen teacher, export. ``meta``: the DiT's meta (model
-    arguments, schedule, prediction, null label) plus the step's own facts."""
+    arguments, schedule, prediction, null label; ``text`` for a text-conditioned DiT) plus the step's
+    own facts. ``tokenizer_json``: a joint text encoder's tokenizer (the teacher's)."""
 
     weights_name, raw_weights_name, meta_name = "distill.safetensors", "distill_raw.safetensors", "distill.json"
 
     def __init__(self, cfg: DistillConfig, meta: dict[str, Any], init: WeightsRef | None,
-                 teacher: WeightsRef | None, latents=None, in_memory: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 teacher: WeightsRef | None, latents=None, in_memory: tuple | None = None,
+                 tokenizer_json: str | None = None):
         self.cfg, self.meta, self.init, self.teacher_ref = cfg, dict(meta), init, teacher
         self.latents_manifest, self.in_memory = latents, in_memory
-        self._schedule = self._teacher = None
+        self.tokenizer_json = tokenizer_json
+        self._schedule = self._teacher = self._frozen_encoder = None
 
     def __getstate__(self):  # configs and references travel to the workers, not tensors
-        return {**self.__dict__, "_schedule": None, "_teacher": None}
+        return {**self.__dict__, "_schedule": None, "_teacher": None, "_frozen_encoder": None}
+
+    @property
+    def uses_text(self) -> bool:
+        from components.distill.text import uses_text
+
+        return uses_text(self.meta)
 
     @property
     def schedule(self):
@@ -51,9 +63,21 @@ class DistillTask:
         return self._schedule
 
     def new_dit(self) -> torch.nn.Module:
+        """A fresh network of the teacher's kind: the DiT, or the ``TextDiT`` of it and a text encoder
+        (a frozen one built once per worker and shared by teacher, student and target)."""
         from components.dit.model import DiT
 
-        return DiT(**self.meta["model"])
+        dit = DiT(**self.meta["model"])
+        if not self.uses_text:
+            return dit
+        from components.distill.text import text_encoder
+        from components.dit.text_model import TextDiT
+
+        if self.meta["text"]["kind"] == "joint":
+            return TextDiT(dit, text_encoder(self.meta, self.tokenizer_json))
+        if self._frozen_encoder is None:
+            self._frozen_encoder = text_encoder(self.meta, None)
+        return TextDiT(dit, self._frozen_encoder)
 
     def build_model(self) -> torch.nn.Module:
         model = self.new_dit()
@@ -62,33 +86,54 @@ class DistillTask:
         return model
 
     def teacher(self, like: torch.Tensor, dtype: torch.dtype):
-        """The frozen teacher as guided fn(z, t, y) -> model output (the DiT's prediction type),
-        on ``like``'s device in the compute dtype; loaded once per worker."""
+        """The frozen teacher as guided fn(z, t, y, **text) -> model output (the DiT's prediction type),
+        on ``like``'s device in the compute dtype; loaded once per worker. A text teacher takes its
+        captions' encoding (``teacher_text``) and is guided against its own null caption, as the
+        DiT's sampling guides it."""
         from components.diffusion import make_cfg_model_fn
 
         if self._teacher is None:
             model = self.new_dit()
             model.load_state_dict(load_weights(self.teacher_ref))
             model = model.to(like.device, dtype).eval().requires_grad_(False)
-            self._teacher = make_cfg_model_fn(lambda z, t, y: model(z.to(dtype), t, y).float(),
-                                              int(self.meta["null_label"]), float(self.meta["teacher_cfg_weight"]))
-        return self._teacher
+            null_label = None if self.meta.get("null_label") is None else int(self.meta["null_label"])
+            with torch.no_grad():
+                null_text = model.null_text() if self.uses_text else None
+            guided = make_cfg_model_fn(lambda z, t, y, **text: model(z.to(dtype), t, y, **text).float(),
+                                       null_label, float(self.meta["teacher_cfg_weight"]), null_text=null_text)
+            self._teacher = (guided, model)
+        return self._teacher[0]
+
+    @torch.no_grad()
+    def teacher_text(self, captions: list[str] | None) -> dict[str, torch.Tensor]:
+        """The teacher's encoding of the captions (context, context_mask, pooled), once per batch; {}
+        for a class teacher. Call ``teacher`` first."""
+        if captions is None:
+            return {}
+        return self._teacher[1].encode(list(captions)).extra_args()
 
     def batch_source(self, rank: int, world_size: int, micro_batch: int):
         from components.common.task_parts import latent_source
 
-        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch)
+        return latent_source(self.latents_manifest, self.in_memory, self.cfg.train, rank, world_size, micro_batch,
+                             captions=self.uses_text)
 
-    @staticmethod
-    def unpack(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-        """(x0 fp32, labels, the compute dtype)."""
+    def unpack(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype, list[str] | None]:
+        """(x0 fp32, labels (None for a text-only teacher), the compute dtype, captions (None without text))."""
+        from components.distill.text import labels_of
+
         latent = batch["latent"]
-        return latent.float(), batch["label"].long().clamp(min=0), latent.dtype
+        captions = list(batch["caption"]) if self.uses_text else None
+        return latent.float(), labels_of(batch, self.meta), latent.dtype, captions
 
     def export(self, model, ema_model, out_dir) -> None:
         from components.common.task_parts import export_weights
 
         export_weights(model, ema_model, out_dir, self.weights_name, self.raw_weights_name, self.meta_name, self.meta)
+        if self.tokenizer_json is not None:  # the joint encoder's vocabulary (the teacher's), beside its weights
+            from components.text.load import TOKENIZER_FILE
+
+            (out_dir / TOKENIZER_FILE).write_text(self.tokenizer_json, encoding="utf-8")
 
 
 class ProgressiveTask(DistillTask):
@@ -99,8 +144,9 @@ class ProgressiveTask(DistillTask):
     def loss(self, model, batch, step, generator):
         from components.diffusion import predict_x0_eps
         from components.distill.targets import truncated_snr_weight
+        from components.distill.text import student_conditions
 
-        x0, y, dtype = self.unpack(batch)
+        x0, y, dtype, captions = self.unpack(batch)
         n, device = x0.shape[0], x0.device
         teacher_levels = torch.as_tensor(self.meta["teacher_levels"], dtype=torch.long)
         student_steps = len(teacher_levels) // 2
@@ -113,25 +159,25 @@ class ProgressiveTask(DistillTask):
         z_t = a_t * x0 + (1 - a_t**2).sqrt() * noise
 
         t, t_mid, t_end = t.to(device), t_mid.to(device), t_end.to(device)
-        target = self.teacher_target(z_t, y, t, t_mid, t_end, dtype)
-        out = model(z_t.to(dtype), t, y, force_drop_ids=torch.zeros_like(y)).float()[:, :x0.shape[1]]
+        target = self.teacher_target(z_t, y, t, t_mid, t_end, dtype, captions)
+        out = model(z_t.to(dtype), t, y, **student_conditions(y, captions)).float()[:, :x0.shape[1]]
         x0_student, _ = predict_x0_eps(self.schedule, out, z_t, t, self.meta["prediction"])
         weight = truncated_snr_weight(self.schedule, t, x0)  # max(SNR, 1), in x space
         per_example = (weight * (x0_student - target) ** 2).flatten(1).mean(1)
         return per_example.mean(), {"x_mse": float((x0_student - target).detach().pow(2).mean())}
 
-
     @torch.no_grad()
-    def teacher_target(self, z_t, y, t, t_mid, t_end, dtype) -> torch.Tensor:
+    def teacher_target(self, z_t, y, t, t_mid, t_end, dtype, captions: list[str] | None = None) -> torch.Tensor:
         """x~ for z_t: the teacher's two DDIM steps t -> t_mid -> t_end, then the x-prediction
         whose one DDIM step t -> t_end lands where they did (per example levels; -1: clean)."""
         from components.diffusion import predict_x0_eps
         from components.distill.targets import ddim_step_x0, progressive_target
 
         teacher, prediction = self.teacher(z_t, dtype), self.meta["prediction"]
-        x0_1, _ = predict_x0_eps(self.schedule, teacher(z_t, t, y), z_t, t, prediction)
+        text = self.teacher_text(captions)
+        x0_1, _ = predict_x0_eps(self.schedule, teacher(z_t, t, y, **text), z_t, t, prediction)
         z_mid = ddim_step_x0(self.schedule, z_t, x0_1, t, t_mid)
-        x0_2, _ = predict_x0_eps(self.schedule, teacher(z_mid, t_mid, y), z_mid, t_mid, prediction)
+        x0_2, _ = predict_x0_eps(self.schedule, teacher(z_mid, t_mid, y, **text), z_mid, t_mid, prediction)
         z_end = ddim_step_x0(self.schedule, z_mid, x0_2, t_mid, t_end)
         return progressive_target(self.schedule, z_t, z_end, t, t_end)
 
@@ -201,8 +247,9 @@ class ConsistencyTask(DistillTask):
     def loss(self, model, batch, step, generator):
         from components.distill.consistency import ConsistencyFunction
         from components.distill.targets import ode_step
+        from components.distill.text import student_conditions
 
-        x0, y, dtype = self.unpack(batch)
+        x0, y, dtype, captions = self.unpack(batch)
         n, device = x0.shape[0], x0.device
         fn = ConsistencyFunction(self.schedule, self.levels_at(step))
         upper = torch.randint(1, len(fn.levels), (n,), generator=generator, device=device).cpu()
@@ -213,15 +260,16 @@ class ConsistencyTask(DistillTask):
         x_up = x0 + s_up.view(view) * z
         with torch.no_grad():
             if self.distilling:  # one ODE step of the (guided) teacher from sigma_{n+1} to sigma_n
-                x_low = ode_step(fn.teacher_denoiser(self.teacher(x0, dtype), y), x_up, s_up, s_low,
+                teacher = self.teacher(x0, dtype)
+                x_low = ode_step(fn.teacher_denoiser(teacher, y, **self.teacher_text(captions)), x_up, s_up, s_low,
                                  self.cfg.consistency.solver)
             else:
                 x_low = x0 + s_low.view(view) * z
             # theta-'s weights stay fp32 (an EMA stalls in bf16), but its forward runs in the compute
             # dtype like the online side's: in fp32 it cost as much as the rest of the step on an H200
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                target = fn(self.target(x0), x_low, upper - 1, y)
-        online = fn(model, x_up, upper, y)
+                target = fn(self.target(x0), x_low, upper - 1, y, **student_conditions(y, captions))
+        online = fn(model, x_up, upper, y, **student_conditions(y, captions))
         d = self.distance(online, target)
         return d.mean(), {"levels": float(len(fn.levels))}
 

@@ -17,6 +17,11 @@ Inputs: ``dit`` (the teacher: its EMA weights and meta), ``autoencoder`` (decode
 Both DDIM grids use "trailing" spacing, the one whose halving gives the next round's grid exactly.
 Outputs: ``distill.safetensors`` (EMA student), ``distill_raw.safetensors``, ``distill.json`` (see
 ``components.distill.sample``), ``samples.png`` (native steps) and the per-round/per-step grids.
+
+A text-conditioned DiT (issue 17) is distilled from its captions: the latents stream with them, the
+teacher is guided against its null caption, the student is a ``TextDiT`` (``components.distill.text``),
+the joint encoder's ``text_tokenizer.json`` is written beside every student, and the grids have a row
+per prompt of the DiT's ``grid_prompts``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from components.distill.config import DistillConfig
 from components.distill.load import STUDENT_META, STUDENT_WEIGHTS, StudentMeta, load_student
 from components.distill.sample import PROGRESSIVE, generate_student, supported_steps
 from components.distill.task import ConsistencyTask, DistillTask, ProgressiveTask
+from components.distill.text import joint_encoder, teacher_tokenizer, uses_text
 
 CODE_VERSION = "1"
 SPACING = "trailing"
@@ -88,23 +94,37 @@ def consistency_student_meta(teacher_meta: "DitMeta", facts: dict, distilling: b
                                   consistency_levels=levels, sample_levels=sample_levels, teacher_cfg_weight=folded)
 
 
+def student_files(meta: "DitMeta") -> tuple[str, ...]:
+    """A student's files: its weights and meta, and a joint text encoder's tokenizer."""
+    from components.text.load import TOKENIZER_FILE
+
+    return (*STUDENT_FILES, TOKENIZER_FILE) if joint_encoder(meta) else STUDENT_FILES
+
+
+def round_files(meta: "DitMeta") -> tuple[str, ...]:
+    """What round_k/ holds besides round.json."""
+    return (*student_files(meta), "samples.png")
+
+
 def sample_grid(ctx: StepContext, tracker, source, cfg: DistillConfig, ae, ae_meta, name: str, steps: int | None):
+    """A row per class (grid_classes of them), or per prompt of the DiT's grid_prompts for a text teacher."""
     from components.common.tracking import png_bytes
     from components.common.images import class_grid
-    from components.dit.task import grid_labels
+    from components.dit.task import grid_conditions
 
     student, meta = load_student(source)
-    labels = grid_labels(int(meta.num_classes), cfg.grid_classes, cfg.grid_per_label)
+    prompts = meta.grid_prompts if meta.uses_text else None
+    labels, prompts, rows = grid_conditions(cfg, int(meta.num_classes), prompts)
     started = time.perf_counter()
-    images = generate_student(student, meta, ae, ae_meta, labels, steps=steps, seed=cfg.seed)
-    grid = class_grid(images, labels, cfg.grid_per_label)
+    images = generate_student(student, meta, ae, ae_meta, labels, steps=steps, seed=cfg.seed, prompts=prompts)
+    grid = class_grid(images, rows, cfg.grid_per_label)
     ctx.output.write_bytes(name, png_bytes(grid))
     tracker.log_image(grid, name.rsplit("/", 1)[-1])
     return time.perf_counter() - started
 
 
 def progressive_rounds(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict, inputs: dict[str, Manifest],
-                       ctx: StepContext, ae, ae_meta) -> tuple[list[str], dict]:
+                       ctx: StepContext, ae, ae_meta, tokenizer_json: str | None = None) -> tuple[list[str], dict]:
     from components.common.trainer import fit
     from components.diffusion import spaced_timesteps
     from components.distill.targets import halve_steps
@@ -118,15 +138,15 @@ def progressive_rounds(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict,
         student_levels = halve_steps(levels)
         round_meta = round_student_meta(teacher_meta, facts, k, steps, levels.tolist(), student_levels.tolist())
         round_meta = round_meta.to_json()  # the file's form: it travels to the workers
-        names = [f"{folder}/{n}" for n in (*ROUND_FILES, ROUND_DONE)]
-        summary = finished_round(ctx.output, folder)
+        names = [f"{folder}/{n}" for n in (*round_files(teacher_meta), ROUND_DONE)]
+        summary = finished_round(ctx.output, folder, round_files(teacher_meta))
         if summary is not None:
             log.info("distill: round %d (%d -> %d steps) already done", k, steps, steps // 2)
         else:
             child = ctx.tracker.child(f"round {k}: {steps} -> {steps // 2} steps",
                                       tags={"latentflow.round": k, "latentflow.student_steps": steps // 2})
             task = TASK_CLASSES[PROGRESSIVE](cfg, round_meta, init=teacher, teacher=teacher,
-                                             latents=inputs["latents"])
+                                             latents=inputs["latents"], tokenizer_json=tokenizer_json)
             try:
                 result = fit(task, cfg.train, dataclasses.replace(ctx, tracker=child), name=folder)
             except BaseException:
@@ -141,26 +161,26 @@ def progressive_rounds(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict,
             child.log_metrics({"grid_sample_seconds": seconds}, step=cfg.train.max_steps)
             child.log_dict(round_meta, STUDENT_META)
             child.end()
-            mark_round_done(ctx.output, folder, summary)
+            mark_round_done(ctx.output, folder, summary, round_files(teacher_meta))
         metrics[f"round_{k}_loss"] = summary["loss"]
         files += names
         teacher, levels = (ctx.output.uri(folder), STUDENT_WEIGHTS), student_levels
-    for name in STUDENT_FILES:  # the last round's student is the step's student
+    for name in student_files(teacher_meta):  # the last round's student is the step's student
         ctx.output.write_bytes(name, ctx.output.read_bytes(f"{folder}/{name}"))
     return files, metrics
 
 
-def mark_round_done(output: "Storage", folder: str, summary: dict) -> None:
-    """Write ``folder/round.json``, last: the round's summary and the sha256 of each of its files.
-    A later run keeps the round only if its files still hash to these (``finished_round``): the
-    step's manifest hashes whatever is there at the end, so it would vouch for a changed file."""
-    files = {name: _content_sha256(output, f"{folder}/{name}") for name in ROUND_FILES}
+def mark_round_done(output: "Storage", folder: str, summary: dict, names: tuple[str, ...] = ROUND_FILES) -> None:
+    """Write ``folder/round.json``, last: the round's summary and the sha256 of each of its files
+    (``names``). A later run keeps the round only if its files still hash to these (``finished_round``):
+    the step's manifest hashes whatever is there at the end, so it would vouch for a changed file."""
+    files = {name: _content_sha256(output, f"{folder}/{name}") for name in names}
     output.write_text(f"{folder}/{ROUND_DONE}", json.dumps({**summary, "files": files}, indent=2))
 
 
-def finished_round(output: "Storage", folder: str) -> dict | None:
+def finished_round(output: "Storage", folder: str, names: tuple[str, ...] = ROUND_FILES) -> dict | None:
     """The summary in ``folder/round.json`` if the round is done (None if not), once every round
-    file hashes to the sha256 recorded there; refuses, naming the file, if one does not."""
+    file (``names``) hashes to the sha256 recorded there; refuses, naming the file, if one does not."""
     marker = f"{folder}/{ROUND_DONE}"
     if not output.exists(marker):
         return None
@@ -174,7 +194,7 @@ def finished_round(output: "Storage", folder: str) -> dict | None:
     if not isinstance(recorded, dict):
         raise CheckpointError(f"{output.uri(marker)}: records no sha256 of the round's files (written by older "
                               f"code), so they cannot be checked; {start_over}")
-    for name in ROUND_FILES:
+    for name in names:
         rel = f"{folder}/{name}"
         if name not in recorded:
             raise CheckpointError(f"{output.uri(rel)}: not recorded in {marker}; {start_over}")
@@ -197,7 +217,7 @@ def _content_sha256(output: "Storage", rel: str) -> str:
 
 
 def consistency_run(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict, inputs: dict[str, Manifest],
-                    ctx: StepContext) -> tuple[list[str], dict]:
+                    ctx: StepContext, tokenizer_json: str | None = None) -> tuple[list[str], dict]:
     from components.common.trainer import fit
     from components.diffusion import NoiseSchedule
     from components.distill.consistency import ConsistencyFunction, consistency_levels
@@ -217,7 +237,7 @@ def consistency_run(cfg: DistillConfig, teacher_meta: "DitMeta", facts: dict, in
         check_lpips_file(cfg.consistency.lpips_weights)  # before any worker starts
     task = TASK_CLASSES["consistency"](cfg, full_meta, init=dit if cfg.student_init == "dit" else None,
                                        teacher=dit if distilling else None, latents=inputs["latents"],
-                                       autoencoder=inputs["autoencoder"])
+                                       autoencoder=inputs["autoencoder"], tokenizer_json=tokenizer_json)
     result = fit(task, cfg.train, ctx, name="consistency")
     files = result.upload_to(ctx.output)
     return files, {"loss": float(result.metrics.get("loss", float("nan"))),
@@ -232,17 +252,19 @@ def run(cfg: DistillConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
         raise ValueError("the distill step trains on the latents step's latents; add the latents section "
                          "(dit.data: latents)")
     dit_meta = load_dit_meta(inputs["dit"])
+    check_text_inputs(dit_meta, inputs["latents"])
     if cfg.guidance is None and not dit_meta.sampling:
         raise ValueError(f"{inputs['dit'].uri('dit.json')} records no sampling settings to take the teacher's "
                          "guidance from: set distill.guidance")
     guidance = float(dit_meta.sampling["guidance"] if cfg.guidance is None else cfg.guidance)
     facts = base_meta(cfg, dit_meta, guidance)
+    tokenizer_json = teacher_tokenizer(inputs["dit"], dit_meta)
     ae, ae_meta = load_autoencoder(inputs["autoencoder"])
     ctx.tracker.set_tags({"latentflow.distill_method": cfg.method, "latentflow.teacher_guidance": guidance})
     if cfg.method == PROGRESSIVE:
-        files, metrics = progressive_rounds(cfg, dit_meta, facts, inputs, ctx, ae, ae_meta)
+        files, metrics = progressive_rounds(cfg, dit_meta, facts, inputs, ctx, ae, ae_meta, tokenizer_json)
     else:
-        files, metrics = consistency_run(cfg, dit_meta, facts, inputs, ctx)
+        files, metrics = consistency_run(cfg, dit_meta, facts, inputs, ctx, tokenizer_json)
 
     final_meta = StudentMeta.read(ctx.output, STUDENT_META)
     grids = []
@@ -257,4 +279,13 @@ def run(cfg: DistillConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
              final_meta.native_steps, final_meta.guidance)
     info = {"method": cfg.method, "native_steps": final_meta.native_steps, "guidance": final_meta.guidance,
             "supported_steps": supported_steps(final_meta)}
-    return StepOutput(files=sorted(set(files + list(STUDENT_FILES) + grids)), metrics=metrics, info=info)
+    return StepOutput(files=sorted(set(files + list(student_files(final_meta)) + grids)), metrics=metrics, info=info)
+
+
+def check_text_inputs(dit_meta: "DitMeta", latents: Manifest) -> None:
+    """A text teacher is distilled on the captions its latents carry."""
+    from components.common.data import has_captions
+
+    if dit_meta.uses_text and not has_captions(latents):
+        raise ValueError("distill: the DiT is text-conditioned, but the latents step's shards carry no captions "
+                         "(shard.captions is none): the teacher is distilled on the training captions")

@@ -46,6 +46,18 @@ class SamplingConfig(StrictModel):
     # Classifier guidance (Dhariwal & Nichol 2021) with the noisy_classifier step's f(y | x_t, t):
     # eps - w sqrt(1 - abar) grad log f; alone (guidance: 0) or on top of classifier-free guidance
     classifier_guidance: float = Field(0.0, ge=0)
+    # ddpm: the fixed reverse variance sigma_t^2 of a DiT that does not learn Sigma (Ho et al. 2020,
+    # sec. 3.2): "beta_tilde" (the posterior's, the lower bound) or "beta" (the upper bound). A DiT
+    # with learn_sigma samples with its own Sigma_theta: a setting other than beta_tilde is refused.
+    fixed_variance: Literal["beta", "beta_tilde"] = "beta_tilde"
+    cache_added = {"classifier_guidance": 0.0, "fixed_variance": "beta_tilde"}
+
+    @model_validator(mode="after")
+    def _fixed_variance_is_ddpms(self) -> "SamplingConfig":
+        if self.fixed_variance != "beta_tilde" and self.sampler != "ddpm":
+            raise ValueError(f"sample.fixed_variance: {self.fixed_variance} is the ddpm sampler's reverse variance, "
+                             f"but sample.sampler is {self.sampler!r}")
+        return self
 
     @model_serializer(mode="wrap")
     def _leave_out_unused_score_settings(self, handler: SerializerFunctionWrapHandler):
@@ -56,8 +68,9 @@ class SamplingConfig(StrictModel):
         used = SCORE_SAMPLER_FIELDS.get(self.sampler, ())
         for name in {n for names in SCORE_SAMPLER_FIELDS.values() for n in names} - set(used):
             data.pop(name, None)
-        if not self.classifier_guidance:  # likewise: keys from before classifier guidance stay
-            data.pop("classifier_guidance", None)
+        for name, as_before in type(self).cache_added.items():  # likewise: keys from before these fields stay
+            if data.get(name) == as_before:
+                data.pop(name, None)
         return data
 
 
@@ -67,8 +80,16 @@ class DitConfig(StepConfig):
     schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
     num_timesteps: int = Field(1000, ge=2)
     prediction: Literal["eps", "v", "x0"] = "eps"
-    learn_sigma: bool = False  # learned variance, trained with L_hybrid
+    learn_sigma: bool = False  # learned variance, trained with L_hybrid (or L_vlb: `loss`)
     vlb_weight: float = Field(0.001, ge=0)  # lambda of L_hybrid
+    # The objective (Nichol & Dhariwal 2021, sec. 3.1): "simple" (L_simple, a fixed variance), "hybrid"
+    # (L_simple + lambda L_vlb, the VLB training only Sigma) or "vlb" (L_vlb alone, mean and Sigma); the
+    # last two need learn_sigma. None: as before, hybrid with learn_sigma, else simple.
+    loss: Literal["hybrid", "vlb", "simple"] | None = None
+    # How t is drawn: "uniform", or "loss_aware" (sec. 3.3): p_t proportional to sqrt(E[L_t^2]) over the
+    # last 10 L_vlb terms at each t (uniform until every t has 10), mixed with a 0.001 uniform share; the
+    # VLB term is weighted by 1/(T p_t). Needs a VLB term to learn from: loss hybrid or vlb.
+    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
     class_dropout_prob: float = Field(0.1, ge=0, lt=1)  # label dropout for classifier-free guidance
     # "latents": train on the latents step's pre-extracted latents; "pixels": encode every batch
     # with the autoencoder on the fly (slower; kept to measure the difference)
@@ -89,7 +110,30 @@ class DitConfig(StepConfig):
     # The grid's prompts (text conditioning): one row per prompt. None: the first grid_classes
     # validation captions.
     grid_prompts: list[str] | None = None
-    cache_added = {"conditioning": "class", "text": None, "grid_prompts": None}
+    cache_added = {"conditioning": "class", "text": None, "grid_prompts": None, "loss": None,
+                   "timestep_sampler": "uniform"}
+
+    @model_validator(mode="after")
+    def _objective_fits_the_variance(self) -> "DitConfig":
+        objective = self.objective
+        if objective in ("hybrid", "vlb") and not self.learn_sigma:
+            raise ValueError(f"dit.loss: {objective} trains the variance Sigma_theta, but dit.learn_sigma is false; "
+                             "set dit.learn_sigma: true, or dit.loss: simple")
+        if objective == "simple" and self.learn_sigma:
+            raise ValueError("dit.loss: simple leaves the learned variance untrained, but dit.learn_sigma is true; "
+                             "set dit.loss: hybrid (or vlb), or dit.learn_sigma: false")
+        if self.timestep_sampler == "loss_aware" and objective == "simple":
+            raise ValueError("dit.timestep_sampler: loss_aware samples t by the history of the L_vlb terms, but "
+                             "dit.loss is simple (no VLB term); set dit.learn_sigma: true and dit.loss: hybrid or vlb")
+        if self.learn_sigma and self.sample.fixed_variance != "beta_tilde":
+            raise ValueError(f"dit.sample.fixed_variance: {self.sample.fixed_variance} is a fixed variance, but "
+                             "dit.learn_sigma is true: the DiT samples with its own Sigma_theta; drop the setting")
+        return self
+
+    @property
+    def objective(self) -> str:
+        """The loss in effect: ``loss``, or by default hybrid with a learned variance, simple without."""
+        return self.loss or ("hybrid" if self.learn_sigma else "simple")
 
     @model_validator(mode="after")
     def _text_section_follows_conditioning(self) -> "DitConfig":

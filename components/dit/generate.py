@@ -31,7 +31,7 @@ from components.diffusion import (
     threshold_fn,
 )
 from components.dit.config import SamplingConfig
-from components.dit.load import DitMeta
+from components.dit.load import DitMeta, sampling_meta
 
 if TYPE_CHECKING:
     from components.autoencoder.load import AutoencoderMeta
@@ -62,6 +62,9 @@ def dit_denoiser(dit: torch.nn.Module, dit_meta: DitMeta, sampling: SamplingConf
     """The DiT as the samplers see it: guided fn(x_t, t, y, **text) (classifier-free with ``sampling.guidance``,
     then classifier guidance when set) with the DiT's prediction, learned variance and ``sampling``'s
     thresholding. A text-conditioned DiT (``TextDiT``) is guided against its encoder's null caption."""
+    if dit_meta.learn_sigma and sampling.fixed_variance != "beta_tilde":
+        raise ValueError(f"fixed_variance {sampling.fixed_variance!r} is for a DiT with a fixed variance; this one "
+                         "learned Sigma (learn_sigma) and samples with it: drop the setting")
     null_label = None if dit_meta.null_label is None else int(dit_meta.null_label)
     null_text = dit.null_text() if hasattr(dit, "null_text") else None
     guided = make_cfg_model_fn(lambda x, t, y, **text: dit(x, t, y, **text), null_label, sampling.guidance,
@@ -100,7 +103,8 @@ def generate(dit: torch.nn.Module, dit_meta: "DitMeta | dict", ae: torch.nn.Modu
              labels: Sequence[int] | torch.Tensor | None,
              sampling: SamplingConfig, batch_size: int = 256, progress: bool = False,
              timesteps: torch.Tensor | None = None, classifier=None,
-             prompts: Sequence[str] | None = None) -> torch.Tensor:
+             prompts: Sequence[str] | None = None, extra: dict[str, torch.Tensor] | None = None,
+             x_T: torch.Tensor | None = None) -> torch.Tensor:
     """Images of the given class labels (and prompts, for a text-conditioned DiT): uint8 (N, C, H, W) on
     the CPU, in the order given.
 
@@ -111,14 +115,19 @@ def generate(dit: torch.nn.Module, dit_meta: "DitMeta | dict", ae: torch.nn.Modu
     decoded with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
     ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
     ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``.
-    ``prompts``: one per image (a text-only DiT takes ``labels=None``). The metas may be given in
-    their JSON form (the DiT task's preview holds its meta so)."""
+    ``prompts``: one per image (a text-only DiT takes ``labels=None``). ``extra``: more per-image
+    conditioning tensors (N, ...) for the model's keyword arguments (a ControlNet's ``control``). ``x_T``:
+    the initial latents, one per image, instead of each image's seeded draw (interpolation:
+    ``components.diffusion.interpolation``). The metas may be given in their JSON form (the DiT task's
+    preview holds its meta so)."""
     from components.autoencoder.load import AutoencoderMeta, decode_scaled
     from components.common.progress import progress_bar
 
-    dit_meta, ae_meta = DitMeta.of(dit_meta), AutoencoderMeta.of(ae_meta)
+    dit_meta, ae_meta = sampling_meta(dit_meta), AutoencoderMeta.of(ae_meta)
     labels = checked_labels(labels, prompts, dit_meta)
     count = len(prompts) if labels is None else len(labels)
+    if x_T is not None and tuple(x_T.shape) != (count, *(int(s) for s in dit_meta.latent_shape)):
+        raise ValueError(f"x_T of shape {tuple(x_T.shape)} for {count} images of latents {dit_meta.latent_shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shape = tuple(int(s) for s in dit_meta.latent_shape)
@@ -139,9 +148,10 @@ def generate(dit: torch.nn.Module, dit_meta: "DitMeta | dict", ae: torch.nn.Modu
             for start in range(0, count, batch_size):
                 stop = min(start + batch_size, count)
                 generators = [sample_generator(sampling.seed, i) for i in range(start, stop)]
-                x = draw_per_sample(generators, shape, device)  # (B, c, h, w): x_T
+                x = draw_per_sample(generators, shape, device) if x_T is None else x_T[start:stop].to(device)
                 z = run_sampler(sampling.sampler, denoiser, x, timesteps, schedule, noise=per_sample_noise(generators),
-                                extra_args=conditions(dit, labels, prompts, start, stop, device), **options)
+                                extra_args=conditions(dit, labels, prompts, start, stop, device)
+                                | {k: v[start:stop].to(device) for k, v in (extra or {}).items()}, **options)
                 chunks.append(to_uint8(decode_scaled(ae, ae_meta, z)).cpu())  # (B, C, H, W)
                 if bar is not None:
                     bar.update(stop - start)
@@ -154,3 +164,29 @@ def generate(dit: torch.nn.Module, dit_meta: "DitMeta | dict", ae: torch.nn.Modu
         return torch.empty((0, int(ae_meta.channels), int(ae_meta.image_size), int(ae_meta.image_size)),
                            dtype=torch.uint8)
     return torch.cat(chunks)
+
+
+def invert(dit: torch.nn.Module, dit_meta: "DitMeta | dict", ae: torch.nn.Module, ae_meta, images: torch.Tensor,
+           labels: Sequence[int], sampling: SamplingConfig) -> torch.Tensor:
+    """x_T of uint8 images (N, C, H, W): encoded by the autoencoder, then DDIM-inverted (``ddim_invert``) over the
+    timesteps ``generate`` walks with ``sampling``, under the same labels and guidance, so that ``generate``
+    with ``x_T`` and η = 0 maps each back to (close to) its image."""
+    from components.autoencoder.load import AutoencoderMeta, encode_scaled
+    from components.diffusion import ddim_invert
+
+    dit_meta, ae_meta = sampling_meta(dit_meta), AutoencoderMeta.of(ae_meta)
+    labels = checked_labels(labels, None, dit_meta)
+    device = next(dit.parameters()).device
+    schedule = NoiseSchedule.from_name(dit_meta.schedule, int(dit_meta.num_timesteps))
+    timesteps = spaced_timesteps(schedule.num_timesteps, sampling.steps, sampling.spacing)
+    denoiser = dit_denoiser(dit, dit_meta, sampling, schedule)
+    modes = (dit.training, ae.training)
+    dit.eval()
+    ae.eval()
+    try:
+        with torch.inference_mode():
+            z0 = encode_scaled(ae, ae_meta, images.to(device)).float()
+            return ddim_invert(denoiser, z0, timesteps, schedule, extra_args={"y": labels.to(device)}).cpu()
+    finally:
+        dit.train(modes[0])
+        ae.train(modes[1])

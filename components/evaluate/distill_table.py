@@ -6,18 +6,27 @@ NFE counts forward passes per image: the teacher under classifier-free guidance 
 per step (conditional and unconditional, one batch); the student has the guidance folded in and
 makes one. Quality is the requested-class accuracy and the Fréchet distance in the classifier's
 feature space against the validation images, as for the DiT's own samples.
+
+A text-conditioned teacher and its student draw from prompts instead of labels: the same prompts the
+step gives the text DiT (``prompts_per_class``: validation captions of each class, class-major, so
+the judged class of each image is the class its prompt's caption came from), the same for both.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from components.common.step import Manifest
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.metrics import RunningMoments, frechet_distance_to
+
+if TYPE_CHECKING:
+    from components.distill.load import StudentMeta
+    from components.dit.load import DitMeta
 
 QUALITY_TABLE = "quality_vs_steps.json"
 QUALITY_PLOT = "quality_vs_steps.png"
@@ -55,23 +64,42 @@ def quality_table(cfg: EvaluateConfig, inputs: dict[str, Manifest], classifier, 
     dit, dit_meta = load_dit(inputs["dit"], device=device)
     ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
     student, student_meta = load_student(inputs["distill"], device=device)
+    prompts = table_prompts(inputs, dit_meta, student_meta, per_class)
+    given = None if prompts is not None else labels  # a text-only model takes prompts alone
     rows = []
     for steps in cfg.teacher_steps:
         sampling = cfg.sample.model_copy(update={"steps": steps})
         nfe = steps * (2 if sampling.guidance > 0 else 1)
-        rows.append(score_sampler("teacher", steps, nfe, lambda: generate(dit, dit_meta, ae, ae_meta, labels, sampling,
-                                                                   batch_size=cfg.batch_size),
+        rows.append(score_sampler("teacher", steps, nfe, lambda: generate(dit, dit_meta, ae, ae_meta, given, sampling,
+                                                                   batch_size=cfg.batch_size, prompts=prompts),
                            classifier, labels, val_moments))
     for steps in supported_steps(student_meta):
         rows.append(score_sampler(f"student ({student_meta.method})", steps, steps,
-                           lambda: generate_student(student, student_meta, ae, ae_meta, labels, steps=steps,
-                                                    seed=cfg.sample.seed, batch_size=cfg.batch_size),
+                           lambda: generate_student(student, student_meta, ae, ae_meta, given, steps=steps,
+                                                    seed=cfg.sample.seed, batch_size=cfg.batch_size, prompts=prompts),
                            classifier, labels, val_moments))
     metrics = {}
     for row in rows:
         prefix = f"{row['sampler'].split(' ')[0]}_{row['steps']}step_"
         metrics.update({prefix + k: float(row[k]) for k in ("sample_accuracy", "frechet_distance", "images_per_s")})
     return rows, metrics
+
+
+def table_prompts(inputs: dict[str, Manifest], dit_meta: "DitMeta", student_meta: "StudentMeta",
+                  per_class: int) -> list[str] | None:
+    """The prompts of a text teacher and its student (None for class-conditional ones), ``per_class``
+    validation captions of each class, as the step prompts the text DiT."""
+    from components.evaluate.judge import EvaluateError
+    from components.evaluate.prompts import prompts_per_class
+
+    text = dit_meta.uses_text
+    if text != student_meta.uses_text:
+        raise EvaluateError(f"the distill step's student ({inputs['distill'].output_uri}) and the dit step's DiT "
+                            "differ in conditioning (text or class): the student was distilled from another DiT")
+    if not text:
+        return None
+    classes = list(inputs["shard"].info["classes"])  # the step has checked them: num_classes of them
+    return prompts_per_class(inputs["shard"], classes, per_class)
 
 
 def quality_plot(rows: list[dict]):

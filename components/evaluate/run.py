@@ -25,6 +25,16 @@
 7. With a noisy_classifier step among the inputs: classifier guidance at ``guidance_comparison``'s
    weights beside classifier-free guidance (``classifier_w<w>_*``, ``cfg_w<w>_*``,
    ``guidance_comparison.json``; see ``components.evaluate.guidance_table``).
+8. With a controlnet step among the inputs: control fidelity (``control_edge_f1`` beside
+   ``uncontrolled_edge_f1`` for edges, ``control_digit_accuracy``, ...; ``evaluation.json``'s
+   ``control``, ``eval_control.png``; see ``components.evaluate.control_fidelity``).
+9. With a DiT that learns Σ (L_hybrid or L_vlb): the variational bound in bits/dim on the first
+   ``bpd.samples`` validation latents (``bpd``, ``bpd_prior``, ``bpd_kl``, ``bpd_decoder``; see
+   ``components.evaluate.bpd``).
+10. With ``guidance_sweep`` set (a class DiT): the samples drawn again at each classifier-free guidance
+    weight, with accuracy, Fréchet distance and within-class diversity per weight, and the weight
+    chosen (``guidance_w<w>_*``, ``guidance_sweep_best_w``, ``guidance_sweep.json`` and ``.png``; see
+    ``components.evaluate.guidance_sweep``).
 
 Outputs: ``classifier.safetensors`` + ``classifier.json`` (reused later: see ``load_classifier``),
 ``eval_samples.png`` (``grid_per_class`` samples per class, one row per class) and
@@ -42,6 +52,7 @@ import torch
 from components.common.step import Manifest, StepContext, StepOutput
 from components.common.tracking import png_bytes
 from components.common.images import class_grid
+from components.evaluate.bpd import bpd_metrics
 from components.evaluate.cascade import CASCADE_GRID, first_per_class, score_cascade, stage_names
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.judge import EvaluateError, Judge, baseline_distance, fit_judge, metric_name, score_samples
@@ -90,6 +101,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
                **{metric_name(name): acc for name, acc in scores["per_class"].items()},
                "frechet_distance": scores["frechet_distance"], "frechet_distance_real_baseline": baseline,
                **judge.train_stats}
+    metrics.update(bpd_metrics(cfg.bpd, inputs, size, device))  # a learned-variance DiT's bits/dim
     inception = None
     if cfg.inception_enabled:  # FID/KID on the first inception.samples_per_class of each class
         from components.inception_reference.load import InceptionScorer
@@ -111,6 +123,8 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         files += prompted_grid(cfg, inputs, ctx, prompts, list(classes), device)
     files += _optional_tables(cfg, inputs, ctx, judge, images, labels, list(classes), device, inception,
                               metrics, evaluation)
+    if cfg.guidance_sweep is not None:
+        files += guidance_sweep_files(cfg, inputs, ctx, judge, size, num_classes, device, metrics, evaluation)
     grid = class_grid(images, labels.tolist(), min(cfg.grid_per_class, cfg.samples_per_class))
     ctx.output.write_bytes(SAMPLES_GRID, png_bytes(grid))
     ctx.output.write_text(EVALUATION, json.dumps(evaluation, indent=2, sort_keys=True))
@@ -145,7 +159,7 @@ def prompted_grid(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepCon
 def _optional_tables(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext, judge: Judge,
                      images: torch.Tensor, labels: torch.Tensor, classes: list[str], device: str, inception,
                      metrics: dict, evaluation: dict) -> list[str]:
-    """4., 6. and 7. of the module docstring, where their inputs are present; the files they wrote."""
+    """4., 6., 7. and 8. of the module docstring, where their inputs are present; the files they wrote."""
     files, num_classes = [], len(classes)
     if "distill" in inputs:  # 4. quality against network evaluations, teacher and student
         from components.evaluate.distill_table import QUALITY_PLOT, QUALITY_TABLE, quality_plot, quality_table
@@ -184,4 +198,34 @@ def _optional_tables(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: Step
         ctx.tracker.log_dict({"rows": rows}, GUIDANCE_TABLE)
         ctx.tracker.log_image(guidance_grid, GUIDANCE_GRID)
         files += [GUIDANCE_TABLE, GUIDANCE_GRID]
+    if "controlnet" in inputs:  # 8. how closely the ControlNet's samples follow their controls
+        from components.evaluate.control_fidelity import CONTROL_GRID, control_fidelity
+
+        control_metrics, evaluation["control"], control_grid = control_fidelity(cfg, inputs, judge.model, device)
+        metrics.update(control_metrics)
+        ctx.output.write_bytes(CONTROL_GRID, png_bytes(control_grid))
+        ctx.tracker.log_image(control_grid, CONTROL_GRID)
+        files.append(CONTROL_GRID)
     return files
+
+
+def guidance_sweep_files(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext, judge: Judge, size: int,
+                         num_classes: int, device: str, metrics: dict, evaluation: dict) -> list[str]:
+    """9. of the module docstring: the sweep's metrics, ``guidance_sweep.json`` and its curves."""
+    from components.evaluate.guidance_sweep import GUIDANCE_SWEEP, GUIDANCE_SWEEP_PLOT, guidance_sweep
+
+    if dit_takes_text(inputs):
+        raise EvaluateError("evaluate.guidance_sweep samples a class-conditional DiT by label; this DiT takes text")
+    rows, sweep_metrics, plot = guidance_sweep(cfg, inputs, judge, num_classes, size, device)
+    metrics.update(sweep_metrics)
+    evaluation["guidance_sweep"] = {"rows": rows, "best_w": sweep_metrics["guidance_sweep_best_w"],
+                                    "min_accuracy": cfg.guidance_sweep.min_accuracy,
+                                    "real_within_class_diversity": sweep_metrics["real_within_class_diversity"]}
+    ctx.output.write_text(GUIDANCE_SWEEP, json.dumps(evaluation["guidance_sweep"], indent=2))
+    ctx.output.write_bytes(GUIDANCE_SWEEP_PLOT, png_bytes(plot))
+    ctx.tracker.log_dict(evaluation["guidance_sweep"], GUIDANCE_SWEEP)
+    ctx.tracker.log_image(plot, GUIDANCE_SWEEP_PLOT)
+    log.info("evaluate: guidance sweep %s: best w %s (accuracy >= %g at the lowest FD)",
+             ", ".join(f"w={r['guidance']:g} acc {r['sample_accuracy']:.3f} FD {r['frechet_distance']:.2f}" for r in rows),
+             sweep_metrics["guidance_sweep_best_w"], cfg.guidance_sweep.min_accuracy)
+    return [GUIDANCE_SWEEP, GUIDANCE_SWEEP_PLOT]

@@ -14,7 +14,12 @@ The output is ``train/latents-XXXXX.tar`` (XXXXX: the input shard's index in
 ``info["train_shards"]``; val alike), written with webdataset's ``TarWriter`` to a scratch file and
 then uploaded (a shard appears whole or not at all): ``<key>.latent.npy`` ((c, h, w), ``dtype``),
 ``<key>.cls`` when labelled and ``<key>.txt`` (the caption, bytes unchanged) when the image shard has
-one. Bytes are deterministic (fixed mtime/owner/mode, sample order of the
+one. With ``text_encoder`` (a frozen CLIP/T5 directory; the pipeline config fills it from ``dit.text``
+when ``dit.text.precompute``) each actor also loads that encoder once and encodes each chunk's captions
+with it, in the same chunks: ``<key>.context.npy`` (the caption's real tokens, (L_i, D), ``dtype``) and
+``<key>.pooled.npy`` ((D,)); the step writes the null (the empty caption's encoding) once,
+``text_null.safetensors``, and records the encoder (kind, path, max_tokens, its files' sha256) in
+``info["text_encoder"]`` (``components.text.stored``). Bytes are deterministic (fixed mtime/owner/mode, sample order of the
 input shard, the same chunk boundaries for the same ``batch_size``), so re-running writes identical
 shards, and ``encode_shard`` in one process writes the same bytes as the pool when it runs as many
 torch threads as an actor does (BLAS rounding depends on it). Read them with
@@ -39,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from components.autoencoder.load import AE_META, AutoencoderMeta
-from components.common.data import bad_sample_policy
+from components.common.data import CONTEXT_KEY, POOLED_KEY, bad_sample_policy
 from components.common.parallel import check_pool_fits_cluster
 from components.common.progress import progress_bar
 from components.common.step import Manifest, StepContext, StepOutput
@@ -120,14 +125,29 @@ def encode_chunk(model, images: np.ndarray, keys: list[str], cfg: LatentsConfig,
 
 
 def write_samples(writer, keys: list[str], latents: np.ndarray, labels: list[int],
-                  captions: list[bytes | None]) -> None:
-    for key, latent, label, caption in zip(keys, latents, labels, captions):
+                  captions: list[bytes | None], embeddings: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    for index, (key, latent, label, caption) in enumerate(zip(keys, latents, labels, captions)):
         sample = {"__key__": key, LATENT_KEY: npy_bytes(latent)}
         if label >= 0:
             sample[LABEL_KEY] = str(int(label)).encode("ascii")
         if caption is not None:
             sample[CAPTION_KEY] = caption
+        if embeddings is not None:
+            sample[CONTEXT_KEY], sample[POOLED_KEY] = (npy_bytes(part) for part in embeddings[index])
         writer.write(sample)
+
+
+def embed_chunk(text_encoder, keys: list[str], captions: list[bytes | None], cfg: LatentsConfig,
+                where: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The chunk's captions through the frozen encoder, one forward: (context, pooled) per sample; None
+    without an encoder."""
+    if text_encoder is None:
+        return None
+    from components.common.data import parse_caption
+    from components.text.stored import encode_captions
+
+    texts = [parse_caption(caption, f"{where}:{key}") for key, caption in zip(keys, captions)]
+    return encode_captions(text_encoder, texts, cfg.dtype)
 
 
 def add_moments(moments: dict[str, Any], latents: np.ndarray) -> None:
@@ -140,9 +160,10 @@ def add_moments(moments: dict[str, Any], latents: np.ndarray) -> None:
 
 
 def encode_shard(split: str, index: int, shard_location: str, rel: str, model, meta: "AutoencoderMeta",
-                 cfg: LatentsConfig, output: Storage) -> dict[str, Any]:
+                 cfg: LatentsConfig, output: Storage, text_encoder=None) -> dict[str, Any]:
     """One image shard -> one latent shard, in this process, with an autoencoder already loaded
-    (``load_autoencoder``: ``model``, ``meta``); returns the shard's counts and latent moments.
+    (``load_autoencoder``: ``model``, ``meta``; and the frozen ``text_encoder`` of ``cfg.text_encoder``,
+    when set); returns the shard's counts and latent moments.
     Streams: each chunk of ``cfg.batch_size`` images is written as soon as it is encoded."""
     import webdataset as wds
 
@@ -159,7 +180,8 @@ def encode_shard(split: str, index: int, shard_location: str, rel: str, model, m
             writer = wds.TarWriter(stream, encoder=False, mtime=0, user="latentflow", group="latentflow", mode=0o444)
             for keys, images, labels, captions in chunks:
                 latents = encode_chunk(model, images, keys, cfg, meta.scale_factor)
-                write_samples(writer, keys, latents, labels, captions)
+                embeddings = embed_chunk(text_encoder, keys, captions, cfg, storage.uri(rel))
+                write_samples(writer, keys, latents, labels, captions, embeddings)
                 add_moments(moments, latents)
             writer.close()
         if moments["count"] == 0:
@@ -184,17 +206,31 @@ class ShardEncoder:
     """``map_batches`` actor: loads the autoencoder once, then encodes one shard per input row
     (``split``, ``index``, ``rel``) and returns that shard's ``encode_shard`` result as a row."""
 
-    def __init__(self, ae_manifest: Manifest, shard_location: str, cfg: LatentsConfig, output: Storage):
+    def __init__(self, ae_manifest: Manifest, shard_location: str, cfg: LatentsConfig, output: Storage,
+                 text_files: dict[str, str] | None = None):
         from components.autoencoder.load import load_autoencoder
 
-        self.model, self.meta = load_autoencoder(ae_manifest, actor_device())
+        device = actor_device()
+        self.model, self.meta = load_autoencoder(ae_manifest, device)
         self.shard_location, self.cfg, self.output = shard_location, cfg, output
+        self.text_encoder = None if cfg.text_encoder is None else load_text_encoder(cfg, text_files, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [encode_shard(str(split), int(index), self.shard_location, str(rel), self.model, self.meta,
-                                self.cfg, self.output)
+                                self.cfg, self.output, self.text_encoder)
                    for split, index, rel in zip(batch["split"], batch["index"], batch["rel"])]
         return {key: np.asarray([r[key] for r in results]) for key in RESULT_KEYS}
+
+
+def load_text_encoder(cfg: LatentsConfig, files: dict[str, str] | None, device: str = "cpu"):
+    """The frozen encoder of ``cfg.text_encoder``; its directory checked against the sha256 ``files`` the
+    step recorded (a node whose copy differs would store another encoder's embeddings)."""
+    from components.text.frozen import FrozenTextEncoder, verify_directory
+
+    spec = cfg.text_encoder
+    if files is not None:
+        verify_directory(spec.path, files, "latents.text_encoder.path")
+    return FrozenTextEncoder(spec.kind, spec.path, spec.max_tokens, "latents.text_encoder.path").to(device)
 
 
 def plain_result(row: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +241,7 @@ def plain_result(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode_all(jobs: list[tuple[str, int, str]], shard: Manifest, ae: Manifest, cfg: LatentsConfig,
-               ctx: StepContext) -> list[dict[str, Any]]:
+               ctx: StepContext, text_files: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every shard through a pool of ``ShardEncoder`` actors; results in the order they finish."""
     import ray.data
 
@@ -219,7 +255,7 @@ def encode_all(jobs: list[tuple[str, int, str]], shard: Manifest, ae: Manifest, 
         compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(rows))),
         num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
         fn_constructor_kwargs={"ae_manifest": ae, "shard_location": shard.output_uri, "cfg": cfg,
-                               "output": ctx.output})
+                               "output": ctx.output, "text_files": text_files})
     total = int(shard.metrics.get("num_train", 0) + shard.metrics.get("num_val", 0)) or None
     results: list[dict[str, Any]] = []
     with closing(progress_bar(total, "images encoded", unit="image", channel=ctx.tracker.progress)) as bar:
@@ -240,7 +276,8 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
     if not jobs:
         raise ValueError("latents: the shard step wrote no shards")
     check_pool_fits_cluster("latents", ctx.resources)
-    results = sorted(encode_all(jobs, shard, ae, cfg, ctx), key=lambda r: (SPLITS.index(r["split"]), r["index"]))
+    text = store_text_null(cfg, shard, ctx) if cfg.text_encoder is not None else None
+    results = sorted(encode_all(jobs, shard, ae, cfg, ctx, text and text["files"]), key=lambda r: (SPLITS.index(r["split"]), r["index"]))
 
     files = {split: [r["file"] for r in results if r["split"] == split] for split in SPLITS}
     counts = {split: sum(r["count"] for r in results if r["split"] == split) for split in SPLITS}
@@ -257,9 +294,28 @@ def run(cfg: LatentsConfig, inputs: dict[str, Manifest], ctx: StepContext) -> St
             "on_bad_sample": bad_sample_policy(shard)}
     if "captions" in shard.info:  # the latent shards carry the shard step's captions (nothing added otherwise)
         info["captions"] = shard.info["captions"]
+    if text is not None:
+        info["text_encoder"] = text
     metrics = {"num_train": float(counts["train"]), "num_val": float(counts["val"]),
                "latent_mean": mean, "latent_std": std}
     ctx.tracker.log_metrics(metrics)
     log.info("latents: %d train + %d val latents %s, mean %.3f std %.3f", counts["train"], counts["val"],
              ae_meta.latent_shape, mean, std)
-    return StepOutput(files=files["train"] + files["val"], metrics=metrics, info=info)
+    null = [text["null"]] if text else []
+    return StepOutput(files=files["train"] + files["val"] + null, metrics=metrics, info=info)
+
+
+def store_text_null(cfg: LatentsConfig, shard: Manifest, ctx: StepContext) -> dict[str, Any]:
+    """Before the pool starts: refuse shards without captions, record the encoder's files and write the
+    null encoding once; returns ``info["text_encoder"]``."""
+    from components.common.data import has_captions
+    from components.text.frozen import directory_digests
+    from components.text.stored import NULL_TEXT_FILE, encoder_record, null_file_bytes
+
+    if not has_captions(shard):
+        raise ValueError("latents.text_encoder encodes the captions, but the shards carry none: set shard.captions")
+    spec = cfg.text_encoder
+    files = directory_digests(spec.path)
+    encoder = load_text_encoder(cfg, None)
+    ctx.output.write_bytes(NULL_TEXT_FILE, null_file_bytes(encoder, cfg.dtype))
+    return encoder_record(spec.kind, spec.path, spec.max_tokens, files, encoder.context_dim)

@@ -28,6 +28,11 @@ CHART = "accuracy_by_t.png"
 
 log = logging.getLogger(__name__)
 
+# The task class run() trains; looked up when the step builds its task, on the driver. The seam for
+# tests that need a worker to fail (tests/crash_hooks.py stands a subclass in): the task reaches the
+# Ray Train workers pickled, subclass and all, so no test switch lives in the stage.
+TASK_CLASSES: dict[str, type[NoisyClassifierTask]] = {"noisy_classifier": NoisyClassifierTask}
+
 
 @torch.no_grad()
 def accuracy_by_t(model: torch.nn.Module, schedule, latents: torch.Tensor, labels: torch.Tensor, buckets: int,
@@ -75,7 +80,7 @@ def run(cfg: NoisyClassifierConfig, inputs: dict[str, Manifest], ctx: StepContex
                                 parameters=sum(p.numel() for p in probe.parameters()))
     del probe
     meta = typed.to_json()  # the task travels to the workers with the file's form
-    result = fit(NoisyClassifierTask(cfg, meta, latents=latents), cfg.train, ctx)
+    result = fit(TASK_CLASSES["noisy_classifier"](cfg, meta, latents=latents), cfg.train, ctx)
     files = result.upload_to(ctx.output)
 
     model, _ = load_noisy_classifier(ctx.output)

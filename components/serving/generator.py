@@ -6,15 +6,18 @@ against the sha256 that manifest recorded before it is read, as from the pipelin
 
 ``predict`` takes a DataFrame with one row per image:
 
-    label     int or class name   the class to draw
+    label     int or class name   the class to draw (a class-conditional model)
+    prompt    str                 the caption to draw (a text-conditioned model; it takes no label)
     seed      int (default 0)     noise seed
     steps     int (optional)      denoising steps (DiT default: the step's setting; student: native)
     guidance  float (optional)    classifier-free guidance w (DiT only; a student has its own folded in)
 
 Rows that share (seed, steps, guidance) are drawn together, in row order: the i-th of them starts
 from the noise stream (seed, i), as ``latentflow sample`` draws its i-th image, so the same request
-gives the same images. The answer has one row per request row: ``label`` (the index) and ``image``
-(PNG bytes; base64 in a served JSON answer).
+gives the same images. The answer has one row per request row: ``label`` (the index) or ``prompt``,
+and ``image`` (PNG bytes; base64 in a served JSON answer). A frozen text encoder (CLIP, T5) travels
+inside the model (``TEXT_ENCODER_DIR`` beside the DiT's files), checked against the sha256 of its files
+that the DiT step recorded.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from components.dit.load import DitMeta
 
 KIND_FILE = "generator.json"  # {"kind": "dit" | "distill", "sampling": defaults}, beside the denoiser's files
+TEXT_ENCODER_DIR = "text_encoder"  # a frozen text encoder's directory, beside the denoiser's files
 
 
 @dataclass
@@ -47,26 +51,35 @@ class Generator:
     sampling_defaults: dict | None = None  # the DiT step's sampling settings
 
     @property
+    def takes_text(self) -> bool:
+        return self.meta.uses_text or self.meta.text is not None
+
+    @property
     def classes(self) -> list[str]:
         return self.meta.class_names()
 
-    def images(self, labels: list[int], seed: int = 0, steps: int | None = None, guidance: float | None = None,
-               batch_size: int = 256):
-        """uint8 (N, C, H, W) images of ``labels``, sample i from noise stream (seed, i)."""
+    def images(self, labels: list[int] | None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+               batch_size: int = 256, prompts: list[str] | None = None):
+        """uint8 (N, C, H, W) images of ``labels`` (or ``prompts``, a text model's), sample i from noise
+        stream (seed, i)."""
         import torch
 
-        label_tensor = torch.as_tensor(labels, dtype=torch.long)
+        label_tensor = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if self.takes_text != (prompts is not None):
+            raise ValueError("this model is text-conditioned: give prompts" if self.takes_text else
+                             "this model is class-conditional: give labels, not prompts")
         if self.kind == "distill":
             from components.distill.sample import generate_student
 
             if guidance not in (None, 0.0):
                 raise ValueError("guidance does not apply to a distilled student: its teacher's is folded in")
             return generate_student(self.denoiser, self.meta, self.ae, self.ae_meta, label_tensor, steps=steps,
-                                    seed=seed, batch_size=batch_size)
+                                    seed=seed, batch_size=batch_size, prompts=prompts)
         from components.dit.generate import generate
 
         return generate(self.denoiser, self.meta, self.ae, self.ae_meta, label_tensor,
-                        self.sampling(seed=seed, steps=steps, guidance=guidance), batch_size=batch_size)
+                        self.sampling(seed=seed, steps=steps, guidance=guidance), batch_size=batch_size,
+                        prompts=prompts)
 
     def sampling(self, **overrides):
         from components.dit.config import SamplingConfig
@@ -108,14 +121,16 @@ def load_generator(autoencoder_dir: str | Path, denoiser_dir: str | Path, device
     kind = described["kind"]
     ae, ae_meta = load_autoencoder(verified_manifest(Path(autoencoder_dir)), device=device)
     manifest = verified_manifest(denoiser_dir)
+    bundled = denoiser_dir / TEXT_ENCODER_DIR
+    frozen_text_path = str(bundled) if bundled.is_dir() else None
     if kind == "distill":
         from components.distill.load import load_student
 
-        denoiser, meta = load_student(manifest, device=device)
+        denoiser, meta = load_student(manifest, device=device, frozen_text_path=frozen_text_path)
     else:
         from components.dit.load import load_dit
 
-        denoiser, meta = load_dit(manifest, device=device)
+        denoiser, meta = load_dit(manifest, device=device, frozen_text_path=frozen_text_path)
     return Generator(kind, denoiser, meta, ae, ae_meta, described.get("sampling"))
 
 
@@ -126,6 +141,13 @@ def png(image) -> bytes:
     buffer = io.BytesIO()
     to_pil(image.permute(1, 2, 0).cpu().numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def prompt_of(row: dict, index: int) -> str:
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError(f"row {index}: a text-conditioned model needs a 'prompt' string in every row, got {prompt!r}")
+    return prompt
 
 
 def row_settings(row: dict) -> tuple[int, int | None, float | None]:
@@ -150,15 +172,22 @@ class LatentflowGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         rows = model_input.to_dict(orient="records")
+        text = self.generator.takes_text
+        key = "prompt" if text else "label"
         if not rows:
-            return pd.DataFrame({"label": pd.Series(dtype="int64"), "image": pd.Series(dtype=object)})
-        labels = [self.generator.label_index(row.get("label")) for row in rows]
+            return pd.DataFrame({key: pd.Series(dtype=object if text else "int64"), "image": pd.Series(dtype=object)})
+        if text:
+            conditions = [prompt_of(row, i) for i, row in enumerate(rows)]
+        else:
+            conditions = [self.generator.label_index(row.get("label")) for row in rows]
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row_settings(row), []).append(i)
         images: list[bytes | None] = [None] * len(rows)
         for (seed, steps, guidance), members in groups.items():
-            drawn = self.generator.images([labels[i] for i in members], seed=seed, steps=steps, guidance=guidance)
+            chosen = [conditions[i] for i in members]
+            drawn = self.generator.images(None if text else chosen, seed=seed, steps=steps, guidance=guidance,
+                                          prompts=chosen if text else None)
             for i, image in zip(members, drawn):
                 images[i] = png(image)
-        return pd.DataFrame({"label": labels, "image": images})
+        return pd.DataFrame({key: conditions, "image": images})

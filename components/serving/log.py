@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.serving.generator import AUTOENCODER_ARTIFACT, DENOISER_ARTIFACT, KIND_FILE
+from components.serving.generator import AUTOENCODER_ARTIFACT, DENOISER_ARTIFACT, KIND_FILE, TEXT_ENCODER_DIR
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
@@ -39,15 +39,15 @@ def copy_component(manifest: "Manifest", names: list[str], into: Path) -> Path:
     return into
 
 
-def generator_signature(with_guidance: bool):
+def generator_signature(with_guidance: bool, takes_text: bool = False):
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    inputs = [ColSpec("long", "label"), ColSpec("long", "seed", required=False),
-              ColSpec("long", "steps", required=False)]
+    condition = ColSpec("string", "prompt") if takes_text else ColSpec("long", "label")
+    inputs = [condition, ColSpec("long", "seed", required=False), ColSpec("long", "steps", required=False)]
     if with_guidance:
         inputs.append(ColSpec("double", "guidance", required=False))
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("long", "label"), ColSpec("binary", "image")]))
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([condition, ColSpec("binary", "image")]))
 
 
 def generator_example(kind: str, meta: "DitMeta | dict", sampling: dict | None):
@@ -57,15 +57,39 @@ def generator_example(kind: str, meta: "DitMeta | dict", sampling: dict | None):
     from components.dit.load import DitMeta
 
     meta = (StudentMeta if kind == "distill" else DitMeta).of(meta)  # typed, or its JSON form
-    classes = min(2, int(meta.num_classes))
-    example = {"label": list(range(classes)), "seed": [0] * classes}
+    if meta.text is not None:
+        prompts = list(meta.grid_prompts or ["a digit"])[:2]
+        example = {"prompt": prompts, "seed": [0] * len(prompts)}
+    else:
+        example = {"label": list(range(min(2, int(meta.num_classes))))}
+        example["seed"] = [0] * len(example["label"])
+    rows = len(example["seed"])
     if kind == "dit":
         sampling = sampling or meta.sampling or {}
-        example["steps"] = [int(sampling.get("steps", 50))] * classes
-        example["guidance"] = [float(sampling.get("guidance", 0.0))] * classes
+        example["steps"] = [int(sampling.get("steps", 50))] * rows
+        example["guidance"] = [float(sampling.get("guidance", 0.0))] * rows
     else:
-        example["steps"] = [int(meta.native_steps)] * classes
+        example["steps"] = [int(meta.native_steps)] * rows
     return pd.DataFrame(example)
+
+
+def bundle_frozen_encoder(meta: "DitMeta | dict", into: Path) -> None:
+    """A frozen text encoder's directory copied into the model (a served model cannot reach the training
+    cluster's disk), checked against the sha256 of its files that the DiT step recorded (a student's
+    distill.json carries its teacher's)."""
+    from components.dit.load import DitMeta
+    from components.text.frozen import verify_directory
+
+    meta = DitMeta.of(meta)  # typed, or its JSON form
+    text = meta.text or {}
+    if text.get("kind", "joint") == "joint":
+        return
+    recorded = meta.text_encoder_files
+    if recorded is None:
+        raise ValueError("dit.json records no sha256 of the frozen text encoder's files (a DiT trained before "
+                         "they were recorded): retrain it to serve it")
+    verify_directory(text["path"], recorded, "dit.text.path")
+    shutil.copytree(Path(text["path"]).expanduser(), into / TEXT_ENCODER_DIR)
 
 
 def pip_requirements() -> list[str]:
@@ -111,12 +135,13 @@ def log_generator(client, run_id: str, name: str, kind: str, ae: "Manifest", ae_
         ae_dir = copy_component(ae, ae_files, staged / AUTOENCODER_ARTIFACT)
         denoiser_dir = copy_component(denoiser, denoiser_files, staged / DENOISER_ARTIFACT)
         (denoiser_dir / KIND_FILE).write_text(json.dumps({"kind": kind, "sampling": sampling}))
+        bundle_frozen_encoder(meta, denoiser_dir)
         code = staged / "code" / "components"
         shutil.copytree(REPO / "components", code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         mlflow.pyfunc.save_model(
             path=str(staged / "model"), python_model=str(Path(__file__).with_name("generator_model.py")),
             artifacts={AUTOENCODER_ARTIFACT: str(ae_dir), DENOISER_ARTIFACT: str(denoiser_dir)},
-            code_paths=[str(code)], signature=generator_signature(kind == "dit"),
+            code_paths=[str(code)], signature=generator_signature(kind == "dit", meta.get("text") is not None),
             input_example=generator_example(kind, meta, sampling), pip_requirements=pip_requirements(),
             mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                                model_id=model.model_id))

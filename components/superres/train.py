@@ -37,6 +37,11 @@ GRID = "superres_samples.png"
 
 log = logging.getLogger(__name__)
 
+# The task class run() trains; looked up when the step builds its task, on the driver. The seam for
+# tests that need a worker to fail (tests/crash_hooks.py stands a subclass in): the task reaches the
+# Ray Train workers pickled, subclass and all, so no test switch lives in the stage.
+TASK_CLASSES: dict[str, type[SuperResTask]] = {"superres": SuperResTask}
+
 
 def build_step_superres(cfg: SuperResConfig, channels: int, num_classes: int) -> "EfficientUNet":
     """The stage's U-Net through ``build_superres``: preset <- cfg.model <- the data's channels, the
@@ -130,7 +135,7 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     if warm:
         ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
     # the task travels to the workers with the file's form
-    task = SuperResTask(cfg, model_kwargs, meta.to_json(), shard=shard, init=init)
+    task = TASK_CLASSES["superres"](cfg, model_kwargs, meta.to_json(), shard=shard, init=init)
     ctx.tracker.log_dict(meta.to_json(), SR_META)
     started = time.perf_counter()
     result = fit(task, cfg.train, ctx, name=ctx.step)

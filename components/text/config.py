@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,6 +16,8 @@ class TextEncoderConfig(StrictModel):
     training captions (LDM's text-to-image model). ``frozen_clip`` / ``frozen_t5``: CLIP's text tower or
     T5's encoder loaded from the local directory ``path`` (a transformers ``save_pretrained`` directory
     with its tokenizer), never downloaded, never trained."""
+
+    cache_added: ClassVar[dict[str, Any]] = {"precompute": False}
 
     kind: Literal["joint", "frozen_clip", "frozen_t5"] = "joint"
     path: str | None = None
@@ -35,6 +37,9 @@ class TextEncoderConfig(StrictModel):
     # The fraction of training captions replaced by the empty caption, the null condition of
     # classifier-free guidance.
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # A frozen encoder only: the latents step encodes every caption once and stores the embeddings beside
+    # the latents; the DiT trains from them without loading the encoder (sampling still encodes prompts).
+    precompute: bool = False
 
     @model_validator(mode="after")
     def _path_matches_kind(self) -> "TextEncoderConfig":
@@ -42,6 +47,9 @@ class TextEncoderConfig(StrictModel):
             raise ValueError(f"kind {self.kind!r} loads a frozen encoder from a local directory: set path")
         if self.kind == "joint" and self.path:
             raise ValueError("path names a frozen encoder's directory; kind 'joint' trains its own (drop path)")
+        if self.kind == "joint" and self.precompute:
+            raise ValueError("precompute stores a frozen encoder's embeddings; the joint encoder trains with the "
+                             "DiT, so its embeddings change every step (drop precompute or use a frozen kind)")
         if self.kind == "joint" and self.width % self.heads != 0:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         return self

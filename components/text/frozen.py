@@ -7,6 +7,7 @@ pools T5). The null is the tokenizer's encoding of the empty caption, as for the
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -34,17 +35,49 @@ def check_local_directory(path: str | Path, config_key: str) -> Path:
     return directory
 
 
+# Weight files transformers may unpickle: a frozen directory must hold its weights as safetensors.
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def directory_digests(path: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a frozen encoder's directory, read in 1 MiB blocks: the
+    DiT step records them in dit.json, so a later load (or a served model's bundled copy) is checked."""
+    directory = Path(path).expanduser()
+    digests = {}
+    for file in sorted(f for f in directory.rglob("*") if f.is_file()):
+        sha = hashlib.sha256()
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digests[file.relative_to(directory).as_posix()] = sha.hexdigest()
+    return digests
+
+
+def verify_directory(path: str | Path, recorded: dict[str, str], config_key: str = "text.path") -> None:
+    """Refuse a frozen encoder's directory whose files differ from those the model was trained with."""
+    found = directory_digests(path)
+    changed = sorted(name for name in recorded.keys() | found.keys() if recorded.get(name) != found.get(name))
+    if changed:
+        raise ValueError(f"{config_key}: the frozen text encoder's directory {str(path)!r} is not the one the "
+                         f"model was trained with: {', '.join(changed[:5])} "
+                         f"{'differs' if len(changed) == 1 else 'differ'} from the sha256 recorded at training")
+
+
 class FrozenTextEncoder(nn.Module):
     """A transformers text model and its tokenizer, frozen: no gradients, always in eval mode."""
 
     def __init__(self, kind: str, path: str | Path, max_tokens: int, config_key: str = "text.path"):
         super().__init__()
         directory = check_local_directory(path, config_key)
+        pickled = sorted(f.name for f in directory.iterdir() if f.suffix in PICKLED_SUFFIXES)
+        if pickled:
+            raise ValueError(f"{config_key}: {str(directory)!r} holds pickled weights ({', '.join(pickled)}); "
+                             "save the encoder with safetensors (save_pretrained(..., safe_serialization=True))")
         transformers = import_transformers(kind)
         model_class = {"frozen_clip": transformers.CLIPTextModel, "frozen_t5": transformers.T5EncoderModel}[kind]
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            self.model = model_class.from_pretrained(directory, local_files_only=True)
+            self.model = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"{config_key}: {str(directory)!r} is not a loadable {kind} directory: {e}") from e
         self.kind = kind
