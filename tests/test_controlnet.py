@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LATENT = (4, 4, 4)  # an f=2 autoencoder on 8x8 grey images
 DIT_META = {"schedule": "scaled_linear", "num_timesteps": 100, "prediction": "eps", "learn_sigma": False,
-            "num_classes": 3, "null_label": 3, "latent_shape": list(LATENT), "image_channels": 1, "image_size": 8}
+            "classes": None, "num_classes": 3, "null_label": 3, "latent_shape": list(LATENT), "image_channels": 1, "image_size": 8}
 
 
 def trained_looking_dit(depth: int = 3, seed: int = 0, **overrides):

@@ -9,23 +9,47 @@ whose weights are not the recorded ones is refused.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from components.common.step import read_output
+from components.dit.load import SamplingFacts
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
     from components.common.storage import Storage
     from components.controlnet.model import ControlledDiT
+    from components.dit.load import DitMeta
 
 CONTROLNET_WEIGHTS = "controlnet.safetensors"
 CONTROLNET_RAW_WEIGHTS = "controlnet_raw.safetensors"
 CONTROLNET_META = "controlnet.json"
 
 
-def load_controlnet_meta(source: "Manifest | Storage | str") -> dict[str, Any]:
-    return json.loads(read_output(source, CONTROLNET_META))
+@dataclass(kw_only=True)
+class ControlNetMeta(SamplingFacts):
+    """``controlnet.json`` (built by ``components.controlnet.train.step_meta``): its DiT's sampling facts,
+    then the branch's."""
+
+    control: str  # the control signal: "edges", "blur", "low_res" or "folder"
+    num_blocks: int
+    control_scale: float
+    dit_weights_sha256: str
+    dit_step: str
+    sampling: dict[str, Any]
+    max_steps: int
+    ema_decay: float
+    # the control signal's one setting (the other signals' are not written)
+    edge_threshold: float | None = None
+    blur_sigma: float | None = None
+    low_res_size: int | None = None
+    folder: str | None = None
+    parameters: int | None = None  # the branch's trainable parameters
+    dit_parameters: int | None = None
+
+
+def load_controlnet_meta(source: "Manifest | Storage | str") -> ControlNetMeta:
+    return ControlNetMeta.read(source, CONTROLNET_META)
 
 
 def dit_weights_digest(dit_manifest: "Manifest") -> str:
@@ -35,7 +59,7 @@ def dit_weights_digest(dit_manifest: "Manifest") -> str:
 
 
 def load_controlnet(source: "Manifest | Storage | str", dit_manifest: "Manifest", device: str = "cpu",
-                    ema: bool = True) -> tuple["ControlledDiT", dict, dict]:
+                    ema: bool = True) -> tuple["ControlledDiT", ControlNetMeta, "DitMeta"]:
     """(ControlledDiT in eval mode on ``device``, its meta, the DiT's meta). ``source``: the ControlNet
     step's manifest (files checked against their sha256) or its output directory."""
     import safetensors.torch
@@ -44,15 +68,15 @@ def load_controlnet(source: "Manifest | Storage | str", dit_manifest: "Manifest"
     from components.dit.load import load_dit
 
     meta = load_controlnet_meta(source)
-    recorded, found = meta.get("dit_weights_sha256"), dit_weights_digest(dit_manifest)
+    recorded, found = meta.dit_weights_sha256, dit_weights_digest(dit_manifest)
     if recorded != found:
         raise ValueError(f"{CONTROLNET_META}: this ControlNet was trained on the DiT weights with sha256 {recorded}, "
                          f"but step {dit_manifest.step!r} holds {found}: train it again on this DiT")
     dit, dit_meta = load_dit(dit_manifest)
-    model = ControlledDiT(dit, int(meta["num_blocks"]), float(meta.get("control_scale", 1.0)))
+    model = ControlledDiT(dit, int(meta.num_blocks), float(meta.control_scale))
     name = CONTROLNET_WEIGHTS if ema else CONTROLNET_RAW_WEIGHTS
     try:
         model.load_state_dict(safetensors.torch.load(read_output(source, name)))
     except RuntimeError as e:  # missing or unexpected keys, other shapes
-        raise ValueError(f"{name}: does not fit a ControlNet of {meta['num_blocks']} blocks over this DiT: {e}") from e
+        raise ValueError(f"{name}: does not fit a ControlNet of {meta.num_blocks} blocks over this DiT: {e}") from e
     return model.to(device).eval(), meta, dit_meta

@@ -67,7 +67,7 @@ class DitMeta(StageMeta):
         return [str(c) for c in (self.classes or range(self.num_classes))]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingFacts(StageMeta):
     """The part of dit.json that sampling a DiT reads, for a meta that holds only it: controlnet.json
     copies these facts of its DiT (``components.controlnet.train.DIT_FACTS``) and samples under them."""
@@ -79,9 +79,9 @@ class SamplingFacts(StageMeta):
     num_classes: int
     null_label: int | None
     latent_shape: list[int]
+    classes: list[str] | None
     image_channels: int
     image_size: int
-    classes: list[str] | None = None
 
 
 def sampling_meta(meta: "StageMeta | dict[str, Any]") -> "DitMeta | SamplingFacts":

@@ -14,10 +14,15 @@ both judged.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from components.common.step import Manifest
+
+if TYPE_CHECKING:
+    from components.controlnet.load import ControlNetMeta
 
 CONTROL_GRID = "eval_control.png"  # a row per control: the control, the controlled sample, the uncontrolled one
 
@@ -55,12 +60,13 @@ def validation_controls(shard: Manifest, cn_cfg, count: int, size: int) -> tuple
     return torch.stack([torch.from_numpy(decoder.control_of(keys[i], arrays[i])) for i in chosen]), labels[chosen]
 
 
-def signal_config(meta: dict):
+def signal_config(meta: "ControlNetMeta"):
     """The ControlNetConfig the step trained with, as far as its signal goes (from controlnet.json)."""
     from components.controlnet.config import ControlNetConfig
 
-    settings = {k: meta[k] for k in ("edge_threshold", "blur_sigma", "low_res_size", "folder") if k in meta}
-    return ControlNetConfig(control=meta["control"], **settings)
+    settings = {k: getattr(meta, k) for k in ("edge_threshold", "blur_sigma", "low_res_size", "folder")
+                if getattr(meta, k) is not None}
+    return ControlNetConfig(control=meta.control, **settings)
 
 
 def control_fidelity(cfg, inputs: dict[str, Manifest], judge_model, device: str):
@@ -76,7 +82,7 @@ def control_fidelity(cfg, inputs: dict[str, Manifest], judge_model, device: str)
     ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
     cn_cfg = signal_config(meta)
     controls, labels = validation_controls(inputs["shard"], cn_cfg, cfg.control_samples, int(dit_meta.image_size))
-    scale = float(meta.get("control_scale", 1.0))
+    scale = float(meta.control_scale)
     drawn = {name: generate_controlled(model, dit_meta, ae, ae_meta, labels, controls, cfg.sample, s, cfg.batch_size)
              for name, s in (("control", scale), ("uncontrolled", 0.0))}
     metrics = {}
@@ -87,7 +93,7 @@ def control_fidelity(cfg, inputs: dict[str, Manifest], judge_model, device: str)
         else:
             remade = images if cn_cfg.control == "folder" else control_signal(images, cn_cfg)
             metrics[f"{name}_signal_mae"] = float((remade.float() - controls.float()).abs().mean() / 255)
-    record = {"control": meta["control"], "control_scale": scale, "count": len(labels), "metrics": dict(metrics)}
+    record = {"control": meta.control, "control_scale": scale, "count": len(labels), "metrics": dict(metrics)}
     rows = min(10, len(labels))
     cells = [image[i].permute(1, 2, 0).numpy() for i in range(rows)
              for image in (controls, drawn["control"], drawn["uncontrolled"])]
