@@ -57,11 +57,12 @@ def with_classifier_guidance(model_fn, classifier, dit_meta: DitMeta, schedule: 
                                            weight, dit_meta.prediction)
 
 
-def dit_denoiser(dit: torch.nn.Module, dit_meta: DitMeta, sampling: SamplingConfig, schedule: NoiseSchedule,
+def dit_denoiser(dit: torch.nn.Module, dit_meta: "DitMeta | dict", sampling: SamplingConfig, schedule: NoiseSchedule,
                  classifier=None) -> Denoiser:
     """The DiT as the samplers see it: guided fn(x_t, t, y, **text) (classifier-free with ``sampling.guidance``,
     then classifier guidance when set) with the DiT's prediction, learned variance and ``sampling``'s
     thresholding. A text-conditioned DiT (``TextDiT``) is guided against its encoder's null caption."""
+    dit_meta = sampling_meta(dit_meta)  # typed, or its JSON form
     if dit_meta.learn_sigma and sampling.fixed_variance != "beta_tilde":
         raise ValueError(f"fixed_variance {sampling.fixed_variance!r} is for a DiT with a fixed variance; this one "
                          "learned Sigma (learn_sigma) and samples with it: drop the setting")
