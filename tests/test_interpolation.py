@@ -4,6 +4,7 @@ an image end comes back within DDIM inversion's round trip, bad arguments are re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -107,11 +108,11 @@ def test_an_image_end_comes_back_within_the_inversions_round_trip(workflow, tmp_
     dit, meta = untrained_dit(learn_sigma=False)  # the weights write_workflow stored
     ae, ae_meta = tiny_autoencoder()
     sampling = SamplingConfig(steps=50, guidance=1.0)
-    image = read_image(image_file, {**ae_meta, "channels": 1})
+    image = read_image(image_file, dataclasses.replace(ae_meta, channels=1))
     x_T = invert(dit, meta, ae, ae_meta, image, [0], sampling)
     round_trip = generate(dit, meta, ae, ae_meta, [0], sampling, x_T=x_T)[0, 0].numpy()
     assert np.array_equal(frame(0), round_trip)
-    schedule = NoiseSchedule.from_name(meta["schedule"], 1000)
+    schedule = NoiseSchedule.from_name(meta.schedule, 1000)
     z0 = encode_scaled(ae, ae_meta, image)
     with torch.no_grad():
         back = ddim_sample(dit_denoiser(dit, meta, sampling, schedule), x_T, spaced_timesteps(1000, 50, "trailing"),
