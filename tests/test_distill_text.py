@@ -18,6 +18,7 @@ from components.distill.config import DistillConfig
 from components.distill.consistency import consistency_levels
 from components.distill.sample import generate_student
 from components.distill.task import ConsistencyTask, ProgressiveTask
+from components.dit.load import DitMeta
 from components.dit.model import DIT_PRESETS, DiT
 from components.dit.text_model import TextDiT, text_dit_arguments
 from components.text.config import TextEncoderConfig
@@ -25,6 +26,7 @@ from components.text.load import TOKENIZER_FILE, build_text_encoder, tokenizer_f
 from rounding import assert_same_up_to_rounding
 from test_dit import LATENT, tiny_autoencoder
 from test_dit_text import captioned_latents
+from tests.metas import dit_meta, student_meta
 
 GUIDANCE = 1.5
 TEXT = {"kind": "joint", "width": 32, "depth": 1, "heads": 2, "max_tokens": 8, "caption_dropout": 0.1}
@@ -33,7 +35,7 @@ PROMPTS = ["a thin zero", "a thick two"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def text_teacher(out, captions: list[str], classes: list[str]) -> tuple[dict, str]:
+def text_teacher(out, captions: list[str], classes: list[str]) -> tuple[DitMeta, str]:
     """A v-prediction text DiT (joint encoder over ``captions``' words) written as the DiT step writes
     it, weights perturbed so captions and guidance matter (its text entries start at zero):
     (dit.json's meta, the tokenizer JSON)."""
@@ -50,11 +52,11 @@ def text_teacher(out, captions: list[str], classes: list[str]) -> tuple[dict, st
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(out / "dit.safetensors"))
     (out / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
-    meta = {"model": kwargs, "schedule": "scaled_linear", "num_timesteps": 1000, "prediction": "v",
-            "learn_sigma": False, "num_classes": len(classes), "null_label": None, "latent_shape": LATENT,
-            "classes": classes, "image_channels": 1, "image_size": 8, "sampling": {"guidance": GUIDANCE},
-            "conditioning": "text", "text": cfg.model_dump(mode="json"), "grid_prompts": PROMPTS}
-    (out / "dit.json").write_text(json.dumps(meta))
+    meta = dit_meta(model=kwargs, schedule="scaled_linear", num_timesteps=1000, prediction="v", learn_sigma=False,
+                    num_classes=len(classes), null_label=None, latent_shape=list(LATENT), classes=classes,
+                    image_channels=1, image_size=8, sampling={"guidance": GUIDANCE}, conditioning="text",
+                    text=cfg.model_dump(mode="json"), grid_prompts=PROMPTS)
+    (out / "dit.json").write_text(json.dumps(meta.to_json()))
     return meta, tokenizer.to_json()
 
 
@@ -71,16 +73,17 @@ def text_task(tmp_path, method: str, cfg: DistillConfig | None = None):
     data = captioned_latents()
     meta, tokenizer_json = text_teacher(tmp_path / "dit", data[2], ["zero", "one", "two"])
     cfg = cfg or distill_cfg(method)
-    meta |= {"method": method, "guidance": GUIDANCE, "teacher_cfg_weight": GUIDANCE}
+    facts = {"method": method, "guidance": GUIDANCE, "teacher_cfg_weight": GUIDANCE}
     ref = (str(tmp_path / "dit"), "dit.safetensors")
     if method == "progressive":
         levels = spaced_timesteps(1000, 4, "trailing")
-        meta |= {"teacher_levels": levels.tolist(), "levels": levels[::2].tolist(), "native_steps": 2}
-        return ProgressiveTask(cfg, meta, init=ref, teacher=ref, in_memory=data, tokenizer_json=tokenizer_json)
+        meta = student_meta(meta, **facts, teacher_levels=levels.tolist(), levels=levels[::2].tolist(), native_steps=2)
+        return ProgressiveTask(cfg, meta.to_json(), init=ref, teacher=ref, in_memory=data,
+                               tokenizer_json=tokenizer_json)
     levels = consistency_levels(NoiseSchedule.from_name("scaled_linear", 1000), cfg.consistency.num_levels)
-    meta |= {"consistency_levels": levels.tolist(), "sample_levels": [int(levels[len(levels) // 2])],
-             "native_steps": 1}
-    return ConsistencyTask(cfg, meta, init=ref, teacher=ref, in_memory=data, tokenizer_json=tokenizer_json)
+    meta = student_meta(meta, **facts, consistency_levels=levels.tolist(), native_steps=1,
+                        sample_levels=[int(levels[len(levels) // 2])])
+    return ConsistencyTask(cfg, meta.to_json(), init=ref, teacher=ref, in_memory=data, tokenizer_json=tokenizer_json)
 
 
 # ---------------------------------------------------------------- the teacher: its captions, its null caption
@@ -150,7 +153,7 @@ def captioned_inputs(tmp_path) -> dict:
     storage = Storage.from_uri(str(tmp_path / "dit"))
     files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in ("dit.safetensors", "dit.json", TOKENIZER_FILE)]
     dit = Manifest(step="dit", cache_key="k", code_version="1", location=str(tmp_path / "dit"), config={},
-                   upstream={}, files=files, info=meta)
+                   upstream={}, files=files, info=meta.to_json())
     return {"shard": shard_manifest, "autoencoder": ae_manifest, "latents": latents, "dit": dit}
 
 
