@@ -91,10 +91,10 @@ def run(cfg: ControlNetConfig, inputs: dict[str, Manifest], ctx: StepContext) ->
     final = result.metrics
     metrics = {"loss": float(final.get("loss", float("nan"))), "mse": float(final.get("mse", float("nan"))),
                "images_per_s": float(final.get("images_per_s", float("nan"))),
-               "trainable_parameters": float(meta["parameters"]), **result.run_metrics(),
+               "trainable_parameters": float(meta.parameters), **result.run_metrics(),
                "grid_sample_seconds": sample_seconds}
     ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("loss", "mse", "images_per_s")},
                             step=int(metrics["steps"]))
     log.info("%s: %s control, %d of %d blocks copied, %d steps, loss %.4f", ctx.step, cfg.control, cfg.num_blocks,
              int(dit_meta.model["depth"]), metrics["steps"], metrics["loss"])
-    return StepOutput(files=files + [GRID], metrics=metrics, info={**meta, "checkpoint_uri": result.checkpoint_uri})
+    return StepOutput(files=files + [GRID], metrics=metrics, info={**meta.to_json(), "checkpoint_uri": result.checkpoint_uri})
