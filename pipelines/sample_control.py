@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.sample import (AUTOENCODER_STEP, GRID, BadFlag, SampleError, SampleResult, find_summary, parse_labels,
                               sampling_config, step_manifest)
@@ -25,6 +25,9 @@ from pipelines.sample import (AUTOENCODER_STEP, GRID, BadFlag, SampleError, Samp
 CONTROLNET_STEP = "controlnet"
 CONTROLS_JSON = "controls.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+if TYPE_CHECKING:
+    from components.dit.load import DitMeta
 
 
 def control_files(control: str | os.PathLike) -> list[Path]:
@@ -40,7 +43,7 @@ def control_files(control: str | os.PathLike) -> list[Path]:
     return [path]
 
 
-def read_controls(files: list[Path], dit_meta: dict):
+def read_controls(files: list[Path], dit_meta: "DitMeta"):
     """uint8 (K, C, H, W) control images, each checked against the DiT's image shape."""
     import torch
 
@@ -84,17 +87,17 @@ def sample_controlled(workflow_id: str, labels: str, per_label: int, control: st
     model, meta, dit_meta = load_controlnet(step_manifest(summary, CONTROLNET_STEP, summary_uri), dit_manifest,
                                             device=device)
     ae, ae_meta = load_autoencoder(step_manifest(summary, AUTOENCODER_STEP, summary_uri), device=device)
-    sampling = sampling_config(meta.get("sampling"), sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+    sampling = sampling_config(meta.sampling, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
                                seed=seed, **(sampler_options or {}))
     if sampling.classifier_guidance:
         raise BadFlag("--classifier-guidance does not go with --control yet")
     files = control_files(control)
     controls = read_controls(files, dit_meta)
-    classes = [str(c) for c in (dit_meta.get("classes") or range(int(dit_meta["num_classes"])))]
+    classes = dit_meta.class_names()
     label_ids = parse_labels(labels, classes)
     every = len(label_ids) * per_label  # images per control
     label_tensor = torch.tensor(label_ids).repeat_interleave(per_label)
-    scale = float(meta.get("control_scale", 1.0)) if control_scale is None else float(control_scale)
+    scale = float(meta.control_scale) if control_scale is None else float(control_scale)
     try:  # one control at a time: each starts at noise stream 0 (module docstring)
         images = torch.cat([generate_controlled(model, dit_meta, ae, ae_meta, label_tensor, control.expand(every, -1, -1, -1),
                                                 sampling, scale, batch_size, progress) for control in controls])
