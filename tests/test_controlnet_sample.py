@@ -41,8 +41,8 @@ def add_controlnet(root: Path, workflow_id: str) -> None:
     meta = {key: dit_meta[key] for key in ("schedule", "num_timesteps", "prediction", "learn_sigma", "num_classes",
                                            "null_label", "latent_shape", "classes", "image_channels", "image_size")}
     meta |= {"control": "edges", "num_blocks": 1, "control_scale": 1.0, "edge_threshold": 0.25,
-             "dit_weights_sha256": dit_weights_digest(dit_manifest),
-             "sampling": SamplingConfig(steps=3, guidance=1.0).model_dump()}
+             "dit_weights_sha256": dit_weights_digest(dit_manifest), "dit_step": "dit",
+             "sampling": SamplingConfig(steps=3, guidance=1.0).model_dump(), "max_steps": 1, "ema_decay": 0.0}
     manifest = write_step(root, "controlnet", {CONTROLNET_WEIGHTS: save(model.state_dict()),
                                                CONTROLNET_META: json.dumps(meta).encode()})
     summary["steps"].append({"name": "controlnet", "status": "ran", "cache_key": "k", "mlflow_run_id": None,
