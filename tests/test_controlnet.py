@@ -23,7 +23,7 @@ from components.diffusion.registry import SAMPLERS
 from components.dit.config import SamplingConfig
 from components.dit.generate import generate
 from components.dit.model import build_dit
-from tests.metas import ae_meta
+import metas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +47,7 @@ def trained_looking_dit(depth: int = 3, seed: int = 0, **overrides):
 def tiny_autoencoder():
     torch.manual_seed(1)
     return build_autoencoder("ae-tiny", **{**AUTOENCODER_PRESETS["ae-tiny"], "in_channels": 1}).eval(), \
-        ae_meta(scale_factor=1.0, channels=1, image_size=8, latent_shape=list(LATENT))
+        metas.ae_meta(scale_factor=1.0, channels=1, image_size=8, latent_shape=list(LATENT))
 
 
 def perturb_branch(model: ControlledDiT) -> None:

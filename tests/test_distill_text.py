@@ -26,7 +26,7 @@ from components.text.load import TOKENIZER_FILE, build_text_encoder, tokenizer_f
 from rounding import assert_same_up_to_rounding
 from test_dit import LATENT, tiny_autoencoder
 from test_dit_text import captioned_latents
-from tests.metas import dit_meta, student_meta
+import metas
 
 GUIDANCE = 1.5
 TEXT = {"kind": "joint", "width": 32, "depth": 1, "heads": 2, "max_tokens": 8, "caption_dropout": 0.1}
@@ -52,10 +52,10 @@ def text_teacher(out, captions: list[str], classes: list[str]) -> tuple[DitMeta,
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(out / "dit.safetensors"))
     (out / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
-    meta = dit_meta(model=kwargs, schedule="scaled_linear", num_timesteps=1000, prediction="v", learn_sigma=False,
-                    num_classes=len(classes), null_label=None, latent_shape=list(LATENT), classes=classes,
-                    image_channels=1, image_size=8, sampling={"guidance": GUIDANCE}, conditioning="text",
-                    text=cfg.model_dump(mode="json"), grid_prompts=PROMPTS)
+    meta = metas.dit_meta(model=kwargs, schedule="scaled_linear", num_timesteps=1000, prediction="v",
+                          learn_sigma=False, num_classes=len(classes), null_label=None, latent_shape=list(LATENT),
+                          classes=classes, image_channels=1, image_size=8, sampling={"guidance": GUIDANCE}, conditioning="text",
+                          text=cfg.model_dump(mode="json"), grid_prompts=PROMPTS)
     (out / "dit.json").write_text(json.dumps(meta.to_json()))
     return meta, tokenizer.to_json()
 
@@ -77,12 +77,13 @@ def text_task(tmp_path, method: str, cfg: DistillConfig | None = None):
     ref = (str(tmp_path / "dit"), "dit.safetensors")
     if method == "progressive":
         levels = spaced_timesteps(1000, 4, "trailing")
-        meta = student_meta(meta, **facts, teacher_levels=levels.tolist(), levels=levels[::2].tolist(), native_steps=2)
+        meta = metas.student_meta(meta, **facts, teacher_levels=levels.tolist(), levels=levels[::2].tolist(),
+                                  native_steps=2)
         return ProgressiveTask(cfg, meta.to_json(), init=ref, teacher=ref, in_memory=data,
                                tokenizer_json=tokenizer_json)
     levels = consistency_levels(NoiseSchedule.from_name("scaled_linear", 1000), cfg.consistency.num_levels)
-    meta = student_meta(meta, **facts, consistency_levels=levels.tolist(), native_steps=1,
-                        sample_levels=[int(levels[len(levels) // 2])])
+    meta = metas.student_meta(meta, **facts, consistency_levels=levels.tolist(), native_steps=1,
+                              sample_levels=[int(levels[len(levels) // 2])])
     return ConsistencyTask(cfg, meta.to_json(), init=ref, teacher=ref, in_memory=data, tokenizer_json=tokenizer_json)
 
 

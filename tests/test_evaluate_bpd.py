@@ -37,7 +37,7 @@ def dit_manifest(root, classes: list[str], learn_sigma: bool):
 
     from components.dit.model import build_dit
     from test_evaluate import write_step
-    from tests.metas import dit_meta
+    import metas
 
     kwargs = dict(input_size=4, in_channels=4, num_classes=len(classes), learn_sigma=learn_sigma, depth=2,
                   hidden_size=64, num_heads=2, patch_size=2)
@@ -46,9 +46,9 @@ def dit_manifest(root, classes: list[str], learn_sigma: bool):
     with torch.no_grad():
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    meta = dit_meta(model=kwargs, schedule="scaled_linear", num_timesteps=1000, prediction="eps",
-                    learn_sigma=learn_sigma, num_classes=len(classes), null_label=dit.null_class_id,
-                    latent_shape=[4, 4, 4], classes=classes, image_channels=1, image_size=8)
+    meta = metas.dit_meta(model=kwargs, schedule="scaled_linear", num_timesteps=1000, prediction="eps",
+                          learn_sigma=learn_sigma, num_classes=len(classes), null_label=dit.null_class_id,
+                          latent_shape=[4, 4, 4], classes=classes, image_channels=1, image_size=8)
     return write_step(root / ("sigma" if learn_sigma else "fixed"), "dit",
                       {DIT_WEIGHTS: save(dit.state_dict()), DIT_META: json.dumps(meta.to_json()).encode()})
 

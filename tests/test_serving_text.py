@@ -34,7 +34,7 @@ from pipelines.sample_prompts import sample_prompts
 from test_dit import CLASSES, LATENT, untrained_autoencoder_manifest
 from test_dit_text import captioned_latents, text_cfg, text_task
 from test_text_encoder import save_tiny_model
-from tests.metas import dit_meta
+import metas
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 SAMPLING = {"steps": 3, "guidance": 2.0, "seed": 0}
@@ -65,10 +65,10 @@ def frozen_task(directory) -> LatentDitTask:
     cfg = frozen_cfg(directory)
     arguments = text_dit_arguments(build_text_encoder(cfg.text))
     kwargs = build_step_dit(cfg, LATENT, None, arguments).arguments
-    meta = dit_meta(schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, prediction=cfg.prediction,
-                    learn_sigma=False, num_classes=3, null_label=None, latent_shape=list(LATENT), model=kwargs,
-                    text=cfg.text.model_dump(mode="json"), conditioning="text", sampling=SAMPLING,
-                    text_encoder_files=directory_digests(directory))
+    meta = metas.dit_meta(schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, prediction=cfg.prediction,
+                          learn_sigma=False, num_classes=3, null_label=None, latent_shape=list(LATENT), model=kwargs,
+                          text=cfg.text.model_dump(mode="json"), conditioning="text", sampling=SAMPLING,
+                          text_encoder_files=directory_digests(directory))
     return LatentDitTask(cfg, kwargs, meta.to_json(), in_memory=captioned_latents())
 
 

@@ -17,6 +17,7 @@ import torch
 import metas
 from components.autoencoder.load import AE_META, AutoencoderMeta, load_autoencoder
 from components.common.stage_meta import MissingMetaKey, StageMeta
+from components.common.step import FileRecord, Manifest
 from components.distill.load import STUDENT_META, StudentMeta, load_student
 from components.distill.sample import supported_steps
 from components.distill.train import consistency_student_meta, round_student_meta
@@ -261,3 +262,39 @@ def test_the_missing_key_error_reaches_the_loader(tmp_path):
     Path(tmp_path / DIT_META).write_text(json.dumps(data))
     with pytest.raises(MissingMetaKey, match=rf"{tmp_path / DIT_META}: missing key 'schedule'"):
         load_dit(str(tmp_path))  # before it reads any weights: none were written
+
+
+def test_a_frozen_encoders_file_digests_are_a_dit_meta_field_written_only_when_recorded():
+    cfg = DitConfig(preset="DiT-Micro/2", conditioning="text", train={"max_steps": 3})
+    digests = {"config.json": "0" * 64, "model.safetensors": "1" * 64}
+    setup = TextSetup(tokenizer_json=None, arguments={"context_dim": 32, "pooled_dim": 32},
+                      grid_prompts=GRID_PROMPTS, vocabulary=0, encoder_files=digests)
+    probe = build_step_dit(cfg, LATENT, None, setup.arguments)
+    frozen = step_meta(cfg, probe, 1, LATENT, None, metas.ae_meta(), setup).to_json()
+    assert frozen["text_encoder_files"] == digests and set(frozen) == DIT_KEYS | TEXT_KEYS | {"text_encoder_files"}
+    read = DitMeta.from_json(frozen)
+    assert read.text_encoder_files == digests and read.extra == {} and read.to_json() == frozen
+    assert "text_encoder_files" not in dit_step_meta(text=True).to_json()  # a joint encoder records none
+
+
+def test_controlnet_json_reads_typed_with_its_dits_facts_and_keeps_what_the_step_wrote():
+    from components.controlnet.config import ControlNetConfig
+    from components.controlnet.load import ControlNetMeta
+    from components.controlnet.train import DIT_FACTS, checked_dit_meta
+    from components.controlnet.train import step_meta as controlnet_step_meta
+    from components.dit.load import SamplingFacts, sampling_meta
+
+    dit = dit_step_meta()
+    manifest = Manifest(step="dit", cache_key="k", code_version="1", location="/nowhere", config={}, upstream={},
+                        files=[FileRecord("dit.safetensors", "a" * 64, 1)])
+    cfg = ControlNetConfig(control="blur", num_blocks=1)
+    written = controlnet_step_meta(cfg, manifest, checked_dit_meta(dit, cfg)) | {"parameters": 5, "dit_parameters": 9}
+    meta = ControlNetMeta.from_json(json.loads(json.dumps(written)))
+    assert meta.to_json() == written and list(meta.to_json()) == list(written) and meta.extra == {}
+    assert meta.blur_sigma == cfg.blur_sigma and meta.edge_threshold is None and meta.dit_weights_sha256 == "a" * 64
+    assert [getattr(meta, k) for k in DIT_FACTS] == [getattr(dit, k) for k in DIT_FACTS]
+    assert isinstance(sampling_meta(written), SamplingFacts) and isinstance(sampling_meta(dit.to_json()), DitMeta)
+    with pytest.raises(MissingMetaKey, match="'latent_shape'"):
+        sampling_meta({k: v for k, v in written.items() if k != "latent_shape"})
+    with pytest.raises(ValueError, match="text-conditioned"):
+        checked_dit_meta(dit_step_meta(text=True), cfg)

@@ -31,7 +31,7 @@ from components.text.stored import NULL_TEXT_FILE, read_null
 from test_autoencoder import make_ctx, manifest_from
 from test_caption_stream import SAMPLES, members, shard_step
 from test_text_encoder import save_tiny_model
-from tests.metas import ae_meta
+import metas
 
 MAX_TOKENS = 8
 LATENT = [4, 8, 8]  # ae-mnist on the 32 px digits: f = 4
@@ -53,9 +53,9 @@ def untrained_autoencoder(root) -> Manifest:
     storage = Storage.from_uri(str(root))
     root.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / AE_WEIGHTS))
-    meta = ae_meta(preset="ae-mnist", model=model.arguments, regularizer="kl", latent_shape=list(LATENT),
-                   downsample_factor=4, latent_channels=LATENT[0],
-                   scale_factor=0.5, image_format="png", image_size=32, channels=1, classes=None)
+    meta = metas.ae_meta(preset="ae-mnist", model=model.arguments, regularizer="kl", latent_shape=list(LATENT),
+                         downsample_factor=4, latent_channels=LATENT[0],
+                         scale_factor=0.5, image_format="png", image_size=32, channels=1, classes=None)
     storage.write_text(AE_META, json.dumps(meta.to_json()))
     files = [FileRecord(rel, storage.sha256(rel), storage.size(rel)) for rel in (AE_WEIGHTS, AE_META)]
     return Manifest(step="autoencoder", cache_key="k", code_version="1", location=storage.uri(), config={},
