@@ -105,7 +105,7 @@ def sample_controlled(workflow_id: str, labels: str, per_label: int, control: st
         raise SampleError(str(e)) from None
     written = write_controlled(Path(out), images, controls, files, label_ids, per_label,
                                {"sampling": sampling.model_dump(mode="json"), "control_scale": scale,
-                                "control": meta["control"], "workflow_id": workflow_id})
+                                "control": meta.control, "workflow_id": workflow_id})
     return SampleResult(Path(out), written, label_ids, classes, sampling, summary_uri)
 
 

@@ -141,7 +141,7 @@ def log_generator(client, run_id: str, name: str, kind: str, ae: "Manifest", ae_
         mlflow.pyfunc.save_model(
             path=str(staged / "model"), python_model=str(Path(__file__).with_name("generator_model.py")),
             artifacts={AUTOENCODER_ARTIFACT: str(ae_dir), DENOISER_ARTIFACT: str(denoiser_dir)},
-            code_paths=[str(code)], signature=generator_signature(kind == "dit", meta.get("text") is not None),
+            code_paths=[str(code)], signature=generator_signature(kind == "dit", meta.text is not None),
             input_example=generator_example(kind, meta, sampling), pip_requirements=pip_requirements(),
             mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                                model_id=model.model_id))
