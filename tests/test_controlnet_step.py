@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+import metas
 from components.common.storage import Storage
 from components.common.step import FileRecord, Manifest
 from components.controlnet.config import ControlNetConfig
@@ -37,10 +38,10 @@ def dit_manifest(root, classes, seed: int = 0) -> Manifest:
     out = root / f"dit{seed}"
     out.mkdir()
     save_file(dit.state_dict(), str(out / DIT_WEIGHTS))
-    meta = {"model": dit.arguments, "schedule": "scaled_linear", "num_timesteps": 1000, "prediction": "eps",
-            "learn_sigma": False, "num_classes": len(classes), "null_label": len(classes), "latent_shape": LATENT,
-            "classes": classes, "image_channels": 1, "image_size": 8}
-    (out / DIT_META).write_text(json.dumps(meta))
+    meta = metas.dit_meta(model=dit.arguments, schedule="scaled_linear", num_timesteps=1000, prediction="eps",
+                          learn_sigma=False, num_classes=len(classes), null_label=len(classes),
+                          latent_shape=list(LATENT), classes=classes, image_channels=1, image_size=8)
+    (out / DIT_META).write_text(json.dumps(meta.to_json()))
     storage = Storage.from_uri(str(out))
     files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in (DIT_WEIGHTS, DIT_META)]
     return Manifest(step="dit", cache_key=f"k{seed}", code_version="1", location=str(out), config={}, upstream={},
