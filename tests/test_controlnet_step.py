@@ -45,7 +45,7 @@ def dit_manifest(root, classes, seed: int = 0) -> Manifest:
     storage = Storage.from_uri(str(out))
     files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in (DIT_WEIGHTS, DIT_META)]
     return Manifest(step="dit", cache_key=f"k{seed}", code_version="1", location=str(out), config={}, upstream={},
-                    files=files, info=meta)
+                    files=files, info=meta.to_json())
 
 
 @pytest.mark.integration
