@@ -194,10 +194,15 @@ def superres_stages(summary: dict, summary_uri: str, device: str, **overrides: A
         raise SampleError(f"workflow {summary.get('workflow_id')!r} has no super-resolution steps (superres_1, ...): "
                           f"--step cascade needs a pipeline with a superres section ({summary_uri})")
     try:
-        return [load_superres(step_manifest(summary, name, summary_uri), device=device, **overrides) for name in names]
+        stages = [load_superres(step_manifest(summary, name, summary_uri), device=device, **overrides) for name in names]
     except ValidationError as e:
         problems = "; ".join(f"--sr-{flag_name('.'.join(map(str, err['loc'])))}: {err['msg']}" for err in e.errors())
         raise BadFlag(f"invalid super-resolution sampler settings: {problems}") from None
+    texts = [name for name, stage in zip(names, stages) if stage.takes_text]
+    if texts:  # the evaluate step's cascade passes them prompts; this command does not yet
+        raise BadFlag(f"{', '.join(texts)} of workflow {summary.get('workflow_id')!r} take(s) text: "
+                      "latentflow sample --step cascade does not pass prompts to super-resolution stages yet")
+    return stages
 
 
 def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike, storage: str | None = None,
