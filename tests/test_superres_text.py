@@ -184,3 +184,34 @@ def test_a_textless_cascade_is_unchanged_by_prompts():
     stage = SrStage(model.eval(), meta, SuperResSamplingConfig(steps=2))
     base = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
     assert torch.equal(cascade(base, [stage], [0, 1], seed=0), cascade(base, [stage], [0, 1], seed=0, prompts=["a", "b"]))
+
+
+def test_the_evaluated_cascade_gives_each_sample_its_prompt_or_a_caption_of_its_class(tmp_path):
+    from components.common.step import FileRecord, Manifest
+    from components.common.storage import Storage
+    from components.evaluate.cascade import cascade_prompts
+    from components.evaluate.prompts import prompts_per_class
+    from components.shard.captions import caption_plan
+    from components.shard.config import ShardConfig
+    from components.shard.run import shard_chunk
+    from components.shard.sources import open_source
+
+    cfg = ShardConfig(source="builtin:mnist", captions="attributes", max_samples=80, val_fraction=0.5)
+    source, storage = open_source(cfg.source), Storage.from_uri(str(tmp_path))
+    result = shard_chunk(0, source.list_items()[0][:80], source, cfg, storage, caption_plan(cfg))
+    rels = result["files"]["train"] + result["files"]["val"]
+    shard = Manifest(step="shard", cache_key="k", code_version="1", location=storage.uri(), config={}, upstream={},
+                     files=[FileRecord(rel, storage.sha256(rel), storage.size(rel)) for rel in rels],
+                     info={"train_shards": result["files"]["train"], "val_shards": result["files"]["val"],
+                           "train_counts": result["file_counts"]["train"], "val_counts": result["file_counts"]["val"],
+                           "image_format": "png", "on_bad_sample": "fail", "captions": "attributes"})
+    classes = ["0", "1", "2"]
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    chosen = torch.tensor([0, 1, 2, 4, 5])
+    given = [f"prompt {i}" for i in range(len(labels))]
+    assert cascade_prompts(shard, labels, classes, chosen, given) == ["prompt 0", "prompt 1", "prompt 2", "prompt 4",
+                                                                    "prompt 5"]
+    by_class = prompts_per_class(shard, classes, 2)  # class-major: two validation captions of each class
+    assert cascade_prompts(shard, labels, classes, chosen, None) == [by_class[0], by_class[1], by_class[2],
+                                                                   by_class[4], by_class[5]]
+    assert len(set(by_class)) > 1
