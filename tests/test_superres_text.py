@@ -118,6 +118,11 @@ def test_a_loaded_text_stage_follows_its_prompt_under_guidance(trained_text_stag
     assert not torch.equal(by_cascade, cascade(base, [stage], [0, 0], seed=0, batch_size=1, prompts=thick))
     with pytest.raises(ValueError, match=r"stage\(s\) \[1\] take text: the cascade needs one prompt per image"):
         cascade(base, [stage], [0, 0], seed=0)
+    # the step's own evaluation super-resolves validation images with their captions
+    from components.superres.train import evaluate_stage
+
+    metrics, rows = evaluate_stage(stage, base.repeat(1, 1, 2, 2), None, text_stage_config(), prompts=thin)
+    assert rows.shape == (3, 2, 1, 16, 16) and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
 def test_the_null_text_is_what_caption_dropout_trains_and_guidance_swaps_in(trained_text_stage):
