@@ -118,7 +118,6 @@ def sample(
                   device=device, sampler_options={k: v for k, v in score_options.items() if v is not None})
     if control is not None or control_scale is not None:
         return show_controlled(controlled_or_exit(workflow_id, model, step, control, control_scale, labels, per_label, out, **common))
-    if prompt or prompts_file:
     sr_overrides = {"sampler": sr_sampler, "steps": sr_steps, "guidance": sr_guidance,
                     "noise_cond_aug_level": sr_noise_cond_aug_level, "handoff": sr_handoff}
     if prompt or prompts_file:
