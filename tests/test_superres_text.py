@@ -220,3 +220,25 @@ def test_the_evaluated_cascade_gives_each_sample_its_prompt_or_a_caption_of_its_
     assert cascade_prompts(shard, labels, classes, chosen, None) == [by_class[0], by_class[1], by_class[2],
                                                                    by_class[4], by_class[5]]
     assert len(set(by_class)) > 1
+
+
+def test_sample_cascade_takes_prompts_for_text_stages_and_labels_for_class_stages(monkeypatch):
+    """``latentflow sample --step cascade``: labels refuse a text stage, prompts a class-conditional one
+    (the stages' loading is not the point here: each stage is its meta)."""
+    import components.superres.load
+    import pipelines.sample
+    from components.superres.config import SuperResSamplingConfig
+
+    metas = {"superres_1": {"text": {"kind": "joint"}, "num_classes": 0}, "superres_2": {"num_classes": 0}}
+    monkeypatch.setattr(pipelines.sample, "step_manifest", lambda summary, name, uri: name)
+    monkeypatch.setattr(components.superres.load, "load_superres",
+                        lambda name, device, **overrides: SrStage(None, metas[name], SuperResSamplingConfig()))
+    summary = {"workflow_id": "w", "steps": [{"name": "superres_1"}, {"name": "superres_2"}]}
+    stages = pipelines.sample.superres_stages(summary, "file:///s.json", "cpu", prompted=True)
+    assert [stage.takes_text for stage in stages] == [True, False]
+    with pytest.raises(pipelines.sample.BadFlag, match="superres_1 of workflow 'w' take.s. text: sample the cascade "
+                                                       "from prompts"):
+        pipelines.sample.superres_stages(summary, "file:///s.json", "cpu")
+    metas["superres_2"]["num_classes"] = 10
+    with pytest.raises(pipelines.sample.BadFlag, match="superres_2 of workflow 'w' is class-conditional: a prompt"):
+        pipelines.sample.superres_stages(summary, "file:///s.json", "cpu", prompted=True)
