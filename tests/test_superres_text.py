@@ -147,7 +147,8 @@ def test_the_null_text_is_what_caption_dropout_trains_and_guidance_swaps_in(trai
     torch.testing.assert_close(draw(w, prompts)[inside], expected[inside], rtol=1e-5, atol=1e-5)
 
 
-def pipeline(dit_text: bool, stage_text: dict | None, captions: str = "attributes", evaluate: bool = True):
+def pipeline(dit_text: bool, stage_text: dict | None, captions: str = "attributes", evaluate: bool = True,
+             model: dict | None = None):
     import yaml
 
     from pipelines.config import PipelineConfig
@@ -159,7 +160,8 @@ def pipeline(dit_text: bool, stage_text: dict | None, captions: str = "attribute
         data["dit"] = {k: v for k, v in data["dit"].items() if k not in ("conditioning", "text", "grid_prompts")}
     if not evaluate:
         data.pop("evaluate")
-    data["superres"] = [{"input_size": 16, "output_size": 32, "preset": "sr-tiny", "text": stage_text}]
+    data["superres"] = [{"input_size": 16, "output_size": 32, "preset": "sr-tiny", "text": stage_text,
+                         "model": model or {}}]
     return PipelineConfig(**data)
 
 
@@ -172,6 +174,8 @@ def test_the_config_takes_text_stages_and_refuses_a_textless_stage_under_a_text_
         pipeline(True, None)
     with pytest.raises(ValueError, match=r"superres.0.text needs captions in the shards"):
         pipeline(False, joint, captions="none")
+    with pytest.raises(ValueError, match=r"superres.0.model.pooled_dim is 8, but the data has 0 .superres.0.text is unset."):
+        pipeline(True, None, evaluate=False, model={"pooled_dim": 8})
     # no text: the stage's cache-relevant config is what it was before the field existed
     assert "text" not in SuperResConfig(input_size=8, output_size=16).cache_relevant()
     assert "text" in SuperResConfig(input_size=8, output_size=16, text=joint).cache_relevant()

@@ -46,8 +46,7 @@ def build_step_superres(cfg: SuperResConfig, channels: int, num_classes: int, po
     if cfg.preset not in SUPERRES_PRESETS:
         raise ValueError(f"superres.preset: unknown preset {cfg.preset!r}; valid: {', '.join(SUPERRES_PRESETS)}")
     fixed = with_data_fixed("superres", cfg.model, {"in_channels": channels, "out_size": cfg.output_size,
-                                                    "num_classes": num_classes,
-                                                    **({"pooled_dim": pooled_dim} if pooled_dim else {})})
+                                                    "num_classes": num_classes, "pooled_dim": pooled_dim})
     try:
         return build_superres(cfg.preset, **{**cfg.model, **fixed})
     except TypeError as e:  # an argument EfficientUNet does not take
