@@ -87,6 +87,8 @@ def sample_prompts(workflow_id: str | None, prompts: list[str] | None, prompts_f
     out.mkdir(parents=True, exist_ok=True)
     files = write_images(images, list(range(len(prompts))), per_prompt, out)
     origin = {"model": model} if model is not None else {"workflow_id": workflow_id, "step": text_model.kind}
+    if stages is not None:
+        origin.update(step="cascade", base=text_model.kind, final_size=int(images.shape[-1]))
     files.append(write_prompts_json(out, prompts, per_prompt, {"sampling": sampling.model_dump(mode="json"), **origin}))
     return SampleResult(out, files, list(range(len(prompts))), prompts, sampling, source)
 
