@@ -16,7 +16,7 @@ from components.superres.load import SR_META, load_superres
 from components.superres.model import EfficientUNet
 from components.superres.sample import SrStage, cascade, super_resolve
 from components.superres.task import SuperResTask
-from components.superres.text_model import TextSuperRes, prepare_stage_text
+from components.superres.text_model import StageText, TextSuperRes, prepare_stage_text
 from components.superres.train import build_step_superres
 from components.diffusion import sample_generator
 from components.text.load import TOKENIZER_FILE
@@ -246,3 +246,36 @@ def test_sample_cascade_takes_prompts_for_text_stages_and_labels_for_class_stage
     metas["superres_2"]["num_classes"] = 10
     with pytest.raises(pipelines.sample.BadFlag, match="superres_2 of workflow 'w' is class-conditional: a prompt"):
         pipelines.sample.superres_stages(summary, "file:///s.json", "cpu", prompted=True)
+
+
+def test_a_frozen_encoder_stays_out_of_the_weights_and_its_directory_is_checked_at_load(tmp_path):
+    from components.text.frozen import directory_digests
+    from test_text_encoder import save_tiny_model
+
+    save_tiny_model(tmp_path / "t5", "frozen_t5")
+    cfg = SuperResConfig(input_size=8, output_size=16, preset="sr-tiny",
+                         text={"kind": "frozen_t5", "path": str(tmp_path / "t5"), "max_tokens": 8},
+                         train=dict(max_steps=1, batch_size=4))
+    text_files = directory_digests(tmp_path / "t5")
+    arguments = build_step_superres(cfg, 1, 0, 16).arguments
+    meta = stage_meta(cfg, arguments, StageText(None, 16, text_files))
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    task = SuperResTask(cfg, arguments, meta, in_memory=(images, torch.zeros(4, dtype=torch.long),
+                                                         ["a thick seven", "a thin two", "", "seven"]))
+    model = task.build_model()
+    assert not any(k.startswith(("text_encoder.", "_frozen")) for k in model.state_dict())  # frozen: not trained
+    batch = next(iter(task.batch_source(0, 1, 4).epoch(0, 0, 0))).tensors
+    assert sorted(batch["caption"]) == ["", "a thick seven", "a thin two", "seven"]  # shuffled, with the images
+    assert batch["high"].shape == (4, 1, 16, 16) and batch["low"].shape == (4, 1, 8, 8)
+    for name, p in model.unet.named_parameters():  # a "trained" U-Net: past its zero-initialised convolutions
+        if not name.startswith("text_proj."):
+            p.data.add_(0.05 * torch.randn_like(p))
+    loss, _ = task.loss(model, batch, 0, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert model.unet.text_proj[-1].weight.grad.abs().max() > 0  # the projection learns from the frozen pooled text
+    task.export(model, model, tmp_path)
+    assert not (tmp_path / TOKENIZER_FILE).exists()
+    assert load_superres(str(tmp_path)).takes_text
+    (tmp_path / "t5" / "config.json").write_text((tmp_path / "t5" / "config.json").read_text() + " ")
+    with pytest.raises(ValueError, match=r"superres.text.path: .* not the one the model was trained with: config.json"):
+        load_superres(str(tmp_path))
