@@ -1,7 +1,9 @@
 """``latentflow sample --prompt "…" [--prompt "…"]… --per-prompt N`` (or ``--prompts FILE``): images of
 a finished workflow's text-conditioned DiT (``--step distill``: its distilled student; or, with
 ``--model models:/NAME@ALIAS``, a registered one), written as ``OUT/<prompt index>/<i>.png``,
-``OUT/grid.png`` (one row per prompt) and ``OUT/prompts.json``.
+``OUT/grid.png`` (one row per prompt) and ``OUT/prompts.json``. ``--step cascade`` takes the text DiT's
+(or, with ``--base distill``, its student's) images on through the workflow's super-resolution stages,
+each text stage given the image's prompt.
 
 Image i of prompt k uses noise stream k * N + i of the seed, as labels do: the same seed and prompts
 give the same images whatever the batch size. Every sampler, guidance (against the empty caption) and
@@ -39,12 +41,17 @@ def sample_prompts(workflow_id: str | None, prompts: list[str] | None, prompts_f
                    steps: int | None = None, guidance: float | None = None, eta: float | None = None,
                    seed: int | None = None, batch_size: int = 256, device: str = "cpu", progress: bool = True,
                    search_base: str | os.PathLike = ".", sampler_options: dict[str, Any] | None = None,
-                   model: str | None = None, tracking_uri: str | None = None, step: str = "dit") -> SampleResult:
+                   model: str | None = None, tracking_uri: str | None = None, step: str = "dit", base: str = "dit",
+                   sr_overrides: dict[str, Any] | None = None) -> SampleResult:
     """Generate ``per_prompt`` images for each prompt with the workflow's text DiT (``step="distill"``: its
-    distilled student, at its native steps) or the registered ``model``'s (``models:/NAME@ALIAS``), and
-    write them."""
+    distilled student, at its native steps; ``step="cascade"``: the ``base`` one's, then the workflow's
+    super-resolution stages with ``sr_overrides``) or the registered ``model``'s (``models:/NAME@ALIAS``),
+    and write them."""
     if per_prompt < 1:
         raise BadFlag(f"--per-prompt must be at least 1, got {per_prompt}")
+    stages = None
+    if step == "cascade":
+        stages, step = prompted_stages(workflow_id, model, base, storage, search_base, device, sr_overrides)
     try:
         prompts = gather_prompts(prompts, prompts_file)
     except PromptError as e:
@@ -69,12 +76,34 @@ def sample_prompts(workflow_id: str | None, prompts: list[str] | None, prompts_f
         images = draw()
     except ValueError as e:
         raise SampleError(str(e)) from None
+    if stages is not None:
+        import torch
+
+        from pipelines.sample import through_cascade
+
+        labels = torch.zeros(len(every), dtype=torch.long)  # no class: the stages take the prompts
+        images = through_cascade(images, stages, labels, sampling.seed, batch_size, prompts=every)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = write_images(images, list(range(len(prompts))), per_prompt, out)
     origin = {"model": model} if model is not None else {"workflow_id": workflow_id, "step": text_model.kind}
+    if stages is not None:
+        origin.update(step="cascade", base=text_model.kind, final_size=int(images.shape[-1]))
     files.append(write_prompts_json(out, prompts, per_prompt, {"sampling": sampling.model_dump(mode="json"), **origin}))
     return SampleResult(out, files, list(range(len(prompts))), prompts, sampling, source)
+
+
+def prompted_stages(workflow_id: str | None, model: str | None, base: str, storage: str | None, search_base,
+                    device: str, sr_overrides: dict[str, Any] | None) -> tuple[list, str]:
+    """(the workflow's super-resolution stages, the base step) of ``--step cascade`` with prompts."""
+    from pipelines.sample import superres_stages
+
+    if model is not None:
+        raise BadFlag("--step cascade samples a workflow's stages: give --workflow-id, not --model")
+    if base not in ("dit", "distill"):
+        raise BadFlag(f"--base must be dit or distill, got {base!r}")
+    summary_uri, summary = find_summary(workflow_id, storage, search_base)
+    return superres_stages(summary, summary_uri, device, prompted=True, **(sr_overrides or {})), base
 
 
 def student_drawing(text_model: TextModel, prompts: list[str], steps: int | None, seed: int | None, batch_size: int):
