@@ -180,20 +180,27 @@ class PipelineConfig(StrictModel):
                                  f"(from {mults_key})")
 
     def _check_text_conditioning(self) -> None:
-        """A text DiT needs captions in the shards, and the steps that sample it by class label (classifier
-        guidance, the evaluated cascade) do not take prompts yet: refused here, not mid-run. The distill
-        step distills it from its captions (and the evaluate step's distill rows sample it with prompts)."""
+        """A text (or class+text) DiT needs captions in the shards, and the steps that sample it by class
+        label alone (classifier guidance, the ControlNet, the evaluated cascade) do not take prompts yet:
+        refused here, not mid-run. The distill step distills a text DiT from its captions (and the evaluate
+        step's distill rows sample it with prompts); a class+text one is not distilled yet (its student and
+        grids would need a label beside every caption)."""
         if self.dit is None or not self.dit.uses_text:
             return
+        mode = self.dit.conditioning
         if self.shard.captions == "none":
-            raise ValueError("dit.conditioning: text needs captions in the shards: set shard.captions (sidecar, "
+            raise ValueError(f"dit.conditioning: {mode} needs captions in the shards: set shard.captions (sidecar, "
                              "a captions file, or attributes for builtin:mnist)")
         by_label = [name for name in ("noisy_classifier", "controlnet") if getattr(self, name) is not None]
         if self.superres and self.evaluate is not None:
             by_label.append("superres (evaluate's cascade)")
         if by_label:
-            raise ValueError(f"dit.conditioning: text: {', '.join(by_label)} sample(s) the DiT by class label and "
+            raise ValueError(f"dit.conditioning: {mode}: {', '.join(by_label)} sample(s) the DiT by class label and "
                              "take no prompts yet; drop those sections or use dit.conditioning: class")
+        if mode == "class+text" and self.distill is not None:
+            raise ValueError("dit.conditioning: class+text: the distill section distills text-only or class DiTs "
+                             "(not yet one taking a label and a caption per image); drop distill or use "
+                             "dit.conditioning: text")
 
     def _check_fp16_has_gpus(self) -> None:
         """DeepSpeed refuses fp16 on CPU ('fp16 is not supported'); the trainer says so only once the

@@ -174,7 +174,10 @@ def meta_uses_text(meta: dict) -> bool:
 
 
 def meta_uses_classes(meta: dict) -> bool:
-    """Whether a DiT, by its dit.json, takes class labels: class (a dit.json without conditioning) or class+text."""
+    """Whether a DiT (or a student of one), by its dit.json, takes class labels: class or class+text. The
+    null label says it (a text-only DiT has no class embedding, so none); a meta without one, its conditioning."""
+    if "null_label" in meta:
+        return meta["null_label"] is not None
     return meta.get("conditioning", "class") in ("class", "class+text")
 
     @field_validator("preset")
