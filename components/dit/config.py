@@ -167,6 +167,11 @@ class DitConfig(StepConfig):
     def uses_classes(self) -> bool:
         return self.conditioning in ("class", "class+text")
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        return known_preset(value, DIT_PRESETS, "DiT")
+
 
 def meta_uses_text(meta: dict) -> bool:
     """Whether a DiT (or a student of one), by its dit.json, takes captions: text or class+text."""
@@ -179,8 +184,3 @@ def meta_uses_classes(meta: dict) -> bool:
     if "null_label" in meta:
         return meta["null_label"] is not None
     return meta.get("conditioning", "class") in ("class", "class+text")
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        return known_preset(value, DIT_PRESETS, "DiT")
