@@ -66,7 +66,8 @@ def sample(
                                                "Default: MLFLOW_TRACKING_URI."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, e.g. 0,1,2."),
     per_label: Optional[int] = typer.Option(None, "--per-label", min=1, help="Images per label."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A text DiT's prompt; repeat for more."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A text DiT's prompt; repeat for more. A "
+                                               "class+text DiT draws each under each of --labels."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts: one per line (# "
                                                "comments and blank lines skipped), or a .json list of strings."),
     per_prompt: Optional[int] = typer.Option(None, "--per-prompt", min=1, help="Images per prompt."),
@@ -123,7 +124,8 @@ def sample(
     if prompt or prompts_file:
         return show_prompted(workflow_id or model, prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out,
                                                                    model=model, tracking_uri=tracking_uri, step=step,
-                                                                   base=base, sr_overrides=sr_overrides, **common))
+                                                                   base=base, sr_overrides=sr_overrides, labels=labels,
+                                                                   **common))
     result = sample_or_exit(workflow_id, labels, per_label, out, step=step, base=base, sr_overrides=sr_overrides,
                             model=model, tracking_uri=tracking_uri, **common)
     print_sampled(workflow_id or model, result)
@@ -131,13 +133,15 @@ def sample(
 
 def check_sample_flags(workflow_id, model, labels, per_label, prompted: bool, per_prompt, step) -> None:
     """One source (--workflow-id or --model); labels with --per-label, or prompts with --per-prompt on the
-    workflow's DiT. Each conflict exits 2, named."""
+    workflow's DiT (and --labels, for a class+text DiT: each prompt under each label). Each conflict exits 2,
+    named."""
     if (workflow_id is None) == (model is None):
         problem = "give --workflow-id or --model (one of them)"
     elif not prompted:
         problem = None if labels and per_label else "give --labels and --per-label (or --prompt and --per-prompt)"
-    else:
-        problem = ("--prompt/--prompts go with --per-prompt, not --labels/--per-label" if labels or per_label else
+    else:  # --labels with prompts: a class+text DiT draws each prompt under each label, --per-prompt images each
+        problem = ("--prompt/--prompts go with --per-prompt, not --per-label (with --labels too, for a class+text "
+                   "DiT: --per-prompt images of each prompt under each label)" if per_label else
                    "give --per-prompt with --prompt/--prompts" if per_prompt is None else
                    f"--step {step}: prompts sample the text DiT (--step dit), its student (--step distill) or "
                    "the cascade on top of either (--step cascade)" if step not in ("dit", "distill", "cascade") else None)

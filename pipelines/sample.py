@@ -250,9 +250,10 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
         raise SampleError(f"step {step!r} of workflow {summary.get('workflow_id')!r} was trained with another "
                           f"autoencoder than the workflow's {AUTOENCODER_STEP!r} step ({ae_manifest.output_uri})")
     dit, dit_meta = load_dit(dit_manifest, device=device, ema=True)
-    if dit_meta.get("conditioning") == "text":
+    if dit_meta.get("text") is not None:
         raise BadFlag(f"the {step} step of workflow {workflow_id!r} is text-conditioned: give --prompt (or --prompts) "
-                      "and --per-prompt, not labels")
+                      "and --per-prompt, not --per-label" + (" (with --labels: class+text, each prompt under each label)"
+                                                            if dit_meta.get("conditioning") == "class+text" else ""))
     ae, ae_meta = load_autoencoder(ae_manifest, device=device)
     classes = [str(c) for c in (dit_meta.get("classes") or range(int(dit_meta["num_classes"])))]
     label_ids = parse_labels(labels, classes)

@@ -85,6 +85,8 @@ def step_meta(cfg: DitConfig, probe, num_classes: int, latent_shape, classes, ae
     if text:
         meta |= {"conditioning": cfg.conditioning, "text": cfg.text.model_dump(mode="json"),
                  "text_vocabulary": text.vocabulary, "grid_prompts": text.grid_prompts}
+        if text.grid_labels is not None:  # class+text: each grid prompt's own label
+            meta["grid_labels"] = text.grid_labels
         if text.encoder_files is not None:
             meta["text_encoder_files"] = text.encoder_files
     return meta
@@ -94,7 +96,8 @@ def step_grid(cfg: DitConfig, dit, meta: dict, ae, ae_meta: dict, num_classes: i
     """The step's final grid: (images, row of each image): a row per class, or per prompt with text."""
     from components.dit.generate import generate
 
-    labels, prompts, rows = grid_conditions(cfg, num_classes, text.grid_prompts if text else None)
+    labels, prompts, rows = grid_conditions(cfg, num_classes, text.grid_prompts if text else None,
+                                            text.grid_labels if text else None)
     return generate(dit, meta, ae, ae_meta, labels, cfg.sample, prompts=prompts), rows
 
 

@@ -143,10 +143,11 @@ def prompted_grid(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepCon
                   classes: list[str], device: str) -> list[str]:
     """``eval_prompts.png`` (a row per prompt, ``grid_per_class`` samples of it) and ``eval_prompts.json``
     (the rows' prompts), also in MLflow."""
-    rows = grid_prompts(prompts, len(classes))
+    pairs = grid_prompts(prompts, len(classes))
+    rows = [prompt for prompt, _ in pairs]
     per_row = cfg.grid_per_class
     repeated = [prompt for prompt in rows for _ in range(per_row)]
-    labels = torch.zeros(len(repeated), dtype=torch.long)
+    labels = torch.tensor([label for _, label in pairs], dtype=torch.long).repeat_interleave(per_row)  # class+text
     images = generate_samples(inputs, labels, cfg.sample, cfg.batch_size, device, classes, repeated).cpu()
     grid = class_grid(images, [row for row in range(len(rows)) for _ in range(per_row)], per_row)
     ctx.output.write_bytes(PROMPT_GRID, png_bytes(grid))
