@@ -46,7 +46,7 @@ FRAMES = typer.Option(None, "--frames", help="--interpolate: frames K (at least 
 SR_SAMPLER = typer.Option(None, "--sr-sampler", help="cascade: ddim or ddpm for every SR stage. "
                                                        "Default: each stage's setting.")
 SR_STEPS = typer.Option(None, "--sr-steps", help="cascade: denoising steps of every SR stage.")
-SR_GUIDANCE = typer.Option(None, "--sr-guidance", help="cascade: guidance of class-conditional SR stages.")
+SR_GUIDANCE = typer.Option(None, "--sr-guidance", help="cascade: guidance of class-conditional and text SR stages.")
 SR_NOISE_COND_AUG_LEVEL = typer.Option(
     None, "--sr-noise-cond-aug-level", help="cascade: noise-conditioning augmentation level in [0, 1] (fraction "
                                             "of the stage's schedule) at every hand-off.")
@@ -66,7 +66,8 @@ def sample(
                                                "Default: MLFLOW_TRACKING_URI."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, e.g. 0,1,2."),
     per_label: Optional[int] = typer.Option(None, "--per-label", min=1, help="Images per label."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A text DiT's prompt; repeat for more."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A text DiT's prompt; repeat for more. A "
+                                               "class+text DiT draws each under each of --labels."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts: one per line (# "
                                                "comments and blank lines skipped), or a .json list of strings."),
     per_prompt: Optional[int] = typer.Option(None, "--per-prompt", min=1, help="Images per prompt."),
@@ -118,12 +119,13 @@ def sample(
                   device=device, sampler_options={k: v for k, v in score_options.items() if v is not None})
     if control is not None or control_scale is not None:
         return show_controlled(controlled_or_exit(workflow_id, model, step, control, control_scale, labels, per_label, out, **common))
+    sr_overrides = {"sampler": sr_sampler, "steps": sr_steps, "guidance": sr_guidance,
+                    "noise_cond_aug_level": sr_noise_cond_aug_level, "handoff": sr_handoff}
     if prompt or prompts_file:
         return show_prompted(workflow_id or model, prompts_or_exit(workflow_id, prompt, prompts_file, per_prompt, out,
                                                                    model=model, tracking_uri=tracking_uri, step=step,
+                                                                   base=base, sr_overrides=sr_overrides, labels=labels,
                                                                    **common))
-    sr_overrides = {"sampler": sr_sampler, "steps": sr_steps, "guidance": sr_guidance,
-                    "noise_cond_aug_level": sr_noise_cond_aug_level, "handoff": sr_handoff}
     result = sample_or_exit(workflow_id, labels, per_label, out, step=step, base=base, sr_overrides=sr_overrides,
                             model=model, tracking_uri=tracking_uri, **common)
     print_sampled(workflow_id or model, result)
@@ -131,16 +133,18 @@ def sample(
 
 def check_sample_flags(workflow_id, model, labels, per_label, prompted: bool, per_prompt, step) -> None:
     """One source (--workflow-id or --model); labels with --per-label, or prompts with --per-prompt on the
-    workflow's DiT. Each conflict exits 2, named."""
+    workflow's DiT (and --labels, for a class+text DiT: each prompt under each label). Each conflict exits 2,
+    named."""
     if (workflow_id is None) == (model is None):
         problem = "give --workflow-id or --model (one of them)"
     elif not prompted:
         problem = None if labels and per_label else "give --labels and --per-label (or --prompt and --per-prompt)"
-    else:
-        problem = ("--prompt/--prompts go with --per-prompt, not --labels/--per-label" if labels or per_label else
+    else:  # --labels with prompts: a class+text DiT draws each prompt under each label, --per-prompt images each
+        problem = ("--prompt/--prompts go with --per-prompt, not --per-label (with --labels too, for a class+text "
+                   "DiT: --per-prompt images of each prompt under each label)" if per_label else
                    "give --per-prompt with --prompt/--prompts" if per_prompt is None else
-                   f"--step {step}: prompts sample the text DiT (--step dit) or its student (--step distill)"
-                   if step not in ("dit", "distill") else None)
+                   f"--step {step}: prompts sample the text DiT (--step dit), its student (--step distill) or "
+                   "the cascade on top of either (--step cascade)" if step not in ("dit", "distill", "cascade") else None)
     if problem:
         err.print(f"[bold red]error:[/] {escape(problem)}")
         raise typer.Exit(2)

@@ -181,20 +181,35 @@ class PipelineConfig(StrictModel):
                                  f"(from {mults_key})")
 
     def _check_text_conditioning(self) -> None:
-        """A text DiT needs captions in the shards, and the steps that sample it by class label (classifier
-        guidance, the evaluated cascade) do not take prompts yet: refused here, not mid-run. The distill
-        step distills it from its captions (and the evaluate step's distill rows sample it with prompts)."""
+        """Text needs captions in the shards (a text or class+text DiT, a text SR stage). The steps that sample
+        a text DiT by class label (classifier guidance, ControlNet) do not take prompts yet, and the evaluated
+        cascade passes the DiT's prompts on only to SR stages that take text: refused here, not mid-run.
+        The distill step distills a text DiT from its captions; a class+text one is not distilled yet (its
+        student and grids would need a label beside every caption)."""
+        texts = [k for k, stage in enumerate(self.superres or []) if stage.text is not None]
+        if texts and self.shard.captions == "none":
+            raise ValueError(f"superres.{texts[0]}.text needs captions in the shards: set shard.captions "
+                             "(sidecar, a captions file, or attributes for builtin:mnist)")
         if self.dit is None or not self.dit.uses_text:
             return
+        mode = self.dit.conditioning
         if self.shard.captions == "none":
-            raise ValueError("dit.conditioning: text needs captions in the shards: set shard.captions (sidecar, "
+            raise ValueError(f"dit.conditioning: {mode} needs captions in the shards: set shard.captions (sidecar, "
                              "a captions file, or attributes for builtin:mnist)")
         by_label = [name for name in ("noisy_classifier", "controlnet") if getattr(self, name) is not None]
-        if self.superres and self.evaluate is not None:
-            by_label.append("superres (evaluate's cascade)")
         if by_label:
-            raise ValueError(f"dit.conditioning: text: {', '.join(by_label)} sample(s) the DiT by class label and "
+            raise ValueError(f"dit.conditioning: {mode}: {', '.join(by_label)} sample(s) the DiT by class label and "
                              "take no prompts yet; drop those sections or use dit.conditioning: class")
+        if mode == "class+text" and self.distill is not None:
+            raise ValueError("dit.conditioning: class+text: the distill section distills text-only or class DiTs "
+                             "(not yet one taking a label and a caption per image); drop distill or use "
+                             "dit.conditioning: text")
+        textless = [k for k, stage in enumerate(self.superres or []) if stage.text is None]
+        if textless and self.evaluate is not None:
+            raise ValueError(f"dit.conditioning: {mode}: the evaluate step's cascade passes the DiT's prompts on to "
+                             f"every super-resolution stage, but superres.{textless[0]} takes no text; set "
+                             f"superres.{textless[0]}.text (e.g. {{kind: joint}}) on every stage, or drop the "
+                             "superres or evaluate section")
 
     def _fill_latents_text_encoder(self) -> None:
         """``dit.text.precompute``: the latents step stores the DiT's frozen encoder's caption embeddings, so

@@ -71,7 +71,12 @@ def log_step_model(client, manifest: Manifest, inputs: dict[str, Manifest]) -> s
         return log_generator(client, run_id, f"{step}-generator", step, autoencoder, weight_files("autoencoder"),
                              manifest, files, meta, tags, sampling if step == "dit" else None)
     model_type = "latentflow-superres" if step.startswith("superres_") else f"latentflow-{step}"
-    return log_component(client, run_id, step, model_type, manifest, weight_files(step), tags)
+    files = weight_files(step)
+    if step.startswith("superres_"):  # a text stage's joint encoder vocabulary travels with its weights
+        from components.text.load import TOKENIZER_FILE
+
+        files += [record.path for record in manifest.files_matching(TOKENIZER_FILE)]
+    return log_component(client, run_id, step, model_type, manifest, files, tags)
 
 
 def try_log_step_model(tracking_uri: str | None, manifest: Manifest, inputs: dict[str, Manifest]) -> None:

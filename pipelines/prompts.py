@@ -52,10 +52,14 @@ def gather_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -
     return gathered
 
 
-def write_prompts_json(out: Path, prompts: list[str], per_prompt: int, extra: dict | None = None) -> Path:
-    """``OUT/prompts.json``: which folder holds which prompt, and how many images each has."""
-    record = {"prompts": [{"index": i, "prompt": p, "folder": str(i)} for i, p in enumerate(prompts)],
-              "per_prompt": per_prompt, **(extra or {})}
+def write_prompts_json(out: Path, prompts: list[str], per_prompt: int, extra: dict | None = None,
+                       labels: list[str] | None = None) -> Path:
+    """``OUT/prompts.json``: which folder holds which prompt (a class+text DiT's rows: and which ``labels``,
+    one class name per row), and how many images each has."""
+    rows = [{"index": i, "prompt": p, "folder": str(i)} for i, p in enumerate(prompts)]
+    for row, label in zip(rows, labels or []):
+        row["label"] = label
+    record = {"prompts": rows, "per_prompt": per_prompt, **(extra or {})}
     path = Path(out) / PROMPTS_JSON
     path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

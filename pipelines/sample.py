@@ -184,9 +184,10 @@ def write_images(images, labels: list[int], per_label: int, out: Path) -> list[P
     return files + [out / GRID]
 
 
-def superres_stages(summary: dict, summary_uri: str, device: str, **overrides: Any) -> list:
+def superres_stages(summary: dict, summary_uri: str, device: str, prompted: bool = False, **overrides: Any) -> list:
     """The workflow's super-resolution stages (``superres_1``, ``superres_2``, ...), lowest first,
-    each with its own sampler settings and every non-None override applied."""
+    each with its own sampler settings and every non-None override applied. ``prompted``: the cascade
+    of a text DiT's prompts (text stages take them; a class-conditional stage has no class to take)."""
     from components.superres.load import load_superres
 
     names = sorted((s.get("name") for s in summary["steps"] if str(s.get("name", "")).startswith("superres_")),
@@ -195,10 +196,19 @@ def superres_stages(summary: dict, summary_uri: str, device: str, **overrides: A
         raise SampleError(f"workflow {summary.get('workflow_id')!r} has no super-resolution steps (superres_1, ...): "
                           f"--step cascade needs a pipeline with a superres section ({summary_uri})")
     try:
-        return [load_superres(step_manifest(summary, name, summary_uri), device=device, **overrides) for name in names]
+        stages = [load_superres(step_manifest(summary, name, summary_uri), device=device, **overrides) for name in names]
     except ValidationError as e:
         problems = "; ".join(f"--sr-{flag_name('.'.join(map(str, err['loc'])))}: {err['msg']}" for err in e.errors())
         raise BadFlag(f"invalid super-resolution sampler settings: {problems}") from None
+    texts = [name for name, stage in zip(names, stages) if stage.takes_text]
+    classed = [name for name, stage in zip(names, stages) if int(stage.meta.get("num_classes", 0))]
+    if texts and not prompted:
+        raise BadFlag(f"{', '.join(texts)} of workflow {summary.get('workflow_id')!r} take(s) text: sample the "
+                      "cascade from prompts (--prompt/--prompts with --per-prompt and a text DiT), not labels")
+    if classed and prompted:
+        raise BadFlag(f"{', '.join(classed)} of workflow {summary.get('workflow_id')!r} is class-conditional: "
+                      "a prompt names no class; sample that cascade with --labels")
+    return stages
 
 
 def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike, storage: str | None = None,
@@ -243,7 +253,8 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     dit, dit_meta = load_dit(dit_manifest, device=device, ema=True)
     if dit_meta.uses_text:
         raise BadFlag(f"the {step} step of workflow {workflow_id!r} is text-conditioned: give --prompt (or --prompts) "
-                      "and --per-prompt, not labels")
+                      "and --per-prompt, not --per-label" + (" (with --labels: class+text, each prompt under each label)"
+                                                            if dit_meta.conditioning == "class+text" else ""))
     ae, ae_meta = load_autoencoder(ae_manifest, device=device)
     classes = dit_meta.class_names()
     label_ids = parse_labels(labels, classes)
@@ -264,13 +275,13 @@ def sample(workflow_id: str, labels: str, per_label: int, out: str | os.PathLike
     return finish(images, label_ids, per_label, out, classes, sampling, summary_uri)
 
 
-def through_cascade(images, stages: list | None, labels, seed: int, batch_size: int):
+def through_cascade(images, stages: list | None, labels, seed: int, batch_size: int, prompts: list[str] | None = None):
     if stages is None:
         return images
     from components.superres.sample import cascade
 
     try:
-        return cascade(images, stages, labels, seed=seed, batch_size=batch_size)
+        return cascade(images, stages, labels, seed=seed, batch_size=batch_size, prompts=prompts)
     except ValueError as e:  # a chain that does not fit (sizes, hand-offs)
         raise BadFlag(f"cascade: {e}") from None
 

@@ -34,7 +34,8 @@ def sample_registered(model_uri: str, tracking_uri: str | None, labels: str, per
     with tempfile.TemporaryDirectory(prefix="latentflow-sample-") as tmp:
         generator = registered_generator(uri, model_uri, Path(tmp), device)
     if generator.takes_text:
-        raise BadFlag(f"{model_uri} is text-conditioned: give --prompt (or --prompts) and --per-prompt, not labels")
+        raise BadFlag(f"{model_uri} is text-conditioned: give --prompt (or --prompts) and --per-prompt, not --per-label"
+                      + (" (with --labels: class+text, each prompt under each label)" if generator.takes_labels else ""))
     if generator.kind == "distill":
         from components.distill.sample import supported_steps
 

@@ -54,6 +54,10 @@ def data_fixed_arguments(config: PipelineConfig) -> list[tuple[str, dict[str, An
             fixed["num_classes"] = (0, f"superres.{k}.class_conditional is false")
         elif count is not None:
             fixed["num_classes"] = (count, where_classes)
+        if stage.text is None:  # the pooled text width follows the stage's encoder
+            fixed["pooled_dim"] = (0, f"superres.{k}.text is unset")
+        elif stage.text.kind == "joint":
+            fixed["pooled_dim"] = (stage.text.width, f"superres.{k}.text.width")
         found.append((f"superres.{k}", stage.model, fixed))
     return found
 

@@ -46,4 +46,6 @@ def test_class_conditional_forward_matches_the_pin():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
         x = torch.randn(2, 4, 4, 4, generator=generator)
         out = model.eval()(x, torch.tensor([3, 700]), torch.tensor([1, 3]))
-    torch.testing.assert_close(out.flatten(), torch.tensor(pinned["perturbed_output"]), rtol=0, atol=2e-6)
+    # fp32 rounding: the pin was written on one CPU; another's SIMD width orders the matmul sums differently
+    # (seen: 5.5e-6 on outputs of magnitude ~0.6 on an AMD EPYC). A changed forward moves them by > 1e-2.
+    torch.testing.assert_close(out.flatten(), torch.tensor(pinned["perturbed_output"]), rtol=1e-5, atol=1e-5)

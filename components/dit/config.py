@@ -104,11 +104,14 @@ class DitConfig(StepConfig):
     grid_classes: int = Field(10, ge=1)
     # What the denoiser is conditioned on: class labels, or captions through the text encoder tau_theta
     # (cross-attention to its tokens, its pooled embedding in adaLN-Zero; the shards need captions:
-    # shard.captions). A text DiT has no class embedding: the caption names the class.
-    conditioning: Literal["class", "text"] = "class"
+    # shard.captions), or both ("class+text": the class embedding in adaLN-Zero beside the pooled
+    # caption, the caption's tokens through cross-attention; one label and one caption per image). A
+    # text DiT has no class embedding: the caption names the class. With class+text the condition is
+    # dropped as one (label and caption together, at text.caption_dropout).
+    conditioning: Literal["class", "text", "class+text"] = "class"
     text: TextEncoderConfig | None = None  # the text encoder; its defaults when conditioning has text
-    # The grid's prompts (text conditioning): one row per prompt. None: the first grid_classes
-    # validation captions.
+    # The grid's prompts (text conditioning): one row per prompt. None: the first validation captions
+    # (class+text: with their own labels; a given prompt's class is unknown, so class+text refuses this).
     grid_prompts: list[str] | None = None
     cache_added = {"conditioning": "class", "text": None, "grid_prompts": None, "loss": None,
                    "timestep_sampler": "uniform"}
@@ -142,17 +145,42 @@ class DitConfig(StepConfig):
         if not self.uses_text and (self.text is not None or self.grid_prompts is not None):
             raise ValueError("dit.text and dit.grid_prompts are for text conditioning, but dit.conditioning is "
                              "'class'; set dit.conditioning: text (or class+text), or drop them")
+        if self.conditioning == "class+text":
+            self._check_class_and_text()
         return self
+
+    def _check_class_and_text(self) -> None:
+        if self.grid_prompts is not None:
+            raise ValueError("dit.grid_prompts: a class+text DiT draws each grid row with a label and a caption, "
+                             "and a given prompt's class is unknown; drop dit.grid_prompts (the grid then uses "
+                             "validation captions with their own labels)")
+        if "class_dropout_prob" in self.model_fields_set and self.class_dropout_prob != self.text.caption_dropout:
+            raise ValueError(f"dit.class_dropout_prob: {self.class_dropout_prob} differs from dit.text.caption_dropout "
+                             f"{self.text.caption_dropout}, but a class+text DiT drops label and caption together, "
+                             "in one draw at dit.text.caption_dropout; set that one only")
 
     @property
     def uses_text(self) -> bool:
-        return self.conditioning == "text"
+        return self.conditioning in ("text", "class+text")
 
     @property
     def uses_classes(self) -> bool:
-        return self.conditioning == "class"
+        return self.conditioning in ("class", "class+text")
 
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
         return known_preset(value, DIT_PRESETS, "DiT")
+
+
+def meta_uses_text(meta: dict) -> bool:
+    """Whether a DiT (or a student of one), by its dit.json, takes captions: text or class+text."""
+    return meta.get("text") is not None
+
+
+def meta_uses_classes(meta: dict) -> bool:
+    """Whether a DiT (or a student of one), by its dit.json, takes class labels: class or class+text. The
+    null label says it (a text-only DiT has no class embedding, so none); a meta without one, its conditioning."""
+    if "null_label" in meta:
+        return meta["null_label"] is not None
+    return meta.get("conditioning", "class") in ("class", "class+text")

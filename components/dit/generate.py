@@ -116,7 +116,8 @@ def generate(dit: torch.nn.Module, dit_meta: "DitMeta | dict", ae: torch.nn.Modu
     decoded with the autoencoder's ``decode_scaled``. Runs on the DiT's device, under inference mode.
     ``timesteps`` (descending) replaces the spaced grid: a distilled student's own levels.
     ``classifier``: (model, meta) of the noisy_classifier step, for ``sampling.classifier_guidance``.
-    ``prompts``: one per image (a text-only DiT takes ``labels=None``). ``extra``: more per-image
+    ``prompts``: one per image (a text-only DiT takes ``labels=None``; a class+text DiT one label and one
+    prompt per image, and guidance nulls both together: the null label with the empty caption). ``extra``: more per-image
     conditioning tensors (N, ...) for the model's keyword arguments (a ControlNet's ``control``). ``x_T``:
     the initial latents, one per image, instead of each image's seeded draw (interpolation:
     ``components.diffusion.interpolation``). The metas may be given in their JSON form (the DiT task's

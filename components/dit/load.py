@@ -52,6 +52,7 @@ class DitMeta(StageMeta):
     text: dict[str, Any] | None = None  # the TextEncoderConfig
     text_vocabulary: int | None = None  # the joint tokenizer's entries (0: a frozen encoder's own)
     grid_prompts: list[str] | None = None
+    grid_labels: list[int] | None = None  # class+text: each grid prompt's class
     text_encoder_files: dict[str, str] | None = None  # a frozen encoder's files: relative path -> sha256
     # a warm start only (components.common.warm_start)
     warm_start: str | None = None
@@ -60,7 +61,13 @@ class DitMeta(StageMeta):
 
     @property
     def uses_text(self) -> bool:
-        return self.conditioning == "text"
+        """Takes captions: text or class+text (``components.dit.config.meta_uses_text``)."""
+        return self.text is not None
+
+    @property
+    def uses_classes(self) -> bool:
+        """Takes class labels: class or class+text (a text-only DiT has no null label)."""
+        return self.null_label is not None
 
     def class_names(self) -> list[str]:
         """The classes' names, or their indices as strings for an unnamed data set."""

@@ -144,6 +144,9 @@ class DitTask:
         # Condition dropout for classifier-free guidance, drawn here rather than inside the model so that
         # every random choice of a step comes from the (seed, step, rank) generator: a resumed run
         # repeats the steps of an uninterrupted one exactly. A dropped caption is the empty one, the null.
+        # class+text: one draw per sample drops label and caption together (the null label and the empty
+        # caption), so the model learns one fully unconditional eps(x, null) and guidance extrapolates
+        # from it, as Ho & Salimans' single null; apart, the "unconditional" branch would still see one of them.
         p = self.cfg.text.caption_dropout if self.cfg.uses_text else self.cfg.class_dropout_prob
         drop = (torch.rand(n, generator=generator, device=device) < p).long()
         conditioning = {}
@@ -200,7 +203,8 @@ class DitTask:
         ae, ae_meta = self._ae
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a Ray GPU worker sees its own GPU as cuda:0
         dit = ema.copy_to(self.bare_model()).to(device).eval()
-        labels, prompts, rows = grid_conditions(self.cfg, int(self.meta["num_classes"]), self.meta.get("grid_prompts"))
+        labels, prompts, rows = grid_conditions(self.cfg, int(self.meta["num_classes"]), self.meta.get("grid_prompts"),
+                                                self.meta.get("grid_labels"))
         images = generate(dit, self.meta, ae.to(device), ae_meta, labels, self.cfg.sample, prompts=prompts)
         return SAMPLES_SERIES, class_grid(images, rows, self.cfg.grid_per_label)
 
@@ -250,15 +254,16 @@ def gathered_terms(t: torch.Tensor, terms: torch.Tensor) -> tuple[torch.Tensor, 
     return joined[0].long(), joined[1]
 
 
-def grid_conditions(cfg: DitConfig, num_classes: int, prompts: list[str] | None):
+def grid_conditions(cfg: DitConfig, num_classes: int, prompts: list[str] | None, labels: list[int] | None = None):
     """(labels, prompts, row of each image) of a sample grid: ``grid_per_label`` images of each of
-    ``grid_classes`` classes, or of each prompt for a text DiT (labels None)."""
+    ``grid_classes`` classes, or of each prompt for a text DiT (labels None), or of each (label, prompt)
+    row for a class+text DiT (``labels``: one per prompt)."""
     per = cfg.grid_per_label
     if prompts is None:
         labels = grid_labels(num_classes, cfg.grid_classes, per)
         return labels, None, labels
     rows = [row for row in range(len(prompts)) for _ in range(per)]
-    return None, [prompts[row] for row in rows], rows
+    return None if labels is None else [labels[row] for row in rows], [prompts[row] for row in rows], rows
 
 
 def grid_labels(num_classes: int, rows: int, per_label: int) -> list[int]:

@@ -20,6 +20,7 @@ class TextSetup:
     grid_prompts: list[str]
     vocabulary: int  # entries of the tokenizer (0: a frozen encoder's own)
     encoder_files: dict[str, str] | None = None  # a frozen encoder's {file: sha256}, checked at every load
+    grid_labels: list[int] | None = None  # class+text: each grid prompt's class (the caption's own label)
 
 
 def check_captions(cfg: DitConfig, latents: Manifest | None) -> None:
@@ -48,16 +49,12 @@ def prepare_text(cfg: DitConfig, latents: Manifest) -> TextSetup:
     if cfg.text.kind == "joint":
         tokenizer = tokenizer_from_captions(cfg.text, split_captions(latent_split(latents, "train", captions=True)))
     encoder = build_text_encoder(cfg.text, tokenizer, "dit.text")  # a probe, for its widths
-    prompts = cfg.grid_prompts
+    prompts, labels = cfg.grid_prompts, None
     if prompts is None:
-        validation = latent_split(latents, "val", captions=True)
-        if not validation.shards:  # no validation split: the first training captions
-            validation = latent_split(latents, "train", captions=True)
-        prompts = list(dict.fromkeys(islice(split_captions(validation), 4 * GRID_PROMPTS_DEFAULT)))
-        prompts = prompts[:GRID_PROMPTS_DEFAULT]
+        prompts, labels = grid_captions(cfg, latents)
     return TextSetup(tokenizer.to_json() if tokenizer else None, text_dit_arguments(encoder), list(prompts),
                      tokenizer.vocab_size if tokenizer else 0,
-                     files)
+                     files, labels)
 
 
 def check_stored_text(cfg: DitConfig, latents: Manifest, files: dict[str, str]) -> None:
@@ -71,3 +68,20 @@ def check_stored_text(cfg: DitConfig, latents: Manifest, files: dict[str, str]) 
     elif cfg.text.precompute:
         raise ValueError(f"dit.text.precompute: step {latents.step} stored no text embeddings (its "
                          "latents.text_encoder is unset); let the pipeline config fill it, or drop precompute")
+
+
+def grid_captions(cfg: DitConfig, latents: Manifest) -> tuple[list[str], list[int] | None]:
+    """The grid's rows when dit.grid_prompts is unset: the first distinct validation captions (the training
+    ones without a validation split); for class+text, distinct (label, caption) pairs with their labels
+    (unlabelled samples skipped: a class+text row needs its class)."""
+    from components.common.data import latent_split, split_captions, split_labelled_captions
+
+    validation = latent_split(latents, "val", captions=True)
+    if not validation.shards:
+        validation = latent_split(latents, "train", captions=True)
+    if not cfg.uses_classes:
+        prompts = list(dict.fromkeys(islice(split_captions(validation), 4 * GRID_PROMPTS_DEFAULT)))
+        return prompts[:GRID_PROMPTS_DEFAULT], None
+    labelled = (pair for pair in split_labelled_captions(validation) if pair[0] >= 0)
+    pairs = list(dict.fromkeys(islice(labelled, 4 * GRID_PROMPTS_DEFAULT)))[:GRID_PROMPTS_DEFAULT]
+    return [caption for _, caption in pairs], [label for label, _ in pairs]

@@ -77,6 +77,7 @@ def step_meta(cfg: DitConfig, probe, num_classes: int, latent_shape, classes, ae
     if text:
         text_fields = dict(conditioning=cfg.conditioning, text=cfg.text.model_dump(mode="json"),
                            text_vocabulary=text.vocabulary, grid_prompts=text.grid_prompts,
+                           grid_labels=text.grid_labels,  # class+text only: each grid prompt's own label
                            text_encoder_files=text.encoder_files)  # None (not written): a joint encoder
     return DitMeta(
         preset=cfg.preset, model=probe.arguments, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps,
@@ -94,7 +95,8 @@ def step_grid(cfg: DitConfig, dit, meta: DitMeta, ae, ae_meta: "AutoencoderMeta"
     """The step's final grid: (images, row of each image): a row per class, or per prompt with text."""
     from components.dit.generate import generate
 
-    labels, prompts, rows = grid_conditions(cfg, num_classes, text.grid_prompts if text else None)
+    labels, prompts, rows = grid_conditions(cfg, num_classes, text.grid_prompts if text else None,
+                                            text.grid_labels if text else None)
     return generate(dit, meta, ae, ae_meta, labels, cfg.sample, prompts=prompts), rows
 
 

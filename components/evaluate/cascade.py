@@ -4,7 +4,9 @@ like the DiT's own samples, by a classifier trained here on the real images brou
 The real images are resized with the last stage's ``filter``, exactly as that stage's training
 targets were made, so the classifier sees real and generated images of the same kind. The base
 images come from the DiT samples the step already drew: the first ``cascade_samples_per_class``
-of each class go through the super-resolution stages.
+of each class go through the super-resolution stages. Text stages take those samples' prompts:
+the ones a text DiT drew them from, or, under a class DiT, validation captions of each sample's class
+(``prompts_per_class``), so that the stage is judged on the kind of caption it was trained on.
 """
 
 from __future__ import annotations
@@ -32,11 +34,30 @@ def first_per_class(labels: torch.Tensor, num_classes: int, per_class: int) -> t
     return torch.cat([torch.nonzero(labels == k).flatten()[:per_class] for k in range(num_classes)])
 
 
+def cascade_prompts(shard: Manifest, labels: torch.Tensor, classes: list[str], chosen: torch.Tensor,
+                    prompts: list[str] | None) -> list[str]:
+    """One prompt per chosen sample: its own (a text DiT's), else a validation caption of its class."""
+    if prompts is not None:
+        return [prompts[i] for i in chosen.tolist()]
+    from components.evaluate.prompts import prompts_per_class
+
+    chosen_labels = labels[chosen].tolist()
+    per_class = max(chosen_labels.count(k) for k in set(chosen_labels))
+    captions = prompts_per_class(shard, classes, per_class)  # class-major, per_class each
+    seen = {k: 0 for k in range(len(classes))}
+    picked = []
+    for label in chosen_labels:
+        picked.append(captions[label * per_class + seen[label]])
+        seen[label] += 1
+    return picked
+
+
 def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images: torch.Tensor, labels: torch.Tensor,
-                  classes: list[str], device: str, log_metrics=None, score_images=None
-                  ) -> tuple[dict[str, float], object, dict]:
+                  classes: list[str], device: str, log_metrics=None, score_images=None,
+                  prompts: list[str] | None = None) -> tuple[dict[str, float], object, dict]:
     """(metrics prefixed ``cascade_``, grid image, details) for the cascade of the inputs' SR stages.
-    ``score_images(images, labels)``, if given, returns more metrics (unprefixed) of the final images."""
+    ``score_images(images, labels)``, if given, returns more metrics (unprefixed) of the final images.
+    ``prompts``: a text DiT's, one per base image, for the text stages."""
     from components.evaluate.judge import baseline_distance, classify, fit_judge
     from components.superres.load import load_superres
     from components.superres.sample import cascade
@@ -50,7 +71,11 @@ def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images:
 
     chosen = first_per_class(labels, len(classes), cfg.cascade_samples_per_class)
     chosen_labels = labels[chosen]
-    images = cascade(base_images[chosen], stages, chosen_labels, seed=cfg.sample.seed, batch_size=cfg.batch_size)
+    stage_prompts = None
+    if any(stage.takes_text for stage in stages):
+        stage_prompts = cascade_prompts(inputs["shard"], labels, classes, chosen, prompts)
+    images = cascade(base_images[chosen], stages, chosen_labels, seed=cfg.sample.seed, batch_size=cfg.batch_size,
+                     prompts=stage_prompts)
     logits, features = classify(judge.model, images)
     correct = logits.argmax(1) == chosen_labels.numpy()
     baseline, _ = baseline_distance(judge, inputs["shard"], size, filter, len(images), classifier_cfg.seed)
@@ -65,6 +90,7 @@ def score_cascade(cfg: EvaluateConfig, inputs: dict[str, Manifest], base_images:
         metrics.update({f"cascade_{k}": v for k, v in score_images(images, chosen_labels).items()})
     grid = class_grid(images, chosen_labels.tolist(), min(cfg.grid_per_class, cfg.cascade_samples_per_class))
     details = {"stages": names, "final_size": size, "generated": len(images),
+               "text_stages": [n for n, s in zip(names, stages) if s.takes_text],
                "stage_sampling": {n: s.sampling.model_dump(mode="json") for n, s in zip(names, stages)}}
     log.info("evaluate: cascade %s -> %d px, sample accuracy %.4f, FD %.3f (real baseline %.3f)", "+".join(names),
              size, metrics["cascade_sample_accuracy"], metrics["cascade_frechet_distance"],

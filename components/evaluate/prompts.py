@@ -2,7 +2,7 @@
 
 The prompts are real captions: the first ``per_class`` validation captions of each class (cycled when a
 class has fewer), so the same step works on any captioned, labelled data set and each prompt's class
-is known from its image. The judge's accuracy is then "the digit the prompt names". Where the captions
+is known from its image. A class+text DiT draws each prompt under that class as its label. The judge's accuracy is then "the digit the prompt names". Where the captions
 are the bundled digits' measured attributes (the shard manifest's ``caption_attributes``), thickness
 and slant agreement and their chance rates are added (``components.evaluate.adherence``). There is no
 CLIP score offline: ``NO_CLIP_SCORE`` is logged.
@@ -54,8 +54,10 @@ def prompt_metrics(shard: Manifest, images: torch.Tensor, predicted, prompts: li
     return adherence_metrics(list(predicted), images.numpy(), prompts, attributes)
 
 
-def grid_prompts(prompts: list[str], classes: int) -> list[str]:
-    """The prompt grid's rows: the first prompt of each class, then the next ones, PROMPT_GRID_ROWS at most."""
+def grid_prompts(prompts: list[str], classes: int) -> list[tuple[str, int]]:
+    """The prompt grid's rows as (prompt, its class): the first prompt of each class, then the next ones,
+    PROMPT_GRID_ROWS at most (``prompts`` class-major, as ``prompts_per_class`` gives them; a class+text
+    DiT draws each row under its class)."""
     per_class = len(prompts) // max(classes, 1)
-    order = [prompts[k * per_class + i] for i in range(per_class) for k in range(classes)]
+    order = [(prompts[k * per_class + i], k) for i in range(per_class) for k in range(classes)]
     return list(dict.fromkeys(order))[:PROMPT_GRID_ROWS]

@@ -122,7 +122,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         metrics.update(prompt_metrics(shard, images, scores["predicted"], prompts))
         files += prompted_grid(cfg, inputs, ctx, prompts, list(classes), device)
     files += _optional_tables(cfg, inputs, ctx, judge, images, labels, list(classes), device, inception,
-                              metrics, evaluation)
+                              metrics, evaluation, prompts)
     if cfg.guidance_sweep is not None:
         files += guidance_sweep_files(cfg, inputs, ctx, judge, size, num_classes, device, metrics, evaluation)
     grid = class_grid(images, labels.tolist(), min(cfg.grid_per_class, cfg.samples_per_class))
@@ -143,10 +143,11 @@ def prompted_grid(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepCon
                   classes: list[str], device: str) -> list[str]:
     """``eval_prompts.png`` (a row per prompt, ``grid_per_class`` samples of it) and ``eval_prompts.json``
     (the rows' prompts), also in MLflow."""
-    rows = grid_prompts(prompts, len(classes))
+    pairs = grid_prompts(prompts, len(classes))
+    rows = [prompt for prompt, _ in pairs]
     per_row = cfg.grid_per_class
     repeated = [prompt for prompt in rows for _ in range(per_row)]
-    labels = torch.zeros(len(repeated), dtype=torch.long)
+    labels = torch.tensor([label for _, label in pairs], dtype=torch.long).repeat_interleave(per_row)  # class+text
     images = generate_samples(inputs, labels, cfg.sample, cfg.batch_size, device, classes, repeated).cpu()
     grid = class_grid(images, [row for row in range(len(rows)) for _ in range(per_row)], per_row)
     ctx.output.write_bytes(PROMPT_GRID, png_bytes(grid))
@@ -158,7 +159,7 @@ def prompted_grid(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepCon
 
 def _optional_tables(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: StepContext, judge: Judge,
                      images: torch.Tensor, labels: torch.Tensor, classes: list[str], device: str, inception,
-                     metrics: dict, evaluation: dict) -> list[str]:
+                     metrics: dict, evaluation: dict, prompts: list[str] | None = None) -> list[str]:
     """4., 6., 7. and 8. of the module docstring, where their inputs are present; the files they wrote."""
     files, num_classes = [], len(classes)
     if "distill" in inputs:  # 4. quality against network evaluations, teacher and student
@@ -181,7 +182,7 @@ def _optional_tables(cfg: EvaluateConfig, inputs: dict[str, Manifest], ctx: Step
                 return inception("cascade", final[chosen])
         cascade_metrics, cascade_grid, evaluation["cascade"] = score_cascade(
             cfg, inputs, images, labels, classes, device, log_metrics=ctx.tracker.log_metrics,
-            score_images=score_final)
+            score_images=score_final, prompts=prompts)
         metrics.update(cascade_metrics)
         ctx.output.write_bytes(CASCADE_GRID, png_bytes(cascade_grid))
         ctx.tracker.log_image(cascade_grid, CASCADE_GRID)

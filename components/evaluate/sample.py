@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from components.common.step import Manifest
-from components.dit.config import SamplingConfig
+from components.dit.config import SamplingConfig, meta_uses_classes, meta_uses_text
 from components.evaluate.judge import EvaluateError
 
 
@@ -13,7 +13,8 @@ def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling
                      batch_size: int, device: str, classes: list[str], prompts: list[str] | None = None,
                      ) -> torch.Tensor:
     """uint8 (N, C, H, W) samples of the DiT (EMA weights) decoded by the autoencoder: of ``labels``,
-    or for a text-conditioned DiT of ``prompts`` (one per label: a caption of that class). Checks that
+    or for a text-conditioned DiT of ``prompts`` (one per label: a caption of that class; a class+text DiT
+    takes both, each prompt under its class). Checks that
     the DiT knows the shard's classes."""
     from components.autoencoder.load import load_autoencoder
     from components.dit.generate import generate
@@ -27,8 +28,8 @@ def generate_samples(inputs: dict[str, Manifest], labels: torch.Tensor, sampling
     ae, ae_meta = load_autoencoder(inputs["autoencoder"], device=device)
     if dit_meta.uses_text != (prompts is not None):
         raise EvaluateError("a text-conditioned DiT samples from prompts, a class-conditional one from labels")
-    return generate(dit, dit_meta, ae, ae_meta, None if prompts else labels, sampling, batch_size=batch_size,
-                    progress=True, prompts=prompts)
+    return generate(dit, dit_meta, ae, ae_meta, labels if meta_uses_classes(dit_meta) else None, sampling,
+                    batch_size=batch_size, progress=True, prompts=prompts)
 
 
 def dit_takes_text(inputs: dict[str, Manifest]) -> bool:

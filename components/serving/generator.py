@@ -6,15 +6,16 @@ against the sha256 that manifest recorded before it is read, as from the pipelin
 
 ``predict`` takes a DataFrame with one row per image:
 
-    label     int or class name   the class to draw (a class-conditional model)
-    prompt    str                 the caption to draw (a text-conditioned model; it takes no label)
+    label     int or class name   the class to draw (a class-conditional or class+text model)
+    prompt    str                 the caption to draw (a text-conditioned or class+text model; a text-only
+                                  model takes no label, a class+text one both in every row)
     seed      int (default 0)     noise seed
     steps     int (optional)      denoising steps (DiT default: the step's setting; student: native)
     guidance  float (optional)    classifier-free guidance w (DiT only; a student has its own folded in)
 
 Rows that share (seed, steps, guidance) are drawn together, in row order: the i-th of them starts
 from the noise stream (seed, i), as ``latentflow sample`` draws its i-th image, so the same request
-gives the same images. The answer has one row per request row: ``label`` (the index) or ``prompt``,
+gives the same images. The answer has one row per request row: ``label`` (the index) and/or ``prompt``,
 and ``image`` (PNG bytes; base64 in a served JSON answer). A frozen text encoder (CLIP, T5) travels
 inside the model (``TEXT_ENCODER_DIR`` beside the DiT's files), checked against the sha256 of its files
 that the DiT step recorded.
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import mlflow.pyfunc
 import pandas as pd  # at import: MLflow reads predict's type hints when the class is defined
 
+from components.dit.config import meta_uses_classes, meta_uses_text
+
 AUTOENCODER_ARTIFACT = "autoencoder"
 DENOISER_ARTIFACT = "denoiser"
 if TYPE_CHECKING:
@@ -39,6 +42,11 @@ if TYPE_CHECKING:
 
 KIND_FILE = "generator.json"  # {"kind": "dit" | "distill", "sampling": defaults}, beside the denoiser's files
 TEXT_ENCODER_DIR = "text_encoder"  # a frozen text encoder's directory, beside the denoiser's files
+
+
+def condition_columns(meta: dict) -> list[str]:
+    """A denoiser's request columns by its meta: ["label"], ["prompt"] or ["label", "prompt"] (class+text)."""
+    return ["label"] * meta_uses_classes(meta) + ["prompt"] * meta_uses_text(meta)
 
 
 @dataclass
@@ -52,7 +60,15 @@ class Generator:
 
     @property
     def takes_text(self) -> bool:
-        return self.meta.uses_text or self.meta.text is not None
+        return meta_uses_text(self.meta)
+
+    @property
+    def takes_labels(self) -> bool:
+        return meta_uses_classes(self.meta)
+
+    @property
+    def columns(self) -> list[str]:
+        return condition_columns(self.meta)
 
     @property
     def classes(self) -> list[str]:
@@ -65,9 +81,10 @@ class Generator:
         import torch
 
         label_tensor = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
-        if self.takes_text != (prompts is not None):
-            raise ValueError("this model is text-conditioned: give prompts" if self.takes_text else
-                             "this model is class-conditional: give labels, not prompts")
+        if self.takes_text != (prompts is not None) or self.takes_labels != (labels is not None):
+            raise ValueError(f"this model takes {' and '.join(self.columns)} (one of each per image), got "
+                             f"{'labels' if labels is not None else 'no labels'} and "
+                             f"{'prompts' if prompts is not None else 'no prompts'}")
         if self.kind == "distill":
             from components.distill.sample import generate_student
 
@@ -172,22 +189,20 @@ class LatentflowGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         rows = model_input.to_dict(orient="records")
-        text = self.generator.takes_text
-        key = "prompt" if text else "label"
+        generator = self.generator
         if not rows:
-            return pd.DataFrame({key: pd.Series(dtype=object if text else "int64"), "image": pd.Series(dtype=object)})
-        if text:
-            conditions = [prompt_of(row, i) for i, row in enumerate(rows)]
-        else:
-            conditions = [self.generator.label_index(row.get("label")) for row in rows]
+            return pd.DataFrame({**{key: pd.Series(dtype=object if key == "prompt" else "int64")
+                                    for key in generator.columns}, "image": pd.Series(dtype=object)})
+        labels = [generator.label_index(row.get("label")) for row in rows] if generator.takes_labels else None
+        prompts = [prompt_of(row, i) for i, row in enumerate(rows)] if generator.takes_text else None
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row_settings(row), []).append(i)
         images: list[bytes | None] = [None] * len(rows)
         for (seed, steps, guidance), members in groups.items():
-            chosen = [conditions[i] for i in members]
-            drawn = self.generator.images(None if text else chosen, seed=seed, steps=steps, guidance=guidance,
-                                          prompts=chosen if text else None)
+            drawn = generator.images(None if labels is None else [labels[i] for i in members], seed=seed, steps=steps,
+                                     guidance=guidance, prompts=None if prompts is None else [prompts[i] for i in members])
             for i, image in zip(members, drawn):
                 images[i] = png(image)
-        return pd.DataFrame({key: conditions, "image": images})
+        answer = {"label": labels, "prompt": prompts}
+        return pd.DataFrame({**{key: answer[key] for key in generator.columns}, "image": images})

@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.serving.generator import AUTOENCODER_ARTIFACT, DENOISER_ARTIFACT, KIND_FILE, TEXT_ENCODER_DIR
+from components.dit.config import meta_uses_classes, meta_uses_text
+from components.serving.generator import (AUTOENCODER_ARTIFACT, DENOISER_ARTIFACT, KIND_FILE, TEXT_ENCODER_DIR,
+                                          condition_columns)
 
 if TYPE_CHECKING:
     from components.common.step import Manifest
@@ -39,15 +41,17 @@ def copy_component(manifest: "Manifest", names: list[str], into: Path) -> Path:
     return into
 
 
-def generator_signature(with_guidance: bool, takes_text: bool = False):
+def generator_signature(with_guidance: bool, columns: tuple[str, ...] | list[str] = ("label",)):
+    """The pyfunc signature: the condition ``columns`` (label, prompt, or both for a class+text DiT),
+    then the optional seed, steps and (a DiT's) guidance; the answer echoes the conditions beside the image."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    condition = ColSpec("string", "prompt") if takes_text else ColSpec("long", "label")
-    inputs = [condition, ColSpec("long", "seed", required=False), ColSpec("long", "steps", required=False)]
+    conditions = [ColSpec("long", "label") if name == "label" else ColSpec("string", "prompt") for name in columns]
+    inputs = [*conditions, ColSpec("long", "seed", required=False), ColSpec("long", "steps", required=False)]
     if with_guidance:
         inputs.append(ColSpec("double", "guidance", required=False))
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([condition, ColSpec("binary", "image")]))
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([*conditions, ColSpec("binary", "image")]))
 
 
 def generator_example(kind: str, meta: "DitMeta | dict", sampling: dict | None):
@@ -57,13 +61,16 @@ def generator_example(kind: str, meta: "DitMeta | dict", sampling: dict | None):
     from components.dit.load import DitMeta
 
     meta = (StudentMeta if kind == "distill" else DitMeta).of(meta)  # typed, or its JSON form
-    if meta.text is not None:
+    example = {}
+    if meta.uses_text:
         prompts = list(meta.grid_prompts or ["a digit"])[:2]
-        example = {"prompt": prompts, "seed": [0] * len(prompts)}
+        example["prompt"] = prompts
+        if meta.uses_classes:  # class+text: each grid prompt with its own label
+            example["label"] = [int(k) for k in (meta.grid_labels or [0] * len(prompts))[:len(prompts)]]
     else:
-        example = {"label": list(range(min(2, int(meta.num_classes))))}
-        example["seed"] = [0] * len(example["label"])
-    rows = len(example["seed"])
+        example["label"] = list(range(min(2, int(meta.num_classes))))
+    rows = len(example["prompt"] if "prompt" in example else example["label"])
+    example["seed"] = [0] * rows
     if kind == "dit":
         sampling = sampling or meta.sampling or {}
         example["steps"] = [int(sampling.get("steps", 50))] * rows
@@ -141,7 +148,7 @@ def log_generator(client, run_id: str, name: str, kind: str, ae: "Manifest", ae_
         mlflow.pyfunc.save_model(
             path=str(staged / "model"), python_model=str(Path(__file__).with_name("generator_model.py")),
             artifacts={AUTOENCODER_ARTIFACT: str(ae_dir), DENOISER_ARTIFACT: str(denoiser_dir)},
-            code_paths=[str(code)], signature=generator_signature(kind == "dit", meta.text is not None),
+            code_paths=[str(code)], signature=generator_signature(kind == "dit", condition_columns(meta)),
             input_example=generator_example(kind, meta, sampling), pip_requirements=pip_requirements(),
             mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                                model_id=model.model_id))

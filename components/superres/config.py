@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from components.common.config import StepConfig, StrictModel, known_preset
 from components.superres.presets import SUPERRES_PRESETS
 from components.common.train_types import TrainConfig
+from components.text.config import TextEncoderConfig
 
 
 class NoiseAugmentationConfig(StrictModel):
@@ -43,7 +44,7 @@ class SuperResSamplingConfig(StrictModel):
     steps: int = Field(25, ge=1)
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     eta: float = Field(0.0, ge=0, le=1)
-    guidance: float = Field(0.0, ge=0)  # classifier-free, class-conditional stages only
+    guidance: float = Field(0.0, ge=0)  # classifier-free: nulls the class and/or the text (empty caption)
     thresholding: Literal["none", "static", "dynamic"] = "static"  # pixels live in [-1, 1]
     dynamic_threshold_percentile: float = Field(0.995, gt=0, le=1)
     # fixed noise-conditioning augmentation level of the low-resolution input at sampling time, as a
@@ -88,6 +89,10 @@ class SuperResConfig(StepConfig):
     warm_start: str | None = None
     class_conditional: bool = False
     class_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    # Text conditioning (Imagen's SR stages take the text too): the shards' captions, encoded by the
+    # stage's own encoder (a joint one trained with it, or a frozen one), the *pooled* embedding added
+    # to the U-Net's conditioning vector; text.caption_dropout trains the null (empty caption) branch.
+    text: TextEncoderConfig | None = None
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=32, lr=2e-4,
                                                                    ema_decay=0.999))
@@ -97,6 +102,8 @@ class SuperResConfig(StepConfig):
     degrade_blur_sigma: float = Field(1.0, ge=0)
     degrade_noise_std: float = Field(0.1, ge=0)  # in the [-1, 1] range
     grid_samples: int = Field(8, ge=1)  # columns of the low | super-resolved | truth grid
+
+    cache_added: ClassVar[dict[str, Any]] = {"text": None}  # no text: the keys of before
 
     @field_validator("output_size")
     @classmethod

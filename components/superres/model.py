@@ -9,8 +9,14 @@ What makes it "efficient", and is kept here:
 
 Conditioning: the low-resolution image, upsampled to the output size, is concatenated with x_t
 (Ho et al. 2021, CDM); the timestep t and the conditioning-augmentation level s are embedded
-alike (sinusoid + MLP) and summed, with an optional class embedding; each residual block gets the
-sum as a per-channel scale and shift (FiLM, as in improved DDPM).
+alike (sinusoid + MLP) and summed, with an optional class embedding and, for a text stage
+(``pooled_dim`` > 0), the caption's pooled embedding through LayerNorm + a zero-initialised linear
+map (Imagen's SR models add the pooled text embedding to the timestep embedding); each residual
+block gets the sum as a per-channel scale and shift (FiLM, as in improved DDPM).
+
+The text projection starts at zero, so an untrained text stage computes exactly what the same
+weights compute without text, whatever the prompt: the text is learned as a correction of a
+super-resolver, never a perturbation it has to unlearn first.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ class EfficientUNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, out_size: int = 64, channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 4), blocks: tuple[int, ...] = (1, 2, 4),
-                 attention_levels: tuple[int, ...] = (), num_classes: int = 0):
+                 attention_levels: tuple[int, ...] = (), num_classes: int = 0, pooled_dim: int = 0):
         super().__init__()
         if len(channel_mults) != len(blocks):
             raise ValueError(f"channel_mults {channel_mults} and blocks {blocks} need one entry per level")
@@ -121,25 +127,38 @@ class EfficientUNet(nn.Module):
         self.head = nn.Sequential(group_norm(previous), nn.SiLU(), nn.Conv2d(previous, in_channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
+        # Built last, so the other weights draw the same initial values as a stage without text.
+        self.pooled_dim = pooled_dim
+        self.text_proj = None
+        if pooled_dim:
+            self.text_proj = nn.Sequential(nn.LayerNorm(pooled_dim), nn.Linear(pooled_dim, embed_dim))
+            nn.init.zeros_(self.text_proj[-1].weight)
+            nn.init.zeros_(self.text_proj[-1].bias)
 
     @property
     def null_class_id(self) -> int:
         return self.num_classes
 
-    def embed(self, t: torch.Tensor, noise_cond_aug_level: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, noise_cond_aug_level: torch.Tensor, y: torch.Tensor | None,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.t_mlp[0].weight.dtype  # bf16/fp16 under DeepSpeed: the sinusoids follow the weights
         emb = (self.t_mlp(timestep_embedding(t, self.channels).to(dtype))
                + self.s_mlp(timestep_embedding(noise_cond_aug_level, self.channels).to(dtype)))
         if self.y_embed is not None:
             y = torch.full_like(t, self.num_classes) if y is None else y
             emb = emb + self.y_embed(y)
+        if self.text_proj is not None:
+            if pooled is None:
+                raise ValueError("this super-resolution stage is text-conditioned: give the pooled text embedding "
+                                 "(the empty caption's for no text)")
+            emb = emb + self.text_proj(pooled.to(dtype))  # (N, Dp) -> (N, 4C)
         return emb  # (N, 4C)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor, noise_cond_aug_level: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         if low_res.shape[-1] != x.shape[-1]:
             low_res = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        emb = self.embed(t, noise_cond_aug_level, y)
+        emb = self.embed(t, noise_cond_aug_level, y, pooled)
         h = self.stem(torch.cat([x, low_res.to(x.dtype)], dim=1))  # (N, C0, H, W)
         skips = []
         for i, level in enumerate(self.down):

@@ -43,15 +43,16 @@ log = logging.getLogger(__name__)
 TASK_CLASSES: dict[str, type[SuperResTask]] = {"superres": SuperResTask}
 
 
-def build_step_superres(cfg: SuperResConfig, channels: int, num_classes: int) -> "EfficientUNet":
+def build_step_superres(cfg: SuperResConfig, channels: int, num_classes: int, pooled_dim: int = 0) -> "EfficientUNet":
     """The stage's U-Net through ``build_superres``: preset <- cfg.model <- the data's channels, the
-    stage's output size and classes; its ``arguments`` are what superres.json records."""
+    stage's output size and classes (and a text stage's pooled width); its ``arguments`` are what
+    superres.json records."""
     from components.superres.model import SUPERRES_PRESETS, build_superres
 
     if cfg.preset not in SUPERRES_PRESETS:
         raise ValueError(f"superres.preset: unknown preset {cfg.preset!r}; valid: {', '.join(SUPERRES_PRESETS)}")
     fixed = with_data_fixed("superres", cfg.model, {"in_channels": channels, "out_size": cfg.output_size,
-                                                    "num_classes": num_classes})
+                                                    "num_classes": num_classes, "pooled_dim": pooled_dim})
     try:
         return build_superres(cfg.preset, **{**cfg.model, **fixed})
     except TypeError as e:  # an argument EfficientUNet does not take
@@ -69,9 +70,10 @@ def degrade(low: torch.Tensor, cfg: SuperResConfig, seed: int) -> torch.Tensor:
     return (x + cfg.degrade_noise_std * noise).clamp(-1, 1)
 
 
-def evaluate_stage(stage, images: torch.Tensor, labels: torch.Tensor, cfg: SuperResConfig, seed: int = 0
-                   ) -> tuple[dict[str, float], torch.Tensor]:
-    """PSNR/SSIM on uint8 validation images; returns (metrics, uint8 grid rows low|SR|truth)."""
+def evaluate_stage(stage, images: torch.Tensor, labels: torch.Tensor, cfg: SuperResConfig, seed: int = 0,
+                   prompts: list[str] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR/SSIM on uint8 validation images (a text stage: with their captions, ``prompts``); returns
+    (metrics, uint8 grid rows low|SR|truth)."""
     from components.common.images import to_uint8
     from components.diffusion import sample_generator
     from components.common.resample import resize
@@ -80,10 +82,10 @@ def evaluate_stage(stage, images: torch.Tensor, labels: torch.Tensor, cfg: Super
 
     high, low = training_pair(images, cfg)
     generators = [sample_generator(seed, i, 1) for i in range(len(high))]
-    sr = super_resolve(stage, low, generators, labels=labels)
+    sr = super_resolve(stage, low, generators, labels=labels, prompts=prompts)
     generators = [sample_generator(seed, i, 2) for i in range(len(high))]
     degraded = degrade(low, cfg, seed)
-    sr_degraded = super_resolve(stage, degraded, generators, labels=labels)
+    sr_degraded = super_resolve(stage, degraded, generators, labels=labels, prompts=prompts)
     upsampled = resize(low, cfg.output_size, cfg.filter)
     metrics = {
         "psnr": float(psnr(sr, high).mean()), "ssim": float(ssim(sr, high).mean()),
@@ -117,7 +119,10 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         log.warning("%s: the shard images are %d px, smaller than output_size %d: the targets are upsampled "
                     "(%s), so this stage can learn no detail beyond that filter", ctx.step, shard_size,
                     cfg.output_size, cfg.filter)
-    probe = build_step_superres(cfg, channels, num_classes)
+    from components.superres.text_model import prepare_stage_text
+
+    text = prepare_stage_text(cfg, shard, ctx.step) if cfg.text is not None else None
+    probe = build_step_superres(cfg, channels, num_classes, text.pooled_dim if text else 0)
     model_kwargs = probe.arguments
     meta = SuperResMeta(
         preset=cfg.preset, model=model_kwargs, input_size=cfg.input_size, output_size=cfg.output_size,
@@ -126,6 +131,10 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
         sampling=cfg.sample.model_dump(mode="json"), augmentation=cfg.augmentation.model_dump(mode="json"),
         parameters=sum(p.numel() for p in probe.parameters()), max_steps=cfg.train.max_steps,
     )
+    if text is not None:  # what load_superres rebuilds the encoder from
+        # text_encoder_files stays in extra: the file has it (null for a joint encoder) whenever it has text
+        meta = dataclasses.replace(meta, text=cfg.text.model_dump(mode="json"),
+                                   extra={"text_encoder_files": text.encoder_files})
     del probe
     from components.common.warm_start import warm_start_source
 
@@ -135,7 +144,8 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     if warm:
         ctx.tracker.set_tags({f"latentflow.{k}": v for k, v in warm.items()})
     # the task travels to the workers with the file's form
-    task = TASK_CLASSES["superres"](cfg, model_kwargs, meta.to_json(), shard=shard, init=init)
+    task = TASK_CLASSES["superres"](cfg, model_kwargs, meta.to_json(), shard=shard, init=init,
+                                    tokenizer_json=text.tokenizer_json if text else None)
     ctx.tracker.log_dict(meta.to_json(), SR_META)
     started = time.perf_counter()
     result = fit(task, cfg.train, ctx, name=ctx.step)
@@ -147,7 +157,8 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     val_images, val_labels, _ = read_image_shards(shard.storage(), info["val_shards"], info.get("image_format", "png"),
                                                   limit=cfg.eval_samples)
     labels = torch.from_numpy(val_labels).long().clamp(min=0) if num_classes else None
-    quality, rows = evaluate_stage(stage, torch.from_numpy(val_images), labels, cfg)
+    prompts = validation_captions(shard, len(val_images)) if text is not None else None
+    quality, rows = evaluate_stage(stage, torch.from_numpy(val_images), labels, cfg, prompts=prompts)
     columns = min(cfg.grid_samples, rows.shape[1])
     cells = [rows[r, i].permute(1, 2, 0).numpy() for r in range(3) for i in range(columns)]
     grid = image_grid(cells, nrow=columns)
@@ -167,3 +178,12 @@ def run(cfg: SuperResConfig, inputs: dict[str, Manifest], ctx: StepContext) -> S
     return StepOutput(files=files + [GRID], metrics=metrics,
                       info={**meta.to_json(), "checkpoint_uri": result.checkpoint_uri,
                             "eval_count": int(len(val_images))})
+
+
+def validation_captions(shard: Manifest, count: int) -> list[str]:
+    """The captions of the first ``count`` validation samples, in the order ``read_image_shards`` reads them."""
+    from itertools import islice
+
+    from components.common.data import image_split, split_captions
+
+    return list(islice(split_captions(image_split(shard, "val", captions=True)), count))
