@@ -119,7 +119,7 @@ def prompted_stages(workflow_id: str | None, model: str | None, base: str, stora
     return superres_stages(summary, summary_uri, device, prompted=True, **(sr_overrides or {})), base
 
 
-def labelled_rows(meta: dict, labels: str | None, prompts: list[str]):
+def labelled_rows(meta: "DitMeta", labels: str | None, prompts: list[str]):
     """(label id of each row or None, the model's classes, prompt of each row): a text DiT's rows are its
     prompts; a class+text DiT's each prompt under each label, label-major. A mismatch of the model and
     the flags is a BadFlag naming them."""

@@ -63,9 +63,10 @@ def text_stage_config(**train):
 
 
 def stage_meta(cfg: SuperResConfig, arguments: dict, text) -> dict:
-    return {"model": arguments, "input_size": cfg.input_size, "output_size": cfg.output_size, "channels": 1,
+    return {"preset": cfg.preset, "model": arguments, "input_size": cfg.input_size, "output_size": cfg.output_size, "channels": 1,
             "schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps, "filter": cfg.filter, "num_classes": 0,
-            "prediction": cfg.prediction, "sampling": cfg.sample.model_dump(mode="json"),
+            "classes": None, "prediction": cfg.prediction, "sampling": cfg.sample.model_dump(mode="json"),
+            "augmentation": cfg.augmentation.model_dump(mode="json"), "parameters": 0, "max_steps": cfg.train.max_steps,
             "text": cfg.text.model_dump(mode="json"), "text_encoder_files": text.encoder_files}
 
 
@@ -135,7 +136,7 @@ def test_the_null_text_is_what_caption_dropout_trains_and_guidance_swaps_in(trai
 
     def draw(guidance, captions):
         stage = load_superres(str(export), guidance=guidance, **one_step)
-        stage.meta["prediction"] = "x0"  # one DDIM step of an x0-model returns x̂_0: linear in the halves
+        stage.meta.prediction = "x0"  # one DDIM step of an x0-model returns x̂_0: linear in the halves
         with torch.inference_mode():
             return super_resolve(stage, low, generators(2), prompts=captions)
 
@@ -186,9 +187,12 @@ def test_a_textless_cascade_is_unchanged_by_prompts():
     model = build_step_superres(SuperResConfig(input_size=8, output_size=16, preset="sr-tiny"), 1, 0)
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
-    meta = {"input_size": 8, "output_size": 16, "channels": 1, "schedule": "cosine", "num_timesteps": 1000,
-            "num_classes": 0, "prediction": "v"}
     from components.superres.config import SuperResSamplingConfig
+    from components.superres.load import SuperResMeta
+
+    meta = SuperResMeta(preset="sr-tiny", model=model.arguments, input_size=8, output_size=16, channels=1,
+                        schedule="cosine", num_timesteps=1000, filter="bicubic", num_classes=0, classes=None,
+                        prediction="v", sampling={}, augmentation={}, parameters=0, max_steps=0)
 
     stage = SrStage(model.eval(), meta, SuperResSamplingConfig(steps=2))
     base = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
