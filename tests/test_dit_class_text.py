@@ -5,6 +5,7 @@ draws each prompt under each label; the served generator takes both columns; and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -13,6 +14,8 @@ import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
+
+import metas
 
 from components.common.config import ConfigError
 from components.common.step import FileRecord, Manifest
@@ -66,12 +69,12 @@ def class_text_task(cfg: DitConfig, data) -> RecordingTask:
     tokenizer = tokenizer_from_captions(cfg.text, data[2])
     arguments = text_dit_arguments(build_text_encoder(cfg.text, tokenizer))
     kwargs = build_step_dit(cfg, LATENT, len(CLASSES), arguments).arguments
-    meta = {"schedule": cfg.schedule, "num_timesteps": cfg.num_timesteps, "prediction": cfg.prediction,
-            "learn_sigma": False, "num_classes": len(CLASSES), "null_label": len(CLASSES), "latent_shape": LATENT,
-            "classes": CLASSES, "model": kwargs, "text": cfg.text.model_dump(mode="json"),
-            "conditioning": "class+text", "sampling": SAMPLING.model_dump(), "grid_prompts": ["a thin digit"],
-            "grid_labels": [2]}
-    task = RecordingTask(cfg, kwargs, meta, in_memory=data, tokenizer_json=tokenizer.to_json())
+    meta = metas.dit_meta(schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, prediction=cfg.prediction,
+                          learn_sigma=False, num_classes=len(CLASSES), null_label=len(CLASSES),
+                          latent_shape=list(LATENT), classes=CLASSES, model=kwargs,
+                          text=cfg.text.model_dump(mode="json"), conditioning="class+text",
+                          sampling=SAMPLING.model_dump(), grid_prompts=["a thin digit"], grid_labels=[2])
+    task = RecordingTask(cfg, kwargs, meta.to_json(), in_memory=data, tokenizer_json=tokenizer.to_json())
     task.record = []
     return task
 
@@ -163,11 +166,11 @@ def write_workflow(root: Path, export: Path) -> None:
     from components.autoencoder.model import AUTOENCODER_PRESETS
 
     ae, ae_meta = tiny_autoencoder()
-    ae_meta = {**ae_meta, "preset": "ae-tiny", "model": {**AUTOENCODER_PRESETS["ae-tiny"], "in_channels": 1},
-               "downsample_factor": 2, "latent_channels": 4, "image_format": "png", "scale_from": "none"}
+    ae_meta = dataclasses.replace(ae_meta, preset="ae-tiny", model={**AUTOENCODER_PRESETS["ae-tiny"], "in_channels": 1},
+                                  downsample_factor=2, latent_channels=4, image_format="png", scale_from="none")
     records = []
     dit_files = {name: (export / name).read_bytes() for name in (DIT_WEIGHTS, DIT_META, TOKENIZER_FILE)}
-    for name, files in (("autoencoder", {AE_WEIGHTS: save(ae.state_dict()), AE_META: json.dumps(ae_meta).encode()}),
+    for name, files in (("autoencoder", {AE_WEIGHTS: save(ae.state_dict()), AE_META: json.dumps(ae_meta.to_json()).encode()}),
                         ("dit", dit_files)):
         out = Storage.from_uri(str(root / "steps" / name))
         for rel, data in files.items():
