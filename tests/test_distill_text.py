@@ -164,7 +164,8 @@ def captioned(ray_cluster, tmp_path_factory) -> dict:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["progressive", "consistency_distillation"])
+# progressive: through the whole smoke-text workflow (tests/test_pipeline_text.py), its round's tokenizer too
+@pytest.mark.parametrize("method", ["consistency_distillation"])
 def test_the_step_distills_a_text_dit_and_its_student_samples_prompts(captioned, tmp_path, monkeypatch, method):
     from pathlib import Path
 

@@ -43,6 +43,8 @@ def test_captions_train_a_text_dit_that_evaluate_scores_by_prompt(text_workflow)
     assert "eval_prompts.png" in {f.path for f in steps["evaluate"].files}
     student = steps["distill"]
     assert student.read_verified(TOKENIZER_FILE) == dit.read_verified(TOKENIZER_FILE)  # the teacher's vocabulary
+    round_record = json.loads(student.storage().read_text("round_1/round.json"))  # one progressive round, 4 -> 2
+    assert TOKENIZER_FILE in round_record["files"]  # hashed with the round's weights
     assert json.loads(student.read_verified("distill.json"))["text"] == meta["text"]
     for name in ("teacher_4step_sample_accuracy", "student_2step_sample_accuracy"):  # rows drawn from prompts
         assert 0.0 <= float(metrics[name]) <= 1.0, name

@@ -150,3 +150,22 @@ class TestControlNet(TestNoisyClassifier):
 
     def test_its_model_loads_from_the_manifest(self, smoke_manifests):  # over the DiT it was trained on
         assert load_controlnet(smoke_manifests["controlnet"], smoke_manifests["dit"]) is not None
+
+    def test_it_trained_only_its_branch_and_logged_its_grid_series(self, smoke_manifests, mlflow_server, tmp_path):
+        """What the step on 2 Ray Train workers did: the branch (not the DiT) trained off zero, the grid
+        logged as an image series at its checkpoints and at the end, another DiT refused."""
+        from mlflow.tracking import MlflowClient
+
+        from test_control_fidelity import dit_manifest
+
+        manifest = smoke_manifests["controlnet"]
+        assert 0 < manifest.info["parameters"] < manifest.info["dit_parameters"]
+        model, meta, _ = load_controlnet(manifest, smoke_manifests["dit"])
+        assert meta["control"] == "edges" and meta["num_blocks"] == 1 and len(model.controlnet.blocks) == 1
+        assert any(v.abs().sum() > 0 for k, v in model.state_dict().items() if "zero_linears" in k)
+        with pytest.raises(ValueError, match="trained on the DiT weights with sha256"):
+            load_controlnet(manifest, dit_manifest(tmp_path, list(smoke_manifests["shard"].info["classes"]), seed=1))
+        client = MlflowClient(mlflow_server)
+        series = [a.path for a in client.list_artifacts(manifest.mlflow_run_id, "images")]
+        assert any("samples+step+4+" in p for p in series) and any("samples+step+8+" in p for p in series), series
+        assert {CONTROLNET_GRID, CONTROLNET_META} <= {a.path for a in client.list_artifacts(manifest.mlflow_run_id)}

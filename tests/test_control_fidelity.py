@@ -1,7 +1,7 @@
-"""The controlnet step on 2 Ray Train workers: exported; its grid logged to MLflow at the checkpoints
-and at the end; the exported branch loads over the DiT it was trained on and refuses another. (A Ray
-Train fit costs ~25 s here; resuming after a crash is the resume contract's, tests/test_resume_contract.py.)
-"""
+"""The controlnet step's fixtures, and control fidelity in evaluate. The step itself on 2 Ray Train workers
+(export, MLflow grid series, loading over its DiT and refusing another) runs in the stage contract on the
+smoke workflow's storage (tests/test_stage_contract.py::TestControlNet), its resume in the resume contract
+(tests/test_resume_contract.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import metas
 from components.common.storage import Storage
 from components.common.step import FileRecord, Manifest
 from components.controlnet.config import ControlNetConfig
-from components.controlnet.load import CONTROLNET_META, CONTROLNET_RAW_WEIGHTS, CONTROLNET_WEIGHTS, load_controlnet
-from components.controlnet.train import GRID
+from components.controlnet.load import CONTROLNET_META, CONTROLNET_WEIGHTS
 from components.dit.load import DIT_META, DIT_WEIGHTS
-from test_dit import manifest_from, mlflow_tracker, step_ctx, untrained_autoencoder_manifest
+from test_dit import manifest_from, step_ctx, untrained_autoencoder_manifest
 
 LATENT = [4, 4, 4]
 
@@ -46,44 +45,6 @@ def dit_manifest(root, classes, seed: int = 0) -> Manifest:
     files = [FileRecord(p, storage.sha256(p), storage.size(p)) for p in (DIT_WEIGHTS, DIT_META)]
     return Manifest(step="dit", cache_key=f"k{seed}", code_version="1", location=str(out), config={}, upstream={},
                     files=files, info=meta.to_json())
-
-
-@pytest.mark.integration
-def test_step_on_two_workers_logs_its_grid_and_exports(ray_cluster, tmp_path):
-    from components.controlnet.train import run as train_controlnet
-    from components.shard.config import ShardConfig
-    from components.shard.run import run as shard
-
-    ctx = step_ctx(tmp_path, "shard")
-    shard_manifest = manifest_from(shard(ShardConfig(max_samples=120, image_size=8, samples_per_shard=60,
-                                                     val_fraction=0.2), {}, ctx), ctx)
-    classes = shard_manifest.info["classes"]
-    inputs = {"shard": shard_manifest, "autoencoder": untrained_autoencoder_manifest(tmp_path, classes),
-              "dit": dit_manifest(tmp_path, classes)}
-    tracker = mlflow_tracker(tmp_path)
-    cfg = ControlNetConfig(num_blocks=2, grid_controls=3, grid_per_control=2, sample={"steps": 3, "guidance": 1.5},
-                           train={"max_steps": 6, "batch_size": 16, "lr": 1e-3, "ema_decay": 0.5, "zero_stage": 1,
-                                  "checkpoint_every": 2, "log_every": 1})
-    ctx = step_ctx(tmp_path, "controlnet", tracker)
-    out = train_controlnet(cfg, inputs, ctx)
-
-    logged = [m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss")]
-    assert sorted(logged) == list(range(1, 7)), logged
-    assert out.metrics["steps"] == 6 and out.metrics["loss"] > 0
-    assert sorted(out.files) == sorted([CONTROLNET_WEIGHTS, CONTROLNET_RAW_WEIGHTS, CONTROLNET_META, GRID])
-    assert 0 < out.info["parameters"] < out.info["dit_parameters"]
-    model, meta, dit_meta = load_controlnet(manifest_from(out, ctx), inputs["dit"])
-    assert meta["control"] == "edges" and meta["num_blocks"] == 2 and len(model.controlnet.blocks) == 2
-    assert any(v.abs().sum() > 0 for k, v in model.state_dict().items() if "zero_linears" in k)  # trained off zero
-    with pytest.raises(ValueError, match="trained on the DiT weights with sha256"):
-        load_controlnet(manifest_from(out, ctx), dit_manifest(tmp_path, classes, seed=1))
-
-    from PIL import Image
-
-    assert Image.open(ctx.output.path(GRID)).size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)  # control + 2 samples, 3 rows
-    series = [a.path for a in tracker.client.list_artifacts(tracker.run_id, "images")]
-    assert any("samples+step+2+" in p for p in series) and any("samples+step+6+" in p for p in series), series
-    assert {GRID, CONTROLNET_META} <= {a.path for a in tracker.client.list_artifacts(tracker.run_id)}
 
 
 # ---------------------------------------------------------------- control fidelity in evaluate
