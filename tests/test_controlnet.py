@@ -24,6 +24,7 @@ from components.dit.config import SamplingConfig
 from components.dit.generate import generate
 from components.dit.model import build_dit
 import metas
+from crash_hooks import CrashAtStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,16 +187,17 @@ def test_config_needs_a_folder_exactly_for_folder_controls():
 # ---------------------------------------------------------------- the task in one process
 
 
-class CrashingTask(ControlNetTask):
-    fail_at: int | None = None
+class RecordingTask(ControlNetTask):
     losses: list
 
     def loss(self, model, batch, step, generator):
-        if self.fail_at is not None and step >= self.fail_at:
-            raise RuntimeError(f"injected failure at step {step}")
         loss, extras = super().loss(model, batch, step, generator)
         self.losses.append((step, float(loss.detach())))
         return loss, extras
+
+
+class CrashingTask(CrashAtStep, RecordingTask):  # crash_hooks' mixin raises from crash_at_step on
+    pass
 
 
 def digits(n=64):
@@ -221,7 +223,7 @@ def test_task_trains_only_the_branch_and_resumes_after_a_crash(tmp_path):
     dit, ae, data = trained_looking_dit(depth=3), tiny_autoencoder(), digits()
     frozen = {k: v.clone() for k, v in dit.state_dict().items()}
     crashing = task_of(cfg, dit, ae, data)
-    crashing.fail_at = 10
+    crashing.crash_at_step = 10
     with pytest.raises(RuntimeError, match="injected failure at step 10"):
         train_loop(crashing, cfg.train, LocalSession(tmp_path / "ckpt"), None)
     resumed = task_of(cfg, dit, ae, data)
