@@ -123,6 +123,8 @@ def main() -> None:
             windows = []
 
             class Recorder:  # stands in for the step's MLflow tracker
+                progress, enabled = None, False  # no console channel, no MLflow previews
+
                 def log_metrics(self, metrics, step):
                     windows.append({**metrics, "step": step})
 

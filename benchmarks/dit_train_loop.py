@@ -74,6 +74,8 @@ def main() -> None:
     windows: list[dict] = []
 
     class Recorder:  # stands in for the step's MLflow tracker
+        progress, enabled = None, False  # no console channel, no MLflow previews
+
         def log_metrics(self, metrics, step):
             windows.append({**metrics, "step": step})
 

@@ -32,6 +32,7 @@ clipping, accumulation, EMA, checkpoints, resume, non-finite losses, logging.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,12 @@ if TYPE_CHECKING:
     from components.common.step import StepContext
 
 log = logging.getLogger(__name__)
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and
+# notices a started worker group, a reported checkpoint or a finished fit only at a poll: each fit paid
+# about 2.5 s of such waits (measured on a trivial 2-worker fit here: 15.1 s -> 12.6 s at 0.5 s). A poll
+# is one status call per worker, cheap at any realistic worker count; a value set by the user wins.
+HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # ---------------------------------------------------------------- driver side
@@ -57,6 +64,7 @@ def fit(task: TrainTask, cfg: TrainConfig, ctx: "StepContext", name: str = "trai
     from components.common.s3_access import arrow_filesystem
     from components.common.train_loop import ray_worker
 
+    os.environ.setdefault(*HEALTH_CHECK_INTERVAL)  # read by the controller this process starts
     res = ctx.resources
     use_gpu = res.gpus_per_worker > 0
     if cfg.precision == "fp16" and not use_gpu:
