@@ -73,7 +73,7 @@ def test_a_killed_training_worker_restarts_the_step_from_its_checkpoint(ray_clus
 
     def kill_a_worker_after_the_first_checkpoint():
         wait_for(lambda: list(checkpoints.rglob("train_state.json")), 300, "a checkpoint")
-        time.sleep(3)  # Ray Train registers a reported checkpoint when its controller next polls (every 2 s)
+        time.sleep(3)  # Ray Train registers a reported checkpoint at its next poll (trainer.HEALTH_CHECK_INTERVAL)
         workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
         killed.append(int(workers[-1]))
         os.kill(killed[-1], signal.SIGKILL)
@@ -103,7 +103,7 @@ def test_a_killed_driver_resumes_where_it_stopped_with_the_same_workflow_id(smok
     log = tmp_path / "first.log"
     driver = start_cli(*args, env=s3_env, log=log)
     wait_for(lambda: new_checkpoints(root, "dit", before), 400, "a DiT checkpoint", driver, log)
-    time.sleep(3)  # Ray Train registers a reported checkpoint when its controller next polls (every 2 s)
+    time.sleep(3)  # Ray Train registers a reported checkpoint at its next poll (trainer.HEALTH_CHECK_INTERVAL)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(30)
     left = {s["name"]: s["status"] for s in summary(root, "wf-killed")["steps"]}

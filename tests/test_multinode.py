@@ -80,7 +80,7 @@ def test_dit_and_sr_steps_span_two_nodes_and_survive_losing_one(smoke_on_s3, mlf
             assert run.poll() is None, run.stdout.read()[-4000:]
             assert time.monotonic() < started + 400, "no checkpoint of both steps in time"
             time.sleep(0.5)
-        time.sleep(3)  # Ray Train registers a reported checkpoint when its controller next polls (every 2 s)
+        time.sleep(3)  # Ray Train registers a reported checkpoint at its next poll (trainer.HEALTH_CHECK_INTERVAL)
         killed_at = time.monotonic() - started
         worker.kill()
         output, _ = run.communicate(timeout=600)

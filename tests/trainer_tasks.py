@@ -54,7 +54,8 @@ class Regression:
         if self.die_at_step == step and rank == 1 and not Path(self.marker).exists():
             Path(self.marker).touch()
             # Ray Train registers a reported checkpoint when its controller next polls the workers
-            # (every 2 s); a worker that dies sooner takes the registration with it.
+            # (every 0.5 s: trainer.HEALTH_CHECK_INTERVAL; 3 s leaves room on a loaded machine); a
+            # worker that dies sooner takes the registration with it.
             time.sleep(3)
             os._exit(1)  # a worker process dies without a word
         if self.fail_at_step is not None and step >= self.fail_at_step:
