@@ -27,8 +27,10 @@ from ray_nodes import RayNode, node_env, wait_for_nodes
 pytestmark = pytest.mark.integration
 
 STEPS = {"dit": "dit", "superres_1": "superres.0"}  # step -> its config section
-MAX_STEPS = {"dit": 120, "superres_1": 60}
-CHECKPOINT_EVERY = {"dit": 20, "superres_1": 10}
+# superres_1 runs ~10 steps a second here once started: 240 keep it running until the DiT has its first
+# checkpoint too, when the node is killed (at 60 it once finished first and had nothing to resume)
+MAX_STEPS = {"dit": 120, "superres_1": 240}
+CHECKPOINT_EVERY = {"dit": 20, "superres_1": 20}
 MICRO_BATCH = {"dit": 64 // 2, "superres_1": 16 // 2}  # smoke.yaml's global batches over 2 workers
 
 
@@ -80,7 +82,7 @@ def test_dit_and_sr_steps_span_two_nodes_and_survive_losing_one(smoke_on_s3, mlf
             assert run.poll() is None, run.stdout.read()[-4000:]
             assert time.monotonic() < started + 400, "no checkpoint of both steps in time"
             time.sleep(0.5)
-        time.sleep(3)  # Ray Train registers a reported checkpoint at its next poll (trainer.HEALTH_CHECK_INTERVAL)
+        time.sleep(2)  # Ray Train registers a reported checkpoint at its next poll (trainer.HEALTH_CHECK_INTERVAL, 0.5 s)
         killed_at = time.monotonic() - started
         worker.kill()
         output, _ = run.communicate(timeout=600)

@@ -170,6 +170,39 @@ def test_resume_verifies_the_checkpoint_against_its_manifest_before_unpickling(t
     assert str(copy / MODEL_PT) in unpickled and loads == ["engine", "ema"], (unpickled, loads)
 
 
+
+class WorkerGroupFailure(Exception):
+    """Stands in for Ray Train's WorkerGroupError: the workers' errors by rank."""
+
+    def __init__(self, failures: dict[int, BaseException]):
+        super().__init__("training failed")
+        self.worker_failures = failures
+
+
+class ActorDiedError(Exception):
+    """Named like Ray's: system_failure goes by the class name."""
+
+
+GLOO_PEER_CLOSED = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:40657. "
+                                "This is typically caused by a remote worker crashing.")
+
+
+def test_a_rank_that_lost_its_peer_is_a_system_failure_unless_another_rank_raised():
+    from components.common.trainer import system_failure
+
+    # the dead rank not polled yet: only the survivor's collective error (tests/test_multinode.py saw it)
+    assert system_failure(WorkerGroupFailure({0: GLOO_PEER_CLOSED}))
+    assert system_failure(WorkerGroupFailure({0: GLOO_PEER_CLOSED, 1: ActorDiedError("node died")}))
+    wrapped = RuntimeError("worker 1 failed")
+    wrapped.__cause__ = ActorDiedError("the actor died")
+    assert system_failure(WorkerGroupFailure({1: wrapped}))
+    # a deterministic error stays deterministic, whatever its peer echoes
+    assert not system_failure(WorkerGroupFailure({1: ValueError("bad config")}))
+    assert not system_failure(WorkerGroupFailure({0: GLOO_PEER_CLOSED, 1: ValueError("bad config")}))
+    assert not system_failure(WorkerGroupFailure({}))
+    assert not system_failure(ValueError("Connection closed by peer"))  # no worker failures: not a lost worker
+
+
 # ---------------------------------------------------------------- Ray Train, 2 workers
 
 

@@ -131,19 +131,43 @@ SYSTEM_FAILURES = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "
                    "WorkerGroupStartupTimeoutError", "WorkerHealthCheckTimeoutError", "WorkerHealthCheckFailedError")
 
 
+# What a surviving rank's collective raises when its peer's process or node died: gloo's TCP pair and
+# NCCL's errors for a vanished peer. Ray Train may poll that rank's error before it has seen the dead
+# one (at a 0.5 s poll it did, in tests/test_multinode.py), so such an error alone also means a lost
+# worker; beside a deterministic error of another rank it is only that rank's echo.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+             "remote process exited", "NCCL communicator was aborted")
+
+
 def system_failure(error: BaseException) -> bool:
     """Whether a failed fit lost a worker (its process or node died, was OOM-killed or preempted):
     worth a restart from the checkpoint. A deterministic error raised by the training code (a
     ValueError, a ConfigError, NonFiniteLossError, a checkpoint refused) would fail the same way
-    again, so it fails the step at once."""
-    failures = getattr(error, "worker_failures", None) or {}
-    pending, visited = [error, *failures.values()], set()
+    again, so it fails the step at once. Every worker failure being a collective that lost its peer
+    (``PEER_LOST``) counts as a lost worker too."""
+    failures = list((getattr(error, "worker_failures", None) or {}).values())
+    if any(_in_chain(e, _is_system_class) for e in (error, *failures)):
+        return True
+    return bool(failures) and all(_in_chain(f, _lost_its_peer) for f in failures)
+
+
+def _is_system_class(error: BaseException) -> bool:
+    return any(cls.__name__ in SYSTEM_FAILURES for cls in type(error).__mro__)
+
+
+def _lost_its_peer(error: BaseException) -> bool:
+    return any(marker in str(error) for marker in PEER_LOST)
+
+
+def _in_chain(error: BaseException, test) -> bool:
+    """``test`` holds for ``error`` or one of its causes (``__cause__``, or Ray's ``cause``)."""
+    pending, visited = [error], set()
     while pending:
         current = pending.pop()
         if id(current) in visited:
             continue
         visited.add(id(current))
-        if any(cls.__name__ in SYSTEM_FAILURES for cls in type(current).__mro__):
+        if test(current):
             return True
         pending += [c for c in (current.__cause__, getattr(current, "cause", None)) if isinstance(c, BaseException)]
     return False
