@@ -286,19 +286,9 @@ def test_the_controlnet_preset_shares_every_other_step_with_the_demo():
     """mnist-controlnet.yaml promises that after `make demo` only its controlnet step (and evaluate,
     which scores it) run: every other step must have the demo's cache key, so a change of mnist.yaml
     has to be made in both."""
-    import dataclasses
+    from test_shape import step_cache_keys
 
-    from conftest import REPO
-    from pipelines.config import load_pipeline_config
-    from pipelines.latent_diffusion import build_workflow
-    from pipelines.workflow import cache_key
-
-    def keys(preset: str) -> dict[str, str]:
-        steps = build_workflow(load_pipeline_config(REPO / "configs" / "pipeline" / f"{preset}.yaml")).steps
-        return {s.name: cache_key(dataclasses.replace(s, fingerprint=None), {i: f"digest-of-{i}" for i in s.inputs})
-                for s in steps}
-
-    demo, controlled = keys("mnist"), keys("mnist-controlnet")
+    demo, controlled = step_cache_keys("mnist"), step_cache_keys("mnist-controlnet")
     assert set(controlled) == set(demo) | {"controlnet"}
     assert {name: controlled[name] for name in demo if name != "evaluate"} == \
            {name: key for name, key in demo.items() if name != "evaluate"}

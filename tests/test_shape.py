@@ -107,21 +107,23 @@ def test_loading_a_config_imports_no_torch():
     assert done.stdout.strip() == "False"
 
 
-def preset_cache_keys() -> dict[str, dict[str, str]]:
-    """Every step's cache key in the three presets, upstream digests and source fingerprints held
-    fixed, so that only the step's name, code version and config enter it."""
+def step_cache_keys(preset: str) -> dict[str, str]:
+    """Every step's cache key in ``configs/pipeline/<preset>.yaml``, upstream digests and source
+    fingerprints held fixed, so that only the step's name, code version and config enter it."""
     import dataclasses
 
     from pipelines.config import load_pipeline_config
     from pipelines.latent_diffusion import build_workflow
     from pipelines.workflow import cache_key
 
-    keys = {}
-    for preset in ("smoke", "mnist", "imagenet256"):
-        workflow = build_workflow(load_pipeline_config(REPO / "configs" / "pipeline" / f"{preset}.yaml"))
-        keys[preset] = {s.name: cache_key(dataclasses.replace(s, fingerprint=None),
-                                          {i: f"digest-of-{i}" for i in s.inputs}) for s in workflow.steps}
-    return keys
+    workflow = build_workflow(load_pipeline_config(REPO / "configs" / "pipeline" / f"{preset}.yaml"))
+    return {s.name: cache_key(dataclasses.replace(s, fingerprint=None), {i: f"digest-of-{i}" for i in s.inputs})
+            for s in workflow.steps}
+
+
+def preset_cache_keys() -> dict[str, dict[str, str]]:
+    """``step_cache_keys`` of the three presets."""
+    return {preset: step_cache_keys(preset) for preset in ("smoke", "mnist", "imagenet256")}
 
 
 def test_reshaping_the_code_keeps_the_presets_cache_keys():

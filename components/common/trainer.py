@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and
 # notices a started worker group, a reported checkpoint or a finished fit only at a poll: each fit paid
-# about 2.5 s of such waits (measured on a trivial 2-worker fit here: 15.1 s -> 12.6 s at 0.5 s). A poll
+# about 2.5 s of such waits (a one-off probe, a trivial 2-worker fit here: 15.1 s -> 12.6 s at 0.5 s). A poll
 # is one status call per worker, cheap at any realistic worker count; a value set by the user wins.
 HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
